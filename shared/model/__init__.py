@@ -1,0 +1,5 @@
+"""The activity model: its definition (``tracker``, imports TensorFlow) and its runtime.
+
+Import ``shared.model.runtime`` to run an exported SavedModel; ``shared.model.tracker`` is for
+building and training one.
+"""

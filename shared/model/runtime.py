@@ -1,0 +1,303 @@
+"""Running an exported ActivityTracker: the only module the agent and the trainer service import.
+
+It loads the SavedModel's signatures (no Python model class needed), checks every input before
+TensorFlow sees it, and persists what ``learn`` changed as a single state file written to a
+temporary name, fsynced and renamed, so a crash leaves the old state or the new one, never a
+broken one. The SavedModel itself is never re-saved: it would grow with every save.
+
+Input contract: ``windows`` is a float32 array of shape ``(n, T, 3)`` in m/s^2. Other dtypes are
+refused rather than cast, so a unit or format mistake upstream is noticed where it happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.errors import ModelError, ModelInputError
+from shared.messages import InputSpec
+
+logger = logging.getLogger(__name__)
+
+_REQUIRED_SIGNATURES: Final = ("predict", "learn", "save_state", "restore_state", "metadata")
+MAX_WINDOWS_PER_CALL: Final = 4096
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """The model's reading of each window: class index, label and class probabilities."""
+
+    class_index: npt.NDArray[np.int64]  # (n,)
+    labels: list[str]
+    probabilities: npt.NDArray[np.float32]  # (n, k)
+
+
+_STATE_ERRORS: Final = (
+    "state belongs to another model",
+    "state file is corrupt",
+    "state file format not supported",
+    "has the wrong shape",
+)
+
+
+def _explain(message: str) -> str:
+    """The useful line of a TensorFlow error: our own assertion text if there is one."""
+    for known in _STATE_ERRORS:
+        for line in message.splitlines():
+            if known in line:
+                return line.strip()[:300]
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    noise = ("Graph execution error", "[[", "Detected", "File ", "<stack traces")
+    useful = [ln for ln in lines if not ln.startswith(noise)]
+    return (useful or lines or ["unknown error"])[0][:300]
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ActivityModel:
+    """A loaded SavedModel with checked ``predict``/``learn`` and atomic state persistence."""
+
+    def __init__(self, loaded: Any, saved_model_dir: Path) -> None:
+        # The loaded object owns the variables: keep it referenced while signatures are used.
+        self._loaded = loaded
+        self._dir = saved_model_dir
+        self._signatures = loaded.signatures
+        self._lock = threading.Lock()
+        meta = {k: v.numpy() for k, v in self._signatures["metadata"]().items()}
+        self._labels = tuple(label.decode() for label in meta["labels"].tolist())
+        self._arch = bytes(meta["arch"]).decode()
+        self._batch = int(meta["batch"])
+        self._model_id = bytes(meta["model_id"]).decode()
+        self._input_spec = InputSpec(
+            window=int(meta["window"]),
+            channels=int(meta["channels"]),
+            sample_rate_hz=float(meta["sample_rate_hz"]),
+        )
+        self._last_vote: int | None = None
+
+    @classmethod
+    def load(cls, saved_model_dir: Path) -> ActivityModel:
+        """Loads a SavedModel directory; :class:`ModelError` says what is wrong with it."""
+        saved_model_dir = Path(saved_model_dir)
+        if not (saved_model_dir / "saved_model.pb").is_file():
+            raise ModelError(f"{saved_model_dir} is not a SavedModel (no saved_model.pb)")
+        import tensorflow as tf
+
+        try:
+            loaded = tf.saved_model.load(str(saved_model_dir))
+        except Exception as exc:  # TF raises many unrelated types for a broken model
+            raise ModelError(f"cannot load SavedModel {saved_model_dir}: {exc}") from exc
+        missing = [name for name in _REQUIRED_SIGNATURES if name not in loaded.signatures]
+        if missing:
+            raise ModelError(
+                f"{saved_model_dir} lacks the signatures {missing}; is it an ActivityTracker?"
+            )
+        try:
+            return cls(loaded, saved_model_dir)
+        except Exception as exc:
+            raise ModelError(f"cannot read metadata of {saved_model_dir}: {exc}") from exc
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self._labels
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return self._input_spec
+
+    @property
+    def arch(self) -> str:
+        return self._arch
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def global_step(self) -> int:
+        return int(self._signatures["metadata"]()["global_step"].numpy())
+
+    def state_fingerprint(self) -> str:
+        """Identifies which model a state file belongs to (restore refuses any other)."""
+        return f"{self._arch}:{self._model_id}"
+
+    # ----------------------------------------------------------------------------- checks
+    def _check_windows(self, windows: object) -> npt.NDArray[np.float32]:
+        if not isinstance(windows, np.ndarray):
+            raise ModelInputError(f"windows must be a numpy array, got {type(windows).__name__}")
+        if windows.dtype != np.float32:
+            raise ModelInputError(
+                f"windows must be float32 m/s^2, got {windows.dtype} (use .astype(np.float32))"
+            )
+        t = self._input_spec.window
+        if windows.ndim != 3 or windows.shape[1:] != (t, 3):
+            raise ModelInputError(f"windows must have shape (n, {t}, 3), got {windows.shape}")
+        if not 1 <= windows.shape[0] <= MAX_WINDOWS_PER_CALL:
+            raise ModelInputError(
+                f"give 1..{MAX_WINDOWS_PER_CALL} windows per call, got {windows.shape[0]}"
+            )
+        if not np.isfinite(windows).all():
+            bad = int(np.flatnonzero(~np.isfinite(windows).all(axis=(1, 2)))[0])
+            raise ModelInputError(f"window {bad} contains NaN or infinity")
+        return np.ascontiguousarray(windows)
+
+    def _check_labels(self, label_indices: object, n: int) -> npt.NDArray[np.int32]:
+        if not isinstance(label_indices, np.ndarray):
+            raise ModelInputError("label_indices must be a numpy array of class indices")
+        if label_indices.dtype.kind not in "iu":
+            raise ModelInputError(f"label_indices must be integers, got {label_indices.dtype}")
+        if label_indices.shape != (n,):
+            raise ModelInputError(
+                f"label_indices must have shape ({n},) to match the windows, "
+                f"got {label_indices.shape}"
+            )
+        k = len(self._labels)
+        if n and (int(label_indices.min()) < 0 or int(label_indices.max()) >= k):
+            raise ModelInputError(
+                f"label_indices must be in 0..{k - 1} ({', '.join(self._labels)}), "
+                f"got {int(label_indices.min())}..{int(label_indices.max())}"
+            )
+        return label_indices.astype(np.int32)
+
+    # ----------------------------------------------------------------------------- inference
+    def predict(self, windows: np.ndarray) -> PredictResult:
+        x = self._check_windows(windows)
+        with self._lock:
+            if self._arch == "seed-lstm":
+                return self._predict_stateful(x)
+            out = self._call("predict", sensor_data=x)
+        index = out["class_index"].numpy().astype(np.int64)
+        return PredictResult(
+            class_index=index,
+            labels=[self._labels[i] for i in index.tolist()],
+            probabilities=out["probabilities"].numpy().astype(np.float32),
+        )
+
+    def _predict_stateful(self, x: npt.NDArray[np.float32]) -> PredictResult:
+        """The original design: each window is a (32, 1, 3) batch, read by majority vote.
+
+        The recurrent state carries over from window to window and is reset when the voted
+        activity changes, as the design prescribes.
+        """
+        indices: list[int] = []
+        probabilities = []
+        k = len(self._labels)
+        for window in x:
+            out = self._call("predict", sensor_data=window.reshape(self._batch, 1, 3))
+            vote = int(out["vote_index"].numpy())
+            if self._last_vote is not None and vote != self._last_vote:
+                self._signatures["reset_state"]()
+            self._last_vote = vote
+            per_sample = out["class_index"].numpy()
+            indices.append(vote)
+            probabilities.append(np.bincount(per_sample, minlength=k) / per_sample.shape[0])
+        index = np.asarray(indices, dtype=np.int64)
+        return PredictResult(
+            class_index=index,
+            labels=[self._labels[i] for i in indices],
+            probabilities=np.asarray(probabilities, dtype=np.float32),
+        )
+
+    def reset_state(self) -> None:
+        """Forgets the recurrent state (seed-lstm); call at the start of a new recording."""
+        with self._lock:
+            self._signatures["reset_state"]()
+            self._last_vote = None
+
+    def learn(self, windows: np.ndarray, label_indices: np.ndarray) -> float:
+        """One optimizer step on these windows; returns the loss before the step.
+
+        For ``seed-lstm`` (fixed batch of 32 samples) it is one step per window, and the mean
+        loss is returned.
+        """
+        x = self._check_windows(windows)
+        y = self._check_labels(label_indices, x.shape[0])
+        with self._lock:
+            if self._arch == "seed-lstm":
+                losses = [
+                    float(
+                        self._call(
+                            "learn",
+                            sensor_data=window.reshape(self._batch, 1, 3),
+                            labels=np.full(self._batch, label, np.int32),
+                        )["loss"].numpy()
+                    )
+                    for window, label in zip(x, y, strict=True)
+                ]
+                return float(np.mean(losses))
+            return float(self._call("learn", sensor_data=x, labels=y)["loss"].numpy())
+
+    def _call(self, name: str, **kwargs: Any) -> Any:
+        import tensorflow as tf
+
+        try:
+            return self._signatures[name](**kwargs)
+        except tf.errors.InvalidArgumentError as exc:
+            raise ModelInputError(f"{name} refused its input: {_explain(exc.message)}") from exc
+        except tf.errors.OpError as exc:
+            raise ModelError(f"{name} failed: {_explain(exc.message)}") from exc
+
+    # ----------------------------------------------------------------------------- persistence
+    def save_state(self, path: Path) -> None:
+        """Writes every variable ``learn`` changes to ``path``, atomically.
+
+        Written to a temporary file in the same directory, fsynced, renamed over ``path`` and the
+        directory fsynced: after a crash at any instant ``path`` holds the old state or the new.
+        """
+        import tensorflow as tf
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        tmp = Path(tmp_name)
+        try:
+            with self._lock:
+                try:
+                    self._signatures["save_state"](path=tf.constant(str(tmp)))
+                except tf.errors.OpError as exc:
+                    raise ModelError(f"cannot write model state to {path}: {exc.message}") from exc
+            with tmp.open("rb+") as written:
+                os.fsync(written.fileno())
+            tmp.replace(path)
+            _fsync_directory(path.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def restore_state(self, path: Path) -> bool:
+        """Loads state written by :meth:`save_state`; False if there is none.
+
+        Raises :class:`ModelError` if the file is corrupt or belongs to another model; the
+        model's variables are then left as they were.
+        """
+        import tensorflow as tf
+
+        path = Path(path)
+        if not path.is_file():
+            return False
+        with self._lock:
+            try:
+                self._signatures["restore_state"](path=tf.constant(str(path)))
+            except tf.errors.OpError as exc:
+                raise ModelError(
+                    f"cannot restore model state from {path}: {_explain(exc.message)}"
+                ) from exc
+            self._last_vote = None
+        logger.info("restored model state from %s (global step %d)", path, self.global_step)
+        return True

@@ -1,0 +1,499 @@
+"""ActivityTracker: the model a device runs and learns on, and the trainer produces.
+
+Written in plain TensorFlow ops (no Keras layers), so every variable has a name we chose, the
+optimizer is two lines we can read, and the exported SavedModel needs no Python class to
+``predict``, ``learn``, ``save_state`` and ``restore_state``: a Go or C client can call them too.
+
+Signatures (see docs/model.md for ``saved_model_cli show --all``):
+
+- ``predict(sensor_data)`` -> ``class_index`` (int64), ``label`` (string, from a lookup table in
+  the graph) and ``probabilities`` (float32, one row per input).
+- ``learn(sensor_data, labels)`` -> ``loss`` and ``global_step``: one optimizer step.
+- ``save_state(path)`` / ``restore_state(path)``: every variable ``learn`` changes (weights,
+  optimizer slots, global step), written with ``tf.raw_ops.Save``; ``restore_state`` checks the
+  file belongs to this model (model id) and is intact (fingerprint) before assigning anything.
+- ``metadata()``: labels, window length, channels, sample rate, architecture, model id, batch.
+- ``reset_state()``: clears the recurrent state of the stateful ``seed-lstm`` (no-op otherwise).
+
+Normalisation is part of the graph: callers feed raw m/s^2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import tensorflow as tf
+
+from shared.errors import ModelError
+
+ARCHITECTURES: Final = ("cnn", "cnn-gru", "seed-lstm")
+SEED_LSTM_BATCH: Final = 32  # the original design: a (32, 1, 3) batch of consecutive samples
+SEED_LSTM_UNITS: Final = 64
+STATE_FORMAT_VERSION: Final = 1
+
+# Names under which non-weight tensors are stored in a state file.
+_FINGERPRINT_KEY: Final = "_fingerprint"
+_MODEL_ID_KEY: Final = "_model_id"
+_FORMAT_KEY: Final = "_format"
+
+
+@dataclass(frozen=True)
+class TrackerSpec:
+    """Everything needed to rebuild an ActivityTracker of the same shape."""
+
+    arch: str
+    labels: tuple[str, ...]
+    window: int
+    sample_rate_hz: float = 20.0
+    channels: int = 3
+    optimizer: str = "adam"
+    dropout: float = 0.2
+    width: int = 32
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ModelError(f"unknown architecture {self.arch!r}; choose from {ARCHITECTURES}")
+        if not 2 <= len(self.labels) <= 64 or len(set(self.labels)) != len(self.labels):
+            raise ModelError(f"need 2..64 distinct labels, got {self.labels}")
+        if self.channels != 3:
+            raise ModelError("the model reads 3-axis acceleration")
+        if self.arch == "seed-lstm" and self.window != SEED_LSTM_BATCH:
+            raise ModelError(f"seed-lstm reads windows of {SEED_LSTM_BATCH} samples")
+        if self.arch != "seed-lstm" and self.window < 16:
+            raise ModelError(f"window of {self.window} samples is too short for {self.arch}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ModelError(f"unknown optimizer {self.optimizer!r}")
+
+
+def _glorot(shape: Sequence[int], seed: tf.Tensor, fan_in: int, fan_out: int) -> tf.Tensor:
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return tf.random.stateless_uniform(shape, seed=seed, minval=-limit, maxval=limit)
+
+
+class ActivityTracker(tf.Module):  # type: ignore[misc]
+    """Human activity classifier over windows of raw 3-axis acceleration, trainable on device."""
+
+    def __init__(
+        self,
+        spec: TrackerSpec,
+        *,
+        mean: npt.ArrayLike = (0.0, 0.0, 0.0),
+        std: npt.ArrayLike = (1.0, 1.0, 1.0),
+        learning_rate: float = 1e-3,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(name="ActivityTracker")
+        self.spec = spec
+        k = len(spec.labels)
+        self._num_classes = k
+        self._batch = SEED_LSTM_BATCH if spec.arch == "seed-lstm" else None
+        std_arr = np.maximum(np.asarray(std, np.float32), 1e-3)
+        self.norm_mean = tf.Variable(np.asarray(mean, np.float32), trainable=False, name="mean")
+        self.norm_std = tf.Variable(std_arr, trainable=False, name="std")
+        self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        self.learning_rate = tf.Variable(learning_rate, dtype=tf.float32, trainable=False)
+        self.model_id = tf.Variable("", dtype=tf.string, trainable=False, name="model_id")
+        self.label_names = tf.constant(list(spec.labels), dtype=tf.string)
+        self.label_table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(
+                keys=tf.range(k, dtype=tf.int64), values=tf.constant(list(spec.labels))
+            ),
+            default_value="unknown",
+        )
+        self.weights = self._build_weights(spec, k, seed)
+        names = list(self.weights)
+        self._trainable_names = names
+        self.slots_m = {
+            n: tf.Variable(tf.zeros_like(self.weights[n]), trainable=False) for n in names
+        }
+        self.slots_v = {
+            n: tf.Variable(tf.zeros_like(self.weights[n]), trainable=False) for n in names
+        }
+        self.optimizer_step = tf.Variable(0.0, dtype=tf.float32, trainable=False)
+        if spec.arch == "seed-lstm":
+            zeros = tf.zeros((SEED_LSTM_BATCH, SEED_LSTM_UNITS))
+            self.lstm_h = tf.Variable(zeros, trainable=False, name="lstm_h")
+            self.lstm_c = tf.Variable(zeros, trainable=False, name="lstm_c")
+        self._dropout_seed = tf.Variable([seed, 7], dtype=tf.int64, trainable=False)
+        self._build_signatures()
+
+    # ----------------------------------------------------------------------------- weights
+    def _build_weights(self, spec: TrackerSpec, k: int, seed: int) -> dict[str, tf.Variable]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        w = spec.width
+        if spec.arch == "cnn":
+            shapes = {
+                "conv1_kernel": (5, 3, w),
+                "conv1_bias": (w,),
+                "conv2_kernel": (5, w, w),
+                "conv2_bias": (w,),
+                "conv3_kernel": (5, w, 2 * w),
+                "conv3_bias": (2 * w,),
+                "conv4_kernel": (5, 2 * w, 2 * w),
+                "conv4_bias": (2 * w,),
+                "dense_kernel": (4 * w, k),
+                "dense_bias": (k,),
+            }
+        elif spec.arch == "cnn-gru":
+            g = w + w // 2
+            shapes = {
+                "conv1_kernel": (5, 3, w),
+                "conv1_bias": (w,),
+                "conv2_kernel": (5, w, 2 * w),
+                "conv2_bias": (2 * w,),
+                "gru_kernel": (2 * w, 3 * g),
+                "gru_recurrent": (g, 3 * g),
+                "gru_bias": (3 * g,),
+                "dense_kernel": (g, k),
+                "dense_bias": (k,),
+            }
+        else:
+            u = SEED_LSTM_UNITS
+            shapes = {
+                "lstm_kernel": (3, 4 * u),
+                "lstm_recurrent": (u, 4 * u),
+                "lstm_bias": (4 * u,),
+                "dense_kernel": (u, k),
+                "dense_bias": (k,),
+            }
+        weights: dict[str, tf.Variable] = {}
+        for i, (name, shape) in enumerate(shapes.items()):
+            if name.endswith("bias"):
+                initial = np.zeros(shape, np.float32)
+                if name == "lstm_bias":  # forget gate starts open, as Keras does
+                    initial[SEED_LSTM_UNITS : 2 * SEED_LSTM_UNITS] = 1.0
+                value = tf.constant(initial)
+            else:
+                fan_in = int(np.prod(shape[:-1]))
+                value = _glorot(shape, tf.constant([seed, i], tf.int64), fan_in, shape[-1])
+            weights[name] = tf.Variable(value, name=name)
+        return weights
+
+    def persisted_variables(self) -> dict[str, tf.Variable]:
+        """Every variable ``learn`` changes, by a stable name: what a state file holds."""
+        out: dict[str, tf.Variable] = {}
+        for name in self._trainable_names:
+            out[f"w/{name}"] = self.weights[name]
+            out[f"m/{name}"] = self.slots_m[name]
+            out[f"v/{name}"] = self.slots_v[name]
+        out["optimizer_step"] = self.optimizer_step
+        out["global_step"] = self.global_step
+        return out
+
+    # ----------------------------------------------------------------------------- forward
+    def _normalise(self, sensor_data: tf.Tensor) -> tf.Tensor:
+        return (sensor_data - self.norm_mean) / self.norm_std
+
+    def _conv(self, x: tf.Tensor, name: str) -> tf.Tensor:
+        y = tf.nn.conv1d(x, self.weights[f"{name}_kernel"], stride=1, padding="SAME")
+        return tf.nn.relu(y + self.weights[f"{name}_bias"])
+
+    def _dropout(self, x: tf.Tensor, training: bool) -> tf.Tensor:
+        if not training or self.spec.dropout <= 0:
+            return x
+        seed = self._dropout_seed + tf.stack([tf.constant(0, tf.int64), self.global_step])
+        return tf.nn.experimental.stateless_dropout(x, rate=self.spec.dropout, seed=seed)
+
+    def _pool(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.nn.max_pool1d(x, ksize=2, strides=2, padding="SAME")
+
+    def _logits_window(self, sensor_data: tf.Tensor, training: bool) -> tf.Tensor:
+        x = self._normalise(sensor_data)
+        w = self.weights
+        if self.spec.arch == "cnn":
+            x = self._conv(x, "conv1")
+            x = self._pool(self._conv(x, "conv2"))
+            x = self._conv(x, "conv3")
+            x = self._conv(x, "conv4")
+            features = tf.concat([tf.reduce_mean(x, axis=1), tf.reduce_max(x, axis=1)], axis=1)
+        else:  # cnn-gru
+            x = self._pool(self._conv(x, "conv1"))
+            x = self._pool(self._conv(x, "conv2"))
+            g = w["gru_recurrent"].shape[0]
+            h = tf.zeros((tf.shape(x)[0], g))
+            inputs = tf.einsum("btc,cg->btg", x, w["gru_kernel"]) + w["gru_bias"]
+            for t in range(int(x.shape[1])):
+                xz, xr, xh = tf.split(inputs[:, t, :], 3, axis=1)
+                hz, hr, hh = tf.split(tf.matmul(h, w["gru_recurrent"]), 3, axis=1)
+                z = tf.sigmoid(xz + hz)
+                r = tf.sigmoid(xr + hr)
+                h = z * h + (1.0 - z) * tf.tanh(xh + r * hh)
+            features = h
+        features = self._dropout(features, training)
+        return tf.matmul(features, w["dense_kernel"]) + w["dense_bias"]
+
+    def _lstm_step(self, sensor_data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Logits for each of the 32 samples, and the new (h, c): one timestep, stateful."""
+        w = self.weights
+        x = self._normalise(sensor_data[:, 0, :])
+        gates = tf.matmul(x, w["lstm_kernel"]) + tf.matmul(self.lstm_h, w["lstm_recurrent"])
+        i, f, g, o = tf.split(gates + w["lstm_bias"], 4, axis=1)
+        c = tf.sigmoid(f) * self.lstm_c + tf.sigmoid(i) * tf.tanh(g)
+        h = tf.sigmoid(o) * tf.tanh(c)
+        return tf.matmul(h, w["dense_kernel"]) + w["dense_bias"], h, c
+
+    # ----------------------------------------------------------------------------- checks
+    def _check_inputs(self, sensor_data: tf.Tensor, labels: tf.Tensor | None = None) -> list[Any]:
+        checks = [
+            tf.debugging.assert_all_finite(sensor_data, "sensor_data contains NaN or infinity").op
+        ]
+        if labels is not None:
+            k = tf.constant(self._num_classes, tf.int32)
+            checks.append(tf.debugging.assert_non_negative(labels, message="negative label"))
+            checks.append(tf.debugging.assert_less(labels, k, message="label index out of range"))
+            checks.append(
+                tf.debugging.assert_equal(
+                    tf.shape(labels)[0],
+                    tf.shape(sensor_data)[0],
+                    message="labels and sensor_data differ in length",
+                )
+            )
+        return checks
+
+    # ----------------------------------------------------------------------------- steps
+    def _apply_gradients(self, grads: Sequence[tf.Tensor]) -> None:
+        grads, _ = tf.clip_by_global_norm(list(grads), 5.0)
+        lr = self.learning_rate
+        if self.spec.optimizer == "sgd":
+            for name, grad in zip(self._trainable_names, grads, strict=True):
+                self.weights[name].assign_sub(lr * grad)
+            return
+        beta1, beta2, eps = 0.9, 0.999, 1e-7
+        self.optimizer_step.assign_add(1.0)
+        t = self.optimizer_step
+        scale = lr * tf.sqrt(1.0 - tf.pow(beta2, t)) / (1.0 - tf.pow(beta1, t))
+        for name, grad in zip(self._trainable_names, grads, strict=True):
+            m = self.slots_m[name]
+            v = self.slots_v[name]
+            m.assign(beta1 * m + (1.0 - beta1) * grad)
+            v.assign(beta2 * v + (1.0 - beta2) * tf.square(grad))
+            self.weights[name].assign_sub(scale * m / (tf.sqrt(v) + eps))
+
+    def _weighted_loss(self, logits: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+        per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=tf.cast(labels, tf.int32), logits=logits
+        )
+        return tf.reduce_sum(per_example * weights) / tf.maximum(tf.reduce_sum(weights), 1e-6)
+
+    def _step(self, sensor_data: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+        variables = [self.weights[n] for n in self._trainable_names]
+        with tf.control_dependencies(self._check_inputs(sensor_data, labels)):
+            sensor_data = tf.identity(sensor_data)
+        if self.spec.arch == "seed-lstm":
+            with tf.GradientTape() as tape:
+                logits, h, c = self._lstm_step(sensor_data)
+                loss = self._weighted_loss(logits, labels, weights)
+            grads = tape.gradient(loss, variables)
+            self.lstm_h.assign(h)
+            self.lstm_c.assign(c)
+        else:
+            with tf.GradientTape() as tape:
+                logits = self._logits_window(sensor_data, training=True)
+                loss = self._weighted_loss(logits, labels, weights)
+            grads = tape.gradient(loss, variables)
+        self._apply_gradients(grads)
+        self.global_step.assign_add(1)
+        return loss
+
+    def _predict(self, sensor_data: tf.Tensor) -> dict[str, tf.Tensor]:
+        with tf.control_dependencies(self._check_inputs(sensor_data)):
+            sensor_data = tf.identity(sensor_data)
+        if self.spec.arch == "seed-lstm":
+            logits, h, c = self._lstm_step(sensor_data)
+            self.lstm_h.assign(h)
+            self.lstm_c.assign(c)
+        else:
+            logits = self._logits_window(sensor_data, training=False)
+        probabilities = tf.nn.softmax(logits)
+        class_index = tf.argmax(probabilities, axis=1, output_type=tf.int64)
+        out = {
+            "class_index": class_index,
+            "label": self.label_table.lookup(class_index),
+            "probabilities": probabilities,
+        }
+        if self.spec.arch == "seed-lstm":
+            # The original design's reading of a batch: the majority of its 32 samples.
+            votes = tf.math.bincount(
+                tf.cast(class_index, tf.int32), minlength=self._num_classes, dtype=tf.int32
+            )
+            vote = tf.argmax(votes, output_type=tf.int64)
+            out["vote_index"] = vote
+            out["vote_label"] = self.label_table.lookup(vote)
+        return out
+
+    # ----------------------------------------------------------------------------- state
+    def _fingerprint(self, tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+        serialised = tf.stack([tf.io.serialize_tensor(t) for t in tensors])
+        return tf.fingerprint(serialised)
+
+    def _save_state(self, path: tf.Tensor) -> tf.Tensor:
+        variables = self.persisted_variables()
+        values = [v.read_value() for v in variables.values()]
+        names = [*variables, _FINGERPRINT_KEY, _MODEL_ID_KEY, _FORMAT_KEY]
+        data = [
+            *values,
+            self._fingerprint(values),
+            self.model_id.read_value(),
+            tf.constant(STATE_FORMAT_VERSION, tf.int32),
+        ]
+        save = tf.raw_ops.Save(filename=path, tensor_names=names, data=data)
+        with tf.control_dependencies([save]):
+            return tf.identity(self.global_step)
+
+    def _restore_state(self, path: tf.Tensor) -> tf.Tensor:
+        variables = self.persisted_variables()
+
+        def read(name: str, dtype: tf.DType) -> tf.Tensor:
+            return tf.raw_ops.Restore(file_pattern=path, tensor_name=name, dt=dtype)
+
+        fmt = read(_FORMAT_KEY, tf.int32)
+        model_id = read(_MODEL_ID_KEY, tf.string)
+        stored = read(_FINGERPRINT_KEY, tf.uint8)
+        values = [read(name, v.dtype) for name, v in variables.items()]
+        checks = [
+            tf.debugging.assert_equal(
+                fmt, STATE_FORMAT_VERSION, message="state file format not supported"
+            ),
+            tf.debugging.assert_equal(
+                model_id, self.model_id, message="state belongs to another model"
+            ),
+        ]
+        checks += [
+            tf.debugging.assert_equal(
+                tf.shape(value, out_type=tf.int64),
+                tf.constant(v.shape.as_list(), tf.int64),
+                message=f"state tensor {name} has the wrong shape",
+            )
+            for (name, v), value in zip(variables.items(), values, strict=True)
+        ]
+        with tf.control_dependencies(checks):
+            checks.append(
+                tf.debugging.assert_equal(
+                    self._fingerprint(values), stored, message="state file is corrupt"
+                )
+            )
+        with tf.control_dependencies(checks):
+            assigns = [v.assign(value) for v, value in zip(variables.values(), values, strict=True)]
+        with tf.control_dependencies(assigns):
+            return tf.identity(self.global_step)
+
+    # ----------------------------------------------------------------------------- signatures
+    def _build_signatures(self) -> None:
+        spec = self.spec
+        if spec.arch == "seed-lstm":
+            x_spec = tf.TensorSpec([SEED_LSTM_BATCH, 1, 3], tf.float32, name="sensor_data")
+            y_spec = tf.TensorSpec([SEED_LSTM_BATCH], tf.int32, name="labels")
+        else:
+            x_spec = tf.TensorSpec([None, spec.window, 3], tf.float32, name="sensor_data")
+            y_spec = tf.TensorSpec([None], tf.int32, name="labels")
+        w_spec = tf.TensorSpec([None], tf.float32, name="weights")
+        path_spec = tf.TensorSpec([], tf.string, name="path")
+
+        def predict(sensor_data: tf.Tensor) -> dict[str, tf.Tensor]:
+            return self._predict(sensor_data)
+
+        def learn(sensor_data: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+            ones = tf.ones(tf.shape(labels), tf.float32)
+            loss = self._step(sensor_data, labels, ones)
+            return {"loss": loss, "global_step": tf.identity(self.global_step)}
+
+        def train_step(sensor_data: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+            return self._step(sensor_data, labels, weights)
+
+        def logits(sensor_data: tf.Tensor) -> tf.Tensor:
+            return self._logits_window(sensor_data, training=False)
+
+        def save_state(path: tf.Tensor) -> dict[str, tf.Tensor]:
+            return {"global_step": self._save_state(path)}
+
+        def restore_state(path: tf.Tensor) -> dict[str, tf.Tensor]:
+            return {"global_step": self._restore_state(path)}
+
+        def reset_state() -> dict[str, tf.Tensor]:
+            if spec.arch == "seed-lstm":
+                self.lstm_h.assign(tf.zeros_like(self.lstm_h))
+                self.lstm_c.assign(tf.zeros_like(self.lstm_c))
+            return {"global_step": tf.identity(self.global_step)}
+
+        def metadata() -> dict[str, tf.Tensor]:
+            return {
+                "labels": self.label_names,
+                "window": tf.constant(spec.window, tf.int32),
+                "channels": tf.constant(spec.channels, tf.int32),
+                "sample_rate_hz": tf.constant(spec.sample_rate_hz, tf.float32),
+                "arch": tf.constant(spec.arch),
+                "batch": tf.constant(self._batch or 0, tf.int32),
+                "model_id": self.model_id.read_value(),
+                "state_format": tf.constant(STATE_FORMAT_VERSION, tf.int32),
+                "global_step": tf.identity(self.global_step),
+            }
+
+        self.predict = tf.function(predict, input_signature=[x_spec])
+        self.learn = tf.function(learn, input_signature=[x_spec, y_spec])
+        self.train_step = tf.function(train_step, input_signature=[x_spec, y_spec, w_spec])
+        self.save_state = tf.function(save_state, input_signature=[path_spec])
+        self.restore_state = tf.function(restore_state, input_signature=[path_spec])
+        self.reset_state = tf.function(reset_state, input_signature=[])
+        self.metadata = tf.function(metadata, input_signature=[])
+        if spec.arch != "seed-lstm":
+            self.logits = tf.function(logits, input_signature=[x_spec])
+
+    def signatures(self) -> dict[str, Any]:
+        return {
+            "predict": self.predict,
+            "learn": self.learn,
+            "save_state": self.save_state,
+            "restore_state": self.restore_state,
+            "reset_state": self.reset_state,
+            "metadata": self.metadata,
+        }
+
+    # ----------------------------------------------------------------------------- weights I/O
+    def get_weights(self) -> dict[str, npt.NDArray[np.float32]]:
+        return {name: v.numpy() for name, v in self.weights.items()}
+
+    def set_weights(self, values: dict[str, npt.NDArray[np.float32]]) -> None:
+        for name, v in self.weights.items():
+            v.assign(values[name])
+
+    def reset_optimizer(self) -> None:
+        """Zeroes the optimizer's slots, so a device's first steps are not steered by training."""
+        for name in self._trainable_names:
+            self.slots_m[name].assign(tf.zeros_like(self.slots_m[name]))
+            self.slots_v[name].assign(tf.zeros_like(self.slots_v[name]))
+        self.optimizer_step.assign(0.0)
+
+    def weights_digest(self) -> str:
+        digest = hashlib.sha256(self.spec.arch.encode())
+        for label in self.spec.labels:
+            digest.update(label.encode() + b"\0")
+        for name, value in self.get_weights().items():
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+        digest.update(self.norm_mean.numpy().tobytes() + self.norm_std.numpy().tobytes())
+        return digest.hexdigest()
+
+
+def export_tracker(
+    tracker: ActivityTracker, out_dir: Any, *, device_learning_rate: float | None = None
+) -> str:
+    """Writes ``tracker`` as a SavedModel in ``out_dir``; returns the model id it was given.
+
+    The model id (a digest of architecture, labels and weights) lets ``restore_state`` refuse a
+    state file written by a different model.
+    """
+    model_id = tracker.weights_digest()[:32]
+    tracker.model_id.assign(model_id)
+    if device_learning_rate is not None:
+        tracker.learning_rate.assign(device_learning_rate)
+    tracker.reset_optimizer()
+    if tracker.spec.arch == "seed-lstm":
+        tracker.reset_state()
+    tf.saved_model.save(tracker, str(out_dir), signatures=tracker.signatures())
+    return model_id
