@@ -319,13 +319,16 @@ def _parse_chunk(data: bytes, first_line: int, report: LoadReport) -> _Chunk:
 def _iter_chunks(stream: IO[bytes], report: LoadReport) -> Iterator[_Chunk]:
     carry = b""
     line = 1
+    ends_with_newline = True  # an empty file has no line
     while True:
         block = stream.read(_CHUNK_BYTES)
         if not block:
-            report.physical_lines = line - 1 + (1 if carry else 0)
             if carry.strip():
                 yield _parse_chunk(carry, line, report)
+            line += carry.count(b"\n")
+            report.physical_lines = line - 1 + (0 if ends_with_newline else 1)
             return
+        ends_with_newline = block.endswith(b"\n")
         data = carry + block
         # Cut after the last separator so no record is split across chunks (a file with no
         # newline at all still streams, cut at ";").
