@@ -1,0 +1,72 @@
+"""Helpers for model tests: tiny synthetic data and a child-process 'device' that uses a model.
+
+Run as ``python -m tests.model_helpers ACTION SAVED_MODEL STATE`` to act like a device in a fresh
+process: the child prints one JSON line with what it saw.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+LABELS = ("Walking", "Sitting", "Laying")
+WINDOW = 16
+
+
+def synthetic_windows(
+    n: int, seed: int = 0, window: int = WINDOW
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+    """Three easily told apart 'activities': oscillation, gravity on y, gravity on z."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, len(LABELS), n).astype(np.int32)
+    t = np.arange(window) / 20.0
+    x = rng.normal(0.0, 0.3, (n, window, 3)).astype(np.float32)
+    x[y == 0, :, 0] += 4.0 * np.sin(2 * np.pi * 2.0 * t)
+    x[y == 0, :, 1] += 9.8
+    x[y == 1, :, 1] += 9.8
+    x[y == 2, :, 2] += 9.8
+    return x.astype(np.float32), y
+
+
+def probe_windows(window: int = WINDOW) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+    return synthetic_windows(12, seed=99, window=window)
+
+
+def _device(action: str, saved_model: Path, state: Path) -> dict[str, Any]:
+    from shared.model.runtime import ActivityModel
+
+    model = ActivityModel.load(saved_model)
+    x, _ = probe_windows(model.input_spec.window)
+    out: dict[str, Any] = {"arch": model.arch, "labels": list(model.labels)}
+    if action == "learn-and-save":
+        out["probabilities_before"] = model.predict(x).probabilities.tolist()
+        # Teach the model that everything is "Laying": predictions must move towards it.
+        target = np.full(len(x), 2, np.int32)
+        out["losses"] = [model.learn(x, target) for _ in range(15)]
+        out["global_step"] = model.global_step
+        model.save_state(state)
+        out["probabilities_after"] = model.predict(x).probabilities.tolist()
+    elif action == "restore":
+        out["probabilities_fresh"] = model.predict(x).probabilities.tolist()
+        out["global_step_fresh"] = model.global_step
+        out["restored"] = model.restore_state(state)
+        out["global_step"] = model.global_step
+        out["probabilities_restored"] = model.predict(x).probabilities.tolist()
+    else:
+        raise SystemExit(f"unknown action {action}")
+    return out
+
+
+def main(argv: list[str]) -> int:
+    action, saved_model, state = argv
+    print(json.dumps(_device(action, Path(saved_model), Path(state))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
