@@ -137,7 +137,7 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
                 "conv3_bias": (2 * w,),
                 "conv4_kernel": (5, 2 * w, 2 * w),
                 "conv4_bias": (2 * w,),
-                "dense_kernel": (4 * w, k),
+                "dense_kernel": (4 * w + 6, k),
                 "dense_bias": (k,),
             }
         elif spec.arch == "cnn-gru":
@@ -207,11 +207,16 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
         x = self._normalise(sensor_data)
         w = self.weights
         if self.spec.arch == "cnn":
+            # Posture (sitting vs standing) is mostly the direction of gravity: give the
+            # classifier each axis's mean and spread directly, beside the learned features.
+            stats = [tf.reduce_mean(x, axis=1), tf.math.reduce_std(x, axis=1)]
             x = self._conv(x, "conv1")
             x = self._pool(self._conv(x, "conv2"))
             x = self._conv(x, "conv3")
             x = self._conv(x, "conv4")
-            features = tf.concat([tf.reduce_mean(x, axis=1), tf.reduce_max(x, axis=1)], axis=1)
+            features = tf.concat(
+                [tf.reduce_mean(x, axis=1), tf.reduce_max(x, axis=1), *stats], axis=1
+            )
         else:  # cnn-gru
             x = self._pool(self._conv(x, "conv1"))
             x = self._pool(self._conv(x, "conv2"))

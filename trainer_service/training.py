@@ -1,0 +1,451 @@
+"""Training an ActivityTracker: by-user splits, class weighting, early stopping, export.
+
+Usable from ``har train`` and programmatically by the trainer service, e.g. to fine-tune the
+current global model (``init_from``) on the base data plus confirmed device windows carrying a
+weight (``WindowSet.weights``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.errors import ModelError
+from shared.windowing import (
+    DEFAULT_HOP,
+    DEFAULT_MAX_GAP_NS,
+    DEFAULT_WINDOW,
+    WindowSet,
+    make_windows,
+    split_users,
+)
+from trainer_service.evaluation import evaluate, metrics_from_predictions, plot_confusion
+
+logger = logging.getLogger(__name__)
+
+SEED_LSTM_LEARNING_RATE = 1e-4
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained. Defaults are the measured choice (docs/model.md)."""
+
+    arch: str = "cnn"
+    window: int = DEFAULT_WINDOW
+    hop: int = 10  # training windows overlap heavily: cheap augmentation
+    eval_hop: int = DEFAULT_HOP
+    epochs: int = 40
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    # Adam step size baked into the exported ``learn`` signature (see bench/personalize.py).
+    device_learning_rate: float = 3e-4
+    patience: int = 8
+    seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    val_users: tuple[int, ...] | None = None
+    test_users: tuple[int, ...] | None = None
+    class_weighting: str = "balanced"  # or "none"
+    width: int = 32
+    dropout: float = 0.2
+    augment: bool = True
+    max_gap_ns: int = DEFAULT_MAX_GAP_NS
+
+    def __post_init__(self) -> None:
+        if self.class_weighting not in ("balanced", "none"):
+            raise ModelError(
+                f"class_weighting must be balanced or none, not {self.class_weighting}"
+            )
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ModelError("epochs, batch_size and patience must be positive")
+
+    @classmethod
+    def seed_lstm(cls, **overrides: Any) -> TrainConfig:
+        """The original design: stateful LSTM(64) over (32, 1, 3), SGD at 1e-4."""
+        values: dict[str, Any] = {
+            "arch": "seed-lstm",
+            "window": 32,
+            "hop": 32,
+            "eval_hop": 32,
+            "learning_rate": SEED_LSTM_LEARNING_RATE,
+            "device_learning_rate": SEED_LSTM_LEARNING_RATE,
+            "augment": False,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """The trained tracker (best weights on validation) and how it got there."""
+
+    tracker: Any
+    best_epoch: int
+    best_val: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    train: WindowSet
+    val: WindowSet
+    test: WindowSet
+    users: dict[str, list[int]]
+
+
+def split_by_user(data: Any, config: TrainConfig) -> DataSplit:
+    """Windows of ``data`` (a WisdmData) split so that no person is in two sets.
+
+    Training windows use ``config.hop``; validation and test windows use ``config.eval_hop``.
+    """
+    all_users = np.unique(data.users)
+    if config.test_users is not None or config.val_users is not None:
+        test = sorted(config.test_users or ())
+        val = sorted(config.val_users or ())
+        if set(test) & set(val):
+            raise ModelError(f"users {sorted(set(test) & set(val))} are in validation and test")
+        train = sorted(set(all_users.tolist()) - set(test) - set(val))
+        if not val or not train:
+            raise ModelError("need at least one training and one validation user")
+    else:
+        train, val, test = split_users(
+            all_users,
+            val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+        )
+    dense = make_windows(data, config.window, config.hop, config.max_gap_ns)
+    sparse = make_windows(data, config.window, config.eval_hop, config.max_gap_ns)
+    return DataSplit(
+        train=dense.for_users(train),
+        val=sparse.for_users(val),
+        test=sparse.for_users(test),
+        users={"train": train, "val": val, "test": test},
+    )
+
+
+def class_weights(y: npt.NDArray[np.int32], k: int) -> npt.NDArray[np.float32]:
+    """Inverse-frequency weights per class, 1 on average over the samples."""
+    counts = np.bincount(y, minlength=k).astype(np.float64)
+    weights = np.where(counts > 0, len(y) / (k * np.maximum(counts, 1)), 0.0)
+    present = counts > 0
+    weights[present] *= k / present.sum()
+    return weights.astype(np.float32)
+
+
+def _sample_weights(ws: WindowSet, config: TrainConfig) -> npt.NDArray[np.float32]:
+    weights = np.ones(len(ws), np.float32) if ws.weights is None else ws.weights.astype(np.float32)
+    if config.class_weighting == "balanced":
+        weights = weights * class_weights(ws.y, len(ws.labels))[ws.y]
+    return weights
+
+
+def _augment(x: npt.NDArray[np.float32], rng: np.random.Generator) -> npt.NDArray[np.float32]:
+    """Small random rotations and gains: phones sit a little differently on every person."""
+    n = x.shape[0]
+    angles = rng.normal(0.0, 0.15, size=(n, 3))  # radians, about 9 degrees
+    cx, cy, cz = np.cos(angles).T
+    sx, sy, sz = np.sin(angles).T
+    rot = np.empty((n, 3, 3), np.float32)
+    rot[:, 0, 0] = cy * cz
+    rot[:, 0, 1] = -cy * sz
+    rot[:, 0, 2] = sy
+    rot[:, 1, 0] = sx * sy * cz + cx * sz
+    rot[:, 1, 1] = -sx * sy * sz + cx * cz
+    rot[:, 1, 2] = -sx * cy
+    rot[:, 2, 0] = -cx * sy * cz + sx * sz
+    rot[:, 2, 1] = cx * sy * sz + sx * cz
+    rot[:, 2, 2] = cx * cy
+    gain = rng.normal(1.0, 0.05, size=(n, 1, 1)).astype(np.float32)
+    return (np.einsum("ntc,ndc->ntd", x, rot) * gain).astype(np.float32)
+
+
+def build_tracker(
+    config: TrainConfig, labels: tuple[str, ...], train: WindowSet, init_from: Path | None
+) -> Any:
+    """A fresh tracker normalised on ``train``, or a copy of the model in ``init_from``."""
+    from shared.model.tracker import ActivityTracker, TrackerSpec
+
+    spec = TrackerSpec(
+        arch=config.arch,
+        labels=labels,
+        window=config.window,
+        optimizer="sgd" if config.arch == "seed-lstm" else "adam",
+        dropout=config.dropout,
+        width=config.width,
+    )
+    flat = train.x.reshape(-1, 3)
+    if init_from is None:
+        return ActivityTracker(
+            spec,
+            mean=flat.mean(axis=0),
+            std=flat.std(axis=0),
+            learning_rate=config.learning_rate,
+            seed=config.seed,
+        )
+    return _tracker_from_saved_model(Path(init_from), spec, config)
+
+
+def _tracker_from_saved_model(path: Path, spec: Any, config: TrainConfig) -> Any:
+    import tensorflow as tf
+
+    from shared.model.tracker import ActivityTracker, TrackerSpec
+
+    if not (path / "saved_model.pb").is_file():
+        raise ModelError(f"init_from {path} is not a SavedModel")
+    loaded = tf.saved_model.load(str(path))
+    meta = {k: v.numpy() for k, v in loaded.signatures["metadata"]().items()}
+    labels = tuple(label.decode() for label in meta["labels"].tolist())
+    arch = bytes(meta["arch"]).decode()
+    window = int(meta["window"])
+    if labels != spec.labels:
+        raise ModelError(
+            f"init_from model has labels {labels} but the training data has {spec.labels}; "
+            "fine-tuning needs the same label set (train from scratch to change it)"
+        )
+    if arch != spec.arch or window != spec.window:
+        raise ModelError(
+            f"init_from model is {arch} over {window} samples, config asks for "
+            f"{spec.arch} over {spec.window}"
+        )
+    weights = {name: v.numpy() for name, v in loaded.weights.items()}
+    first_kernel = next(v for name, v in weights.items() if name.endswith("kernel"))
+    width = int(first_kernel.shape[-1]) if arch != "seed-lstm" else spec.width
+    spec = TrackerSpec(**{**dataclasses.asdict(spec), "width": width})
+    tracker = ActivityTracker(
+        spec,
+        mean=loaded.norm_mean.numpy(),
+        std=loaded.norm_std.numpy(),
+        learning_rate=config.learning_rate,
+        seed=config.seed,
+    )
+    tracker.set_weights(weights)
+    tracker.global_step.assign(int(meta["global_step"]))
+    return tracker
+
+
+def train_model(
+    train: WindowSet,
+    val: WindowSet,
+    config: TrainConfig,
+    labels: tuple[str, ...] | None = None,
+    *,
+    init_from: Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Trains with early stopping on validation macro-F1; returns the best weights seen."""
+    import tensorflow as tf
+
+    labels = labels or train.labels
+    if train.labels != labels or val.labels != labels:
+        raise ModelError(f"windows carry labels {train.labels}/{val.labels}, expected {labels}")
+    if len(train) == 0 or len(val) == 0:
+        raise ModelError("training and validation sets must not be empty")
+    if train.window != config.window:
+        raise ModelError(f"windows have {train.window} samples, config says {config.window}")
+    leaked = set(np.unique(train.users).tolist()) & set(np.unique(val.users).tolist())
+    if leaked:
+        logger.warning("users %s are in both training and validation sets", sorted(leaked))
+    tf.random.set_seed(config.seed)
+    started = time.monotonic()
+    tracker = build_tracker(config, labels, train, init_from)
+    tracker.learning_rate.assign(config.learning_rate)
+    rng = np.random.default_rng(config.seed)
+    weights = _sample_weights(train, config)
+    run_epoch = _epoch_stateful if config.arch == "seed-lstm" else _epoch_batched
+
+    best_score, best_epoch, best_val = -1.0, -1, {}
+    best_weights = tracker.get_weights()
+    history: list[dict[str, float]] = []
+    bar = _progress(config.epochs, progress)
+    for epoch in range(config.epochs):
+        loss = run_epoch(tracker, train, weights, config, rng)
+        val_metrics = evaluate(tracker, val)
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": loss,
+                "val_accuracy": val_metrics["accuracy"],
+                "val_macro_f1": val_metrics["macro_f1"],
+            }
+        )
+        if val_metrics["macro_f1"] > best_score:
+            best_score, best_epoch, best_val = val_metrics["macro_f1"], epoch, val_metrics
+            best_weights = tracker.get_weights()
+        elif (epoch - best_epoch) % max(config.patience // 2, 1) == 0:
+            # Validation stalled: halve the step size (reduce on plateau).
+            tracker.learning_rate.assign(float(tracker.learning_rate.numpy()) * 0.5)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{loss:.3f}", val_f1=f"{val_metrics['macro_f1']:.3f}", best=best_epoch
+        )
+        logger.debug("epoch %d loss %.4f val %s", epoch, loss, val_metrics["macro_f1"])
+        if epoch - best_epoch >= config.patience:
+            logger.info("early stop at epoch %d (best %d)", epoch, best_epoch)
+            break
+    bar.close()
+    tracker.set_weights(best_weights)
+    return TrainResult(
+        tracker=tracker,
+        best_epoch=best_epoch,
+        best_val=best_val,
+        history=history,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="epochs", unit="epoch", disable=not enabled, leave=False)
+
+
+def _epoch_batched(
+    tracker: Any,
+    train: WindowSet,
+    weights: npt.NDArray[np.float32],
+    config: TrainConfig,
+    rng: np.random.Generator,
+) -> float:
+    order = rng.permutation(len(train))
+    losses = []
+    for start in range(0, len(order), config.batch_size):
+        index = np.sort(order[start : start + config.batch_size])
+        x = train.x[index]
+        if config.augment:
+            x = _augment(x, rng)
+        loss = tracker.train_step(x, train.y[index], weights[index])
+        losses.append(float(loss))
+    return float(np.mean(losses))
+
+
+def _epoch_stateful(
+    tracker: Any,
+    train: WindowSet,
+    weights: npt.NDArray[np.float32],
+    config: TrainConfig,
+    rng: np.random.Generator,
+) -> float:
+    """The original design's training: windows of a recording in order, state carried across,
+    reset when the recording (so the activity) changes; recordings in shuffled order."""
+    segment = train.segment if train.segment is not None else np.arange(len(train))
+    boundaries = np.flatnonzero(np.diff(segment) != 0) + 1
+    runs = np.split(np.arange(len(train)), boundaries)
+    batch = config.window
+    losses = []
+    for run_index in rng.permutation(len(runs)):
+        tracker.reset_state()
+        for i in runs[run_index]:
+            y = np.full(batch, train.y[i], np.int32)
+            w = np.full(batch, weights[i], np.float32)
+            losses.append(float(tracker.train_step(train.x[i].reshape(batch, 1, 3), y, w)))
+    tracker.reset_state()
+    return float(np.mean(losses))
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def export_version(
+    tracker: Any,
+    out_dir: Path,
+    *,
+    metrics: dict[str, Any],
+    config: TrainConfig | dict[str, Any],
+    data_summary: dict[str, Any],
+    device_learning_rate: float | None = None,
+) -> Path:
+    """Writes one model version folder and returns it.
+
+    ``out_dir`` receives ``saved_model/``, ``metrics.json``, ``confusion.png``, ``config.json``
+    and ``data_summary.json``. Everything is written into a temporary sibling folder first and
+    renamed at the end, so a reader never sees half a version. ``out_dir`` must not exist.
+    """
+    from shared.model.tracker import export_tracker
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ModelError(f"{out_dir} already exists: model versions are immutable")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    config_dict = config.to_dict() if isinstance(config, TrainConfig) else dict(config)
+    if device_learning_rate is None:
+        device_learning_rate = config_dict.get("device_learning_rate")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model_id = export_tracker(
+            tracker, staging / "saved_model", device_learning_rate=device_learning_rate
+        )
+        test_metrics = metrics.get("test", metrics)
+        plot_confusion(test_metrics, staging / "confusion.png", title=tracker.spec.arch)
+        _write_json(staging / "metrics.json", {**metrics, "model_id": model_id})
+        _write_json(staging / "config.json", config_dict)
+        _write_json(staging / "data_summary.json", data_summary)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("exported model %s to %s", model_id, out_dir)
+    return out_dir
+
+
+def train_and_export(
+    data: Any, config: TrainConfig, out_dir: Path, *, progress: bool = True
+) -> tuple[Path, dict[str, Any]]:
+    """The whole ``har train`` procedure on a loaded WisdmData; returns (folder, metrics)."""
+    split = split_by_user(data, config)
+    if len(split.test) == 0:
+        raise ModelError("the test users have no complete window")
+    result = train_model(split.train, split.val, config, data.labels, progress=progress)
+    test_metrics = evaluate(result.tracker, split.test)
+    metrics = {
+        "test": test_metrics,
+        "validation": result.best_val,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "train_seconds": round(result.seconds, 1),
+        "history": result.history,
+        "split": "by user",
+    }
+    summary = {
+        "source": data.report.to_dict(),
+        "labels": list(data.labels),
+        "samples_per_class": data.class_counts(),
+        "users": split.users,
+        "train": split.train.summary(),
+        "validation": split.val.summary(),
+        "test": split.test.summary(),
+    }
+    folder = export_version(
+        result.tracker, out_dir, metrics=metrics, config=config, data_summary=summary
+    )
+    return folder, metrics
+
+
+__all__ = [
+    "DataSplit",
+    "TrainConfig",
+    "TrainResult",
+    "class_weights",
+    "evaluate",
+    "export_version",
+    "metrics_from_predictions",
+    "split_by_user",
+    "train_and_export",
+    "train_model",
+]
