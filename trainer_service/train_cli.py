@@ -7,8 +7,12 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.errors import ConfigError
+
+if TYPE_CHECKING:
+    from trainer_service.training import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.set_defaults(func=run)
 
 
-def config_from_args(args: argparse.Namespace) -> object:
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from trainer_service.training import TrainConfig
 
     overrides = {
@@ -99,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         data,
         config,
         args.out / version,
-        progress=not args.no_progress,  # type: ignore[arg-type]
+        progress=not args.no_progress,
     )
     test = metrics["test"]
     print(

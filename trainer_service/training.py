@@ -172,7 +172,8 @@ def _augment(x: npt.NDArray[np.float32], rng: np.random.Generator) -> npt.NDArra
     rot[:, 2, 1] = cx * sy * sz + sx * cz
     rot[:, 2, 2] = cx * cy
     gain = rng.normal(1.0, 0.05, size=(n, 1, 1)).astype(np.float32)
-    return (np.einsum("ntc,ndc->ntd", x, rot) * gain).astype(np.float32)
+    rotated: npt.NDArray[np.float32] = np.einsum("ntc,ndc->ntd", x, rot).astype(np.float32)
+    return rotated * gain
 
 
 def build_tracker(
