@@ -1,0 +1,1 @@
+"""The ``har`` command: one entry point with a subcommand per role."""

@@ -1,0 +1,381 @@
+"""The one module that talks to paho-mqtt.
+
+``MqttConnection`` keeps a client connected (reconnecting with capped exponential backoff and
+jitter), resubscribes and publishes its birth messages on every connect, and hands every inbound
+message to a bounded queue. Paho's network thread only converts and enqueues: decoding, inference,
+learning and database writes happen on the caller's workers.
+
+Inbound QoS 1 messages are acknowledged manually, by the worker, once it has handled them
+(``InboundMessage.ack``). Together with an MQTT 5 Receive Maximum equal to the queue's capacity,
+the broker never has more unacknowledged messages in flight to us than the queue holds, so a
+QoS 1 message is never dropped here; and a message a crashed worker did not acknowledge is
+redelivered by the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from shared.codec import CONTENT_TYPE_JSON
+from shared.config import BrokerSettings
+from shared.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+# CONNACK reason codes after which retrying cannot help: stop and say so (bad credentials,
+# not authorised, banned, bad client id).
+_FATAL_CONNACK = {133, 134, 135, 138, 140}
+_MAX_SESSION_EXPIRY_S = 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """A message to publish, with its MQTT 5 content type."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+    content_type: str = CONTENT_TYPE_JSON
+
+
+@dataclass(slots=True)
+class InboundMessage:
+    """A received message, detached from paho. Call ``ack()`` once it has been handled."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    content_type: str | None
+    received_at: float
+    _ack: Callable[[], None] | None = field(default=None, repr=False)
+
+    def ack(self) -> None:
+        """Acknowledge a QoS 1 message to the broker (no-op for QoS 0 or a second call)."""
+        if self._ack is not None:
+            ack, self._ack = self._ack, None
+            ack()
+
+
+class PublishHandle:
+    """Tracks one QoS >= 1 publish until the broker acknowledges it."""
+
+    __slots__ = ("_info",)
+
+    def __init__(self, info: paho.MQTTMessageInfo) -> None:
+        self._info = info
+
+    @property
+    def done(self) -> bool:
+        return bool(self._info.is_published())
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the broker's acknowledgement."""
+        if self._info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            return False
+        try:
+            self._info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):
+            return False
+        return bool(self._info.is_published())
+
+
+def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) -> float:
+    """Delay before reconnect ``attempt`` (1-based): capped exponential, full jitter.
+
+    Full jitter spreads a fleet that lost the broker at the same instant over the whole interval,
+    so the broker is not hit by every device at once when it comes back.
+    """
+    ceiling = min(max_s, min_s * 2.0 ** max(0, attempt - 1))
+    return min_s + rng.random() * max(0.0, ceiling - min_s)
+
+
+def json_properties(content_type: str) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.ContentType = content_type
+    if content_type == CONTENT_TYPE_JSON:
+        props.PayloadFormatIndicator = 1  # UTF-8 text: brokers and tools may check it
+    return props
+
+
+class MqttConnection:
+    """A long-lived MQTT 5 connection for one role (device agent, trainer, tool)."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        client_id: str,
+        subscriptions: Sequence[tuple[str, int]] = (),
+        inbox: queue.Queue[InboundMessage] | None = None,
+        will: Outbound | None = None,
+        birth: Callable[[], Sequence[Outbound]] | None = None,
+        persistent_session: bool = True,
+        session_expiry_s: int = 7 * 24 * 3600,
+        on_connection_change: Callable[[bool], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if subscriptions and inbox is None:
+            raise ValueError("subscriptions need an inbox queue")
+        self._settings = settings
+        self._client_id = client_id
+        self._subscriptions = list(subscriptions)
+        self._inbox = inbox
+        self._will = will
+        self._birth = birth
+        self._persistent_session = persistent_session
+        self._session_expiry_s = min(session_expiry_s, _MAX_SESSION_EXPIRY_S)
+        self._on_connection_change = on_connection_change
+        self._rng = rng or random.Random()
+
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._fatal: str | None = None
+        self._generation = 0
+        self.dropped_qos0 = 0
+        self.connect_count = 0
+
+        self._stopped = threading.Event()
+        self._attempt = 0
+        self._client = self._make_client()
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Connect in the background; paho's thread retries until it gets through."""
+        settings = self._settings
+        self._schedule_retry()
+        self._client.connect_async(
+            settings.host,
+            settings.port,
+            keepalive=settings.keepalive_s,
+            clean_start=not self._persistent_session,
+            properties=self._connect_properties(),
+        )
+        self._client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Wait until the broker acknowledged this connection's subscriptions."""
+        return self._subscribed.wait(timeout)
+
+    def wait_stopped(self, timeout: float) -> bool:
+        """Wait until the connection gave up for good (see ``fatal_error``) or was stopped."""
+        return self._stopped.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def fatal_error(self) -> str | None:
+        """Set when the broker refused us for a reason retrying cannot fix."""
+        return self._fatal
+
+    def stop(self) -> None:
+        """Disconnect cleanly (the broker does not publish our last will) and stop retrying."""
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._stopped.set()
+
+    # ---------------------------------------------------------------- publishing
+    def publish(self, message: Outbound) -> PublishHandle:
+        """Queue ``message`` for sending; wait on the handle for the broker's acknowledgement."""
+        info = self._client.publish(
+            message.topic,
+            message.payload,
+            qos=message.qos,
+            retain=message.retain,
+            properties=json_properties(message.content_type),
+        )
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise BrokerError(f"publish to {message.topic} failed: {paho.error_string(info.rc)}")
+        return PublishHandle(info)
+
+    # ---------------------------------------------------------------- paho plumbing
+    def _make_client(self) -> paho.Client:
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self._client_id,
+            protocol=paho.MQTTv5,
+            manual_ack=True,
+        )
+        settings = self._settings
+        client.max_inflight_messages_set(settings.max_inflight)  # before connect(), or ignored
+        client.max_queued_messages_set(0)
+        if settings.username:
+            client.username_pw_set(settings.username, settings.resolved_password() or None)
+        if settings.tls:
+            client.tls_set(
+                ca_certs=str(settings.ca_file) if settings.ca_file else None,
+                certfile=str(settings.cert_file) if settings.cert_file else None,
+                keyfile=str(settings.key_file) if settings.key_file else None,
+            )
+        if self._will is not None:
+            client.will_set(
+                self._will.topic,
+                self._will.payload,
+                qos=self._will.qos,
+                retain=self._will.retain,
+                properties=self._will_properties(self._will.content_type),
+            )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        return client
+
+    @staticmethod
+    def _will_properties(content_type: str) -> Properties:
+        props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
+        props.ContentType = content_type
+        if content_type == CONTENT_TYPE_JSON:
+            props.PayloadFormatIndicator = 1
+        return props
+
+    def _connect_properties(self) -> Properties:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        if self._persistent_session:
+            props.SessionExpiryInterval = self._session_expiry_s
+        if self._inbox is not None and self._inbox.maxsize > 0:
+            # Flow control: never more unacknowledged QoS 1 messages in flight than we can queue.
+            props.ReceiveMaximum = min(self._inbox.maxsize, 65535)
+        return props
+
+    def _schedule_retry(self) -> None:
+        """Set paho's next reconnect delay: our capped exponential backoff, with full jitter."""
+        self._attempt += 1
+        settings = self._settings
+        delay = backoff_delay(
+            self._attempt, settings.reconnect_min_s, settings.reconnect_max_s, self._rng
+        )
+        # min == max pins paho's own doubling to exactly the delay we chose.
+        self._client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        log.warning(
+            "cannot reach broker %s:%d (attempt %d)",
+            self._settings.host,
+            self._settings.port,
+            self._attempt,
+        )
+        self._schedule_retry()
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            if reason_code.value in _FATAL_CONNACK:
+                self._fatal = str(reason_code)
+                log.error("broker refused %s for good: %s", self._client_id, reason_code)
+                client.disconnect()  # ends paho's retry loop
+                self._stopped.set()
+            else:
+                log.warning("broker refused connection: %s", reason_code)
+                self._schedule_retry()
+            return
+        self._generation += 1
+        self._attempt = 0
+        self.connect_count += 1
+        log.info(
+            "connected to %s:%d as %s (session present: %s)",
+            self._settings.host,
+            self._settings.port,
+            self._client_id,
+            flags.session_present,
+        )
+        if self._subscriptions:
+            client.subscribe([(t, SubscribeOptions(qos=qos)) for t, qos in self._subscriptions])
+        if self._birth is not None:
+            for message in self._birth():
+                self.publish(message)
+        self._connected.set()
+        if self._on_connection_change is not None:
+            self._on_connection_change(True)
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        self._subscribed.clear()
+        if was_connected:
+            log.warning("disconnected from broker: %s", reason_code)
+            self._schedule_retry()
+            if self._on_connection_change is not None:
+                self._on_connection_change(False)
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        refused = [str(code) for code in reason_codes if code.is_failure]
+        if refused:
+            log.error("broker refused subscriptions of %s: %s", self._client_id, refused)
+        self._subscribed.set()
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        # Runs on paho's network thread: convert, enqueue, return. Nothing slow here.
+        assert self._inbox is not None
+        props = getattr(message, "properties", None)
+        content_type = getattr(props, "ContentType", None) if props is not None else None
+        ack = None
+        if message.qos > 0:
+            ack = self._make_ack(message.mid, message.qos, self._generation)
+        inbound = InboundMessage(
+            topic=message.topic,
+            payload=bytes(message.payload),
+            qos=message.qos,
+            retain=bool(message.retain),
+            content_type=content_type,
+            received_at=time.monotonic(),
+            _ack=ack,
+        )
+        try:
+            self._inbox.put_nowait(inbound)
+        except queue.Full:
+            # Only QoS 0 can get here (Receive Maximum bounds QoS 1): dropping it is its contract.
+            self.dropped_qos0 += 1
+            log.warning("inbox full, dropped a QoS %d message on %s", message.qos, message.topic)
+            if ack is not None:
+                ack()
+
+    def _make_ack(self, mid: int, qos: int, generation: int) -> Callable[[], None]:
+        def ack() -> None:
+            # A packet id from an earlier connection means nothing now: the broker will redeliver
+            # that message on the new connection, and receivers deduplicate it.
+            if generation == self._generation and self._connected.is_set():
+                self._client.ack(mid, qos)
+
+        return ack

@@ -1,0 +1,96 @@
+"""Shared fixtures: a real Mosquitto broker per test, a topic root per test, MQTT test clients."""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.config import BrokerSettings
+from tests.mosquitto import BrokerUsers, ComposeBroker, MosquittoProcess, accepts_connections
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+USE_DOCKER = os.environ.get("HAR_TEST_DOCKER") == "1"
+
+
+def _docker_engine_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    import subprocess
+
+    result = subprocess.run(["docker", "info"], capture_output=True, check=False)
+    return result.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def docker_compose_file() -> str:
+    return str(REPO_ROOT / "deploy" / "docker-compose.yml")
+
+
+@pytest.fixture(scope="session")
+def docker_setup() -> list[str]:
+    # Only the broker: the trainer image is not needed to test the wire.
+    return ["up --build -d mosquitto"]
+
+
+@pytest.fixture
+def broker_factory(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., MosquittoProcess | ComposeBroker]]:
+    """Start a broker; ``users=BrokerUsers(...)`` turns on passwords and an ACL."""
+    started: list[MosquittoProcess] = []
+
+    def start(users: BrokerUsers | None = None) -> MosquittoProcess | ComposeBroker:
+        if USE_DOCKER and users is None:
+            if not _docker_engine_available():
+                pytest.fail("HAR_TEST_DOCKER=1 but no Docker engine answers `docker info`")
+            services = request.getfixturevalue("docker_services")
+            docker_ip = request.getfixturevalue("docker_ip")
+            port = services.port_for("mosquitto", 1883)
+            broker = ComposeBroker(services, docker_ip, port)
+            services.wait_until_responsive(
+                check=lambda: accepts_connections(docker_ip, port), timeout=30.0, pause=0.1
+            )
+            return broker
+        process = MosquittoProcess(tmp_path_factory.mktemp("mosquitto"), users=users)
+        process.start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def broker(broker_factory: Callable[..., MosquittoProcess | ComposeBroker]) -> MosquittoProcess:
+    started = broker_factory()
+    return started  # type: ignore[return-value]
+
+
+@pytest.fixture
+def topic_root() -> str:
+    """A root of its own for every test, so retained messages never leak between tests."""
+    return f"test/{uuid.uuid4().hex[:12]}/har/v1"
+
+
+@pytest.fixture
+def broker_settings(broker: MosquittoProcess, topic_root: str) -> BrokerSettings:
+    return BrokerSettings(
+        host=broker.host,
+        port=broker.port,
+        topic_root=topic_root,
+        keepalive_s=5,
+        reconnect_min_s=0.05,
+        reconnect_max_s=0.5,
+    )
+
+
+@pytest.fixture
+def inbox() -> queue.Queue[object]:
+    return queue.Queue(maxsize=1000)

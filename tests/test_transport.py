@@ -1,0 +1,201 @@
+"""The MQTT adapter against a real Mosquitto broker."""
+
+from __future__ import annotations
+
+import json
+import queue
+import random
+import subprocess
+
+import numpy as np
+import pytest
+
+from shared import codec
+from shared.config import BrokerSettings
+from shared.messages import Prediction, SensorBatch, WindowRef
+from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound, backoff_delay
+from shared.topics import Topics
+from tests.mosquitto import BrokerUsers, MosquittoProcess, find_mosquitto
+from tests.mqtt_helpers import connect, receive
+
+pytestmark = pytest.mark.broker
+
+
+def test_sensor_batch_crosses_the_broker_intact(broker_settings: BrokerSettings) -> None:
+    topics = Topics(broker_settings.topic_root)
+    subscriber, inbox = connect(broker_settings, [(topics.all_sensor(), 1)])
+    publisher, _ = connect(broker_settings)
+    samples = np.random.default_rng(1).normal(0, 4, size=(200, 3)).astype(np.float32)
+    batch = SensorBatch("wrist-7", 42, 20.0, 123_456_789, samples)
+    try:
+        handle = publisher.publish(
+            Outbound(
+                topics.sensor("wrist-7"),
+                codec.encode_sensor_batch(batch),
+                qos=1,
+                content_type=codec.CONTENT_TYPE_MSGPACK,
+            )
+        )
+        assert handle.wait(10.0)
+        message = receive(inbox)
+        assert message.topic == topics.sensor("wrist-7")
+        assert message.content_type == codec.CONTENT_TYPE_MSGPACK
+        assert message.qos == 1
+        assert codec.decode_sensor_batch(message.payload) == batch
+    finally:
+        publisher.stop()
+        subscriber.stop()
+
+
+def test_stock_mosquitto_sub_reads_a_json_prediction(broker_settings: BrokerSettings) -> None:
+    binary = find_mosquitto()
+    assert binary is not None
+    sub_binary = str(binary).replace("sbin/mosquitto", "bin/mosquitto_sub")
+    topics = Topics(broker_settings.topic_root)
+    topic = topics.prediction("wrist-7")
+    # stdbuf: piped stdout is block-buffered, and we must see the SUBACK line as it happens.
+    process = subprocess.Popen(
+        [
+            "stdbuf",
+            "-oL",
+            sub_binary,
+            "-h",
+            broker_settings.host,
+            "-p",
+            str(broker_settings.port),
+            "-V",
+            "mqttv5",
+            "-t",
+            topic,
+            "-C",
+            "1",
+            "-W",
+            "20",
+            "-d",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    # -d reports the SUBACK: only then is the subscription in place to receive what we publish.
+    for line in process.stdout:
+        if "SUBACK" in line:
+            break
+    prediction = Prediction(
+        prediction_id="p-9",
+        device_id="wrist-7",
+        window=WindowRef(batch_seq=4, offset=0, length=80),
+        label="Walking",
+        class_index=0,
+        probabilities=(0.8, 0.2),
+        model_version="v0001",
+        ts=1_700_000_000.0,
+    )
+    publisher, _ = connect(broker_settings)
+    try:
+        assert publisher.publish(Outbound(topic, codec.encode_prediction(prediction))).wait(10.0)
+        out, _ = process.communicate(timeout=20)
+    finally:
+        publisher.stop()
+        process.kill()
+    payload_lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert payload_lines, out
+    parsed = json.loads(payload_lines[0])
+    assert parsed["label"] == "Walking"
+    assert parsed["prediction_id"] == "p-9"
+    assert codec.decode_prediction(payload_lines[0].encode()) == prediction
+
+
+def test_reconnects_and_resubscribes_after_a_broker_restart(
+    broker: MosquittoProcess, broker_settings: BrokerSettings
+) -> None:
+    topics = Topics(broker_settings.topic_root)
+    changes: queue.Queue[bool] = queue.Queue()
+    inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=100)
+    subscriber = MqttConnection(
+        broker_settings,
+        client_id="restart-sub",
+        subscriptions=[(topics.all_status(), 1)],
+        inbox=inbox,
+        on_connection_change=changes.put,
+    )
+    subscriber.start()
+    try:
+        assert changes.get(timeout=10) is True
+        broker.restart()
+        assert changes.get(timeout=10) is False
+        assert changes.get(timeout=10) is True
+        assert subscriber.wait_subscribed(10)
+        publisher, _ = connect(broker_settings)
+        try:
+            publisher.publish(Outbound(topics.status("d1"), b"{}")).wait(10)
+        finally:
+            publisher.stop()
+        assert receive(inbox).topic == topics.status("d1")
+        assert subscriber.connect_count == 2
+    finally:
+        subscriber.stop()
+
+
+def test_an_unacknowledged_message_is_redelivered(broker_settings: BrokerSettings) -> None:
+    """A worker that dies before acking loses nothing: the broker sends the message again."""
+    topics = Topics(broker_settings.topic_root)
+    subscription = [(topics.all_sensor(), 1)]
+    first, inbox = connect(broker_settings, subscription, client_id="ack-test", persistent=True)
+    publisher, _ = connect(broker_settings)
+    try:
+        publisher.publish(Outbound(topics.sensor("d1"), b"payload-1")).wait(10)
+        unacked = inbox.get(timeout=10)
+        assert unacked.payload == b"payload-1"
+        first.stop()  # "crash" without acknowledging
+        second, inbox2 = connect(
+            broker_settings, subscription, client_id="ack-test", persistent=True
+        )
+        try:
+            again = receive(inbox2)
+            assert again.payload == b"payload-1"
+        finally:
+            second.stop()
+    finally:
+        publisher.stop()
+
+
+def test_bad_credentials_stop_reconnecting(broker_factory: object, topic_root: str) -> None:
+    users = BrokerUsers(passwords={"agent": "right"}, acl="user agent\ntopic readwrite #\n")
+    broker = broker_factory(users=users)  # type: ignore[operator]
+    good = BrokerSettings(
+        host=broker.host,
+        port=broker.port,
+        topic_root=topic_root,
+        username="agent",
+        password="right",
+        reconnect_min_s=0.05,
+        reconnect_max_s=0.2,
+    )
+    ok, _ = connect(good)
+    ok.stop()
+    bad = BrokerSettings(
+        host=broker.host,
+        port=broker.port,
+        topic_root=topic_root,
+        username="agent",
+        password="wrong",
+        reconnect_min_s=0.05,
+        reconnect_max_s=0.2,
+    )
+    connection = MqttConnection(bad, client_id="bad-creds")
+    connection.start()
+    assert connection.wait_stopped(10)  # gives up by itself instead of hammering the broker
+    assert connection.fatal_error is not None
+    assert "Not authorized" in connection.fatal_error or "password" in connection.fatal_error
+    connection.stop()
+
+
+def test_backoff_grows_is_capped_and_jittered() -> None:
+    rng = random.Random(3)
+    delays = [[backoff_delay(a, 0.5, 30.0, rng) for a in range(1, 12)] for _ in range(200)]
+    medians = [float(np.median([run[i] for run in delays])) for i in range(11)]
+    assert medians[0] == pytest.approx(0.5)
+    assert medians[3] > medians[1] > medians[0]
+    assert max(max(run) for run in delays) <= 30.0
+    assert len({round(run[6], 6) for run in delays}) > 150  # jitter: no two devices in step
