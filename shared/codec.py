@@ -233,24 +233,25 @@ def _load_json(kind: str, payload: bytes, limit: int) -> dict[str, Any]:
 
 
 def encode_prediction(prediction: Prediction) -> bytes:
-    return _dump_json(
-        {
-            "type": "prediction",
-            "v": prediction.v,
-            "prediction_id": prediction.prediction_id,
-            "device_id": prediction.device_id,
-            "window": {
-                "batch_seq": prediction.window.batch_seq,
-                "offset": prediction.window.offset,
-                "length": prediction.window.length,
-            },
-            "label": prediction.label,
-            "class_index": prediction.class_index,
-            "probabilities": [round(p, 6) for p in prediction.probabilities],
-            "model_version": prediction.model_version,
-            "ts": prediction.ts,
-        }
-    )
+    doc: dict[str, Any] = {
+        "type": "prediction",
+        "v": prediction.v,
+        "prediction_id": prediction.prediction_id,
+        "device_id": prediction.device_id,
+        "window": {
+            "batch_seq": prediction.window.batch_seq,
+            "offset": prediction.window.offset,
+            "length": prediction.window.length,
+        },
+        "label": prediction.label,
+        "class_index": prediction.class_index,
+        "probabilities": [round(p, 6) for p in prediction.probabilities],
+        "model_version": prediction.model_version,
+        "ts": prediction.ts,
+    }
+    if prediction.truth is not None:
+        doc["truth"] = prediction.truth
+    return _dump_json(doc)
 
 
 def _window(kind: str, value: Any) -> WindowRef:
@@ -283,6 +284,7 @@ def decode_prediction(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Predic
             probabilities=_float_list(kind, _field(kind, doc, "probabilities"), "probabilities"),
             model_version=_field(kind, doc, "model_version"),
             ts=_field(kind, doc, "ts"),
+            truth=doc.get("truth"),
         ),
     )
 

@@ -190,11 +190,16 @@ class Prediction:
     probabilities: tuple[float, ...]
     model_version: str
     ts: float
+    # The recorded label of the window, only when the sensor replays labelled data (demo, tests):
+    # dashboards can show live accuracy, and a simulated user can confirm from it.
+    truth: str | None = None
     v: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         _check_text("prediction_id", self.prediction_id, 64)
         _check_device_id(self.device_id)
+        if self.truth is not None:
+            _check_text("truth", self.truth, 64)
         _require(isinstance(self.window, WindowRef), "window must be a WindowRef")
         _check_text("label", self.label, 64)
         _check_text("model_version", self.model_version, 64)

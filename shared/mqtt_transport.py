@@ -134,7 +134,8 @@ class MqttConnection:
             raise ValueError("subscriptions need an inbox queue")
         self._settings = settings
         self._client_id = client_id
-        self._subscriptions = list(subscriptions)
+        self._subscriptions = dict(subscriptions)
+        self._subscriptions_lock = threading.Lock()
         self._inbox = inbox
         self._will = will
         self._birth = birth
@@ -193,6 +194,21 @@ class MqttConnection:
         self._client.disconnect()
         self._client.loop_stop()
         self._stopped.set()
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Add a subscription now and on every later reconnect."""
+        if self._inbox is None:
+            raise ValueError("subscriptions need an inbox queue")
+        with self._subscriptions_lock:
+            self._subscriptions[topic] = qos
+        if self._connected.is_set():
+            self._client.subscribe(topic, options=SubscribeOptions(qos=qos))
+
+    def unsubscribe(self, topic: str) -> None:
+        with self._subscriptions_lock:
+            known = self._subscriptions.pop(topic, None) is not None
+        if known and self._connected.is_set():
+            self._client.unsubscribe(topic)
 
     # ---------------------------------------------------------------- publishing
     def publish(self, message: Outbound) -> PublishHandle:
@@ -306,8 +322,10 @@ class MqttConnection:
             self._client_id,
             flags.session_present,
         )
-        if self._subscriptions:
-            client.subscribe([(t, SubscribeOptions(qos=qos)) for t, qos in self._subscriptions])
+        with self._subscriptions_lock:
+            subscriptions = list(self._subscriptions.items())
+        if subscriptions:
+            client.subscribe([(t, SubscribeOptions(qos=qos)) for t, qos in subscriptions])
         if self._birth is not None:
             for message in self._birth():
                 self.publish(message)

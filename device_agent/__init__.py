@@ -1,0 +1,1 @@
+"""The device agent: runs on the wearable or gateway."""

@@ -1,0 +1,76 @@
+"""The device agent's settings: one frozen object built in ``main()`` and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from device_agent.sensors import SensorSettings
+from shared.config import BrokerSettings
+from shared.errors import ConfigError
+from shared.topics import is_valid_id
+
+
+@dataclass(frozen=True, slots=True)
+class AgentTuning:
+    """Batching, buffering and learning knobs; the defaults suit a 20 Hz wearable."""
+
+    batch_seconds: float = 1.0  # sensor time per published batch
+    window_hop: int = 0  # samples between windows; 0 = half the model's window
+    outbox_max_messages: int = 100_000  # about a day of batches at 1 s
+    outbox_max_bytes: int = 256 * 1024 * 1024
+    recent_windows: int = 4096  # predictions that can still be confirmed (~4.5 h at 4 s)
+    replay_max_windows: int = 2000  # confirmed windows kept for rehearsal and re-personalising
+    rehearsal_windows: int = 15  # old confirmed windows learned beside each new one
+    personalise_epochs: int = 2  # passes over the replay set when a new model is installed
+    accept_margin: float = 0.05  # refuse an update that is worse than this on local data
+    min_replay_for_gate: int = 10  # fewer confirmed windows: the local quality gate is skipped
+    status_interval_s: float = 30.0
+    publish_inflight: int = 50
+    work_queue_size: int = 256
+    inbox_size: int = 256
+    shutdown_flush_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0.05 <= self.batch_seconds <= 60:
+            raise ConfigError("agent.batch_seconds must be within 0.05..60")
+        if self.window_hop < 0:
+            raise ConfigError("agent.window_hop must be >= 0")
+        if min(self.outbox_max_messages, self.recent_windows, self.replay_max_windows) < 1:
+            raise ConfigError("agent outbox/recent/replay sizes must be >= 1")
+        if not 0 <= self.accept_margin <= 1:
+            raise ConfigError("agent.accept_margin must be within 0..1")
+        if not 1 <= self.publish_inflight <= 1000:
+            raise ConfigError("agent.publish_inflight must be within 1..1000")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    device_id: str = ""
+    state_dir: Path = Path("/var/lib/har/agent")
+    model_dir: Path | None = None  # default: <state_dir>/models
+    public_key: Path | None = None  # Ed25519 key model updates must be signed with
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    sensor: SensorSettings = field(default_factory=SensorSettings)
+    agent: AgentTuning = field(default_factory=AgentTuning)
+
+    def __post_init__(self) -> None:
+        if not self.device_id:
+            raise ConfigError("device_id is required (config, HAR_DEVICE_ID or --device-id)")
+        if not is_valid_id(self.device_id):
+            raise ConfigError(
+                f"device_id {self.device_id!r}: use 1-64 of A-Z a-z 0-9 _ . - "
+                "(it becomes a topic level)"
+            )
+
+    @property
+    def models_dir(self) -> Path:
+        return self.model_dir or self.state_dir / "models"
+
+    @property
+    def store_path(self) -> Path:
+        return self.state_dir / "agent.sqlite3"
+
+    @property
+    def learned_dir(self) -> Path:
+        return self.state_dir / "learned"

@@ -1,0 +1,367 @@
+"""The agent's durable state in one SQLite file: outbox, counters, recent windows, replay set.
+
+One file, one transaction per event: a sensor batch and the sequence number after it are committed
+together, and so are a prediction and the window it was made on, so a crash never leaves a gap in
+the sequence numbers or a prediction whose window is gone. WAL with ``synchronous=FULL`` makes a
+commit survive power loss, not only a process crash; at about one commit a second that costs little.
+
+Outbox policy when full (``outbox_max_messages`` or ``outbox_max_bytes``): the oldest message of
+the lowest priority goes first. Sensor batches are BULK: the trainer sees the gap in their
+sequence numbers. Predictions and error events are NORMAL and only go when no BULK message is left.
+"""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.errors import StorageError
+from shared.mqtt_transport import Outbound
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    content_type TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_by_priority ON outbox (priority, id);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recent_windows (
+    prediction_id TEXT PRIMARY KEY,
+    created_order INTEGER NOT NULL,
+    model_version TEXT NOT NULL,
+    window BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS recent_by_order ON recent_windows (created_order);
+CREATE TABLE IF NOT EXISTS replay (
+    prediction_id TEXT PRIMARY KEY,
+    label TEXT NOT NULL,
+    window BLOB NOT NULL,
+    applied INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL
+);
+"""
+
+Window = npt.NDArray[np.float32]
+
+
+class Priority(enum.IntEnum):
+    BULK = 0  # sensor batches: large, and the first to go when the outbox is full
+    NORMAL = 1  # predictions, error events
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    id: int
+    message: Outbound
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayEntry:
+    prediction_id: str
+    label: str
+    window: Window
+    applied: bool
+
+
+def _window_bytes(window: Window) -> bytes:
+    return np.ascontiguousarray(window, dtype="<f4").tobytes()
+
+
+def _window_from(blob: bytes) -> Window:
+    return np.frombuffer(blob, dtype="<f4").reshape(-1, 3).astype(np.float32)
+
+
+class AgentStore:
+    """Thread-safe access to the agent's SQLite file."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        outbox_max_messages: int = 100_000,
+        outbox_max_bytes: int = 256 * 1024 * 1024,
+        recent_max: int = 4096,
+        replay_max: int = 2000,
+    ) -> None:
+        self._path = path
+        self._outbox_max_messages = outbox_max_messages
+        self._outbox_max_bytes = outbox_max_bytes
+        self._recent_max = recent_max
+        self._replay_max = replay_max
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._migrate()
+            row = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
+            ).fetchone()
+            recent = self._db.execute(
+                "SELECT COALESCE(MAX(created_order), 0) FROM recent_windows"
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open agent store {path}: {exc}") from exc
+        self._outbox_count, self._outbox_bytes = int(row[0]), int(row[1])
+        self._recent_order = int(recent[0])
+
+    def _migrate(self) -> None:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"{self._path} has schema {version}, newer than this agent's {SCHEMA_VERSION}"
+            )
+        if version < 1:
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --------------------------------------------------------------------------- outbox
+    def enqueue(
+        self,
+        message: Outbound,
+        priority: Priority,
+        *,
+        counters: Mapping[str, int] | None = None,
+        recent: tuple[str, str, Window] | None = None,
+    ) -> int:
+        """Append ``message``; in the same transaction set ``counters`` and remember ``recent``
+        (prediction id, model version, window). Returns how many old messages were evicted."""
+        with self._lock, self._transaction():
+            self._db.execute(
+                "INSERT INTO outbox (topic, payload, qos, retain, content_type, priority, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    message.topic,
+                    message.payload,
+                    message.qos,
+                    int(message.retain),
+                    message.content_type,
+                    int(priority),
+                    time.time(),
+                ),
+            )
+            self._outbox_count += 1
+            self._outbox_bytes += len(message.payload)
+            if counters:
+                self._set_counters(counters)
+            if recent is not None:
+                self._remember_window(*recent)
+            return self._evict_if_full()
+
+    def _evict_if_full(self) -> int:
+        evicted = 0
+        while self._outbox_count > 1 and (
+            self._outbox_count > self._outbox_max_messages
+            or self._outbox_bytes > self._outbox_max_bytes
+        ):
+            row = self._db.execute(
+                "SELECT id, priority, LENGTH(payload) FROM outbox ORDER BY priority, id LIMIT 1"
+            ).fetchone()
+            self._db.execute("DELETE FROM outbox WHERE id = ?", (row[0],))
+            self._outbox_count -= 1
+            self._outbox_bytes -= int(row[2])
+            name = f"outbox_evicted_{Priority(row[1]).name.lower()}"
+            self._add_counter(name, 1)
+            evicted += 1
+        return evicted
+
+    def outbox_after(self, after_id: int, limit: int) -> list[OutboxEntry]:
+        """Up to ``limit`` queued messages with an id above ``after_id``, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, topic, payload, qos, retain, content_type FROM outbox"
+                " WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, limit),
+            ).fetchall()
+        return [
+            OutboxEntry(
+                id=row[0],
+                message=Outbound(
+                    topic=row[1],
+                    payload=bytes(row[2]),
+                    qos=row[3],
+                    retain=bool(row[4]),
+                    content_type=row[5],
+                ),
+            )
+            for row in rows
+        ]
+
+    def outbox_remove(self, ids: Iterable[int]) -> None:
+        id_list = list(ids)
+        if not id_list:
+            return
+        with self._lock, self._transaction():
+            for chunk_start in range(0, len(id_list), 500):
+                chunk = id_list[chunk_start : chunk_start + 500]
+                marks = ",".join("?" * len(chunk))
+                sizes = self._db.execute(
+                    f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"  # noqa: S608
+                    f" WHERE id IN ({marks})",
+                    chunk,
+                ).fetchone()
+                self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)  # noqa: S608
+                self._outbox_count -= int(sizes[0])
+                self._outbox_bytes -= int(sizes[1])
+
+    def outbox_size(self) -> tuple[int, int]:
+        """(messages, payload bytes) waiting to be sent."""
+        with self._lock:
+            return self._outbox_count, self._outbox_bytes
+
+    # --------------------------------------------------------------------------- counters
+    def counter(self, name: str, default: int = 0) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return default if row is None else int(row[0])
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT name, value FROM counters").fetchall()
+        return {name: int(value) for name, value in rows}
+
+    def set_counters(self, values: Mapping[str, int]) -> None:
+        with self._lock, self._transaction():
+            self._set_counters(values)
+
+    def add_counter(self, name: str, amount: int = 1) -> None:
+        with self._lock, self._transaction():
+            self._add_counter(name, amount)
+
+    def _set_counters(self, values: Mapping[str, int]) -> None:
+        self._db.executemany(
+            "INSERT INTO counters (name, value) VALUES (?, ?)"
+            " ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            list(values.items()),
+        )
+
+    def _add_counter(self, name: str, amount: int) -> None:
+        self._db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?)"
+            " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            (name, amount),
+        )
+
+    # --------------------------------------------------------------------------- windows
+    def _remember_window(self, prediction_id: str, model_version: str, window: Window) -> None:
+        self._recent_order += 1
+        self._db.execute(
+            "INSERT OR REPLACE INTO recent_windows (prediction_id, created_order, model_version,"
+            " window) VALUES (?, ?, ?, ?)",
+            (prediction_id, self._recent_order, model_version, _window_bytes(window)),
+        )
+        self._db.execute(
+            "DELETE FROM recent_windows WHERE created_order <= ?",
+            (self._recent_order - self._recent_max,),
+        )
+
+    def recent_window(self, prediction_id: str) -> Window | None:
+        """The window a recent prediction was made on, or None if unknown or expired."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT window FROM recent_windows WHERE prediction_id = ?", (prediction_id,)
+            ).fetchone()
+        return None if row is None else _window_from(row[0])
+
+    # --------------------------------------------------------------------------- replay set
+    def add_replay(self, prediction_id: str, label: str, window: Window) -> bool:
+        """Keep a confirmed window; False if this prediction was confirmed before.
+
+        When the set is full, the oldest window of the most represented label goes, so a
+        user who confirms mostly one activity does not crowd the others out.
+        """
+        with self._lock, self._transaction():
+            exists = self._db.execute(
+                "SELECT 1 FROM replay WHERE prediction_id = ?", (prediction_id,)
+            ).fetchone()
+            if exists:
+                return False
+            self._db.execute(
+                "INSERT INTO replay (prediction_id, label, window, applied, created)"
+                " VALUES (?, ?, ?, 0, ?)",
+                (prediction_id, label, _window_bytes(window), time.time()),
+            )
+            while int(self._db.execute("SELECT COUNT(*) FROM replay").fetchone()[0]) > (
+                self._replay_max
+            ):
+                self._db.execute(
+                    "DELETE FROM replay WHERE rowid = (SELECT rowid FROM replay WHERE label ="
+                    " (SELECT label FROM replay GROUP BY label ORDER BY COUNT(*) DESC, label"
+                    " LIMIT 1) ORDER BY created, rowid LIMIT 1)"
+                )
+            return True
+
+    def mark_applied(self, prediction_ids: Iterable[str]) -> None:
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "UPDATE replay SET applied = 1 WHERE prediction_id = ?",
+                [(pid,) for pid in prediction_ids],
+            )
+
+    def mark_pending_all(self) -> None:
+        """Forget that any confirmed window was learned (the learned state was lost)."""
+        with self._lock, self._transaction():
+            self._db.execute("UPDATE replay SET applied = 0")
+
+    def replay_entries(self, *, only_pending: bool = False) -> list[ReplayEntry]:
+        """Confirmed windows, oldest first; ``only_pending``: those not yet learned from."""
+        query = "SELECT prediction_id, label, window, applied FROM replay"
+        if only_pending:
+            query += " WHERE applied = 0"
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY created, rowid").fetchall()
+        return [ReplayEntry(row[0], row[1], _window_from(row[2]), bool(row[3])) for row in rows]
+
+    def replay_count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM replay").fetchone()[0])
+
+    # --------------------------------------------------------------------------- plumbing
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db, self._path)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error, errors as ``StorageError``."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self._db = db
+        self._path = path
+
+    def __enter__(self) -> None:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot write {self._path}: {exc}") from exc
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
+        try:
+            self._db.execute("COMMIT" if exc is None else "ROLLBACK")
+        except sqlite3.Error as error:
+            raise StorageError(f"cannot commit to {self._path}: {error}") from error
+        if isinstance(exc, sqlite3.Error):
+            raise StorageError(f"cannot write {self._path}: {exc}") from exc

@@ -1,0 +1,356 @@
+"""The device agent against a real Mosquitto broker, with real signed SavedModel releases."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import queue
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_agent.agent import DeviceAgent
+from device_agent.sensors import SensorSettings, open_sensor
+from device_agent.settings import AgentSettings, AgentTuning
+from shared import codec
+from shared.config import BrokerSettings
+from shared.messages import Confirmation, Prediction
+from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound
+from shared.topics import Topics
+from tests.model_helpers import LABELS, probe_windows
+from tests.mosquitto import MosquittoProcess
+from tests.mqtt_helpers import connect
+from tests.release_helpers import CHUNK_SIZE, Release, Releases, make_releases
+from trainer_service.distribution import publish_all, release_messages
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+DEVICE = "wrist-1"
+WAIT = 60.0
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
+    return make_releases(tmp_path_factory.mktemp("releases"))
+
+
+def publish_release(settings: BrokerSettings, release: Release) -> None:
+    connection, _ = connect(settings)
+    try:
+        topics = Topics(settings.topic_root)
+        publish_all(
+            connection, release_messages(topics, release.manifest, release.payload, CHUNK_SIZE), 10
+        )
+    finally:
+        connection.stop()
+
+
+def agent_settings(
+    broker_settings: BrokerSettings, state_dir: Path, releases: Releases, **tuning: object
+) -> AgentSettings:
+    return AgentSettings(
+        device_id=DEVICE,
+        state_dir=state_dir,
+        public_key=releases.public_key_path,
+        broker=broker_settings,
+        sensor=SensorSettings(
+            kind="synthetic",
+            speed=5.0,
+            synthetic_activities=",".join(LABELS),
+            synthetic_segment_s=8.0,
+        ),
+        agent=AgentTuning(status_interval_s=2.0, **tuning),  # type: ignore[arg-type]
+    )
+
+
+AgentFactory = Callable[..., DeviceAgent]
+
+
+@pytest.fixture
+def start_agent() -> Iterator[AgentFactory]:
+    running: list[DeviceAgent] = []
+
+    def start(settings: AgentSettings) -> DeviceAgent:
+        agent = DeviceAgent(settings, open_sensor(settings.sensor))
+        agent.start()
+        running.append(agent)
+        return agent
+
+    yield start
+    for agent in running:
+        agent.shutdown()
+
+
+class Watcher:
+    """A subscriber that sorts what the agent publishes by kind."""
+
+    def __init__(self, settings: BrokerSettings, *, client_id: str = "watcher") -> None:
+        self.topics = Topics(settings.topic_root)
+        self.connection, self.inbox = connect(
+            settings,
+            [
+                (self.topics.all_sensor(), 1),
+                (self.topics.all_prediction(), 1),
+                (self.topics.all_error(), 1),
+                (self.topics.all_status(), 1),
+            ],
+            client_id=client_id,
+            persistent=True,
+        )
+        self.queues: dict[str, queue.Queue[InboundMessage]] = {
+            kind: queue.Queue() for kind in ("sensor", "prediction", "error", "status")
+        }
+
+    def pump(self, kind: str, timeout: float = WAIT) -> InboundMessage:
+        """The next message of ``kind``, sorting others into their queues meanwhile."""
+        wanted = self.queues[kind]
+        while wanted.empty():
+            message = self.inbox.get(timeout=timeout)
+            message.ack()
+            self.queues[self.topics.kind_of(message.topic) or "other"].put(message)
+        return wanted.get_nowait()
+
+    def prediction(self) -> Prediction:
+        return codec.decode_prediction(self.pump("prediction").payload)
+
+    def error_with(self, code: str) -> dict[str, object]:
+        while True:
+            event = json.loads(self.pump("error").payload)
+            if event["code"] == code:
+                return event  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        self.connection.stop()
+
+
+def confirm(settings: BrokerSettings, prediction_id: str, label: str) -> None:
+    connection, _ = connect(settings)
+    try:
+        message = Confirmation(prediction_id=prediction_id, label=label, source="user", ts=1.0)
+        topic = Topics(settings.topic_root).confirmation(DEVICE)
+        assert connection.publish(Outbound(topic, codec.encode_confirmation(message))).wait(10)
+    finally:
+        connection.stop()
+
+
+def test_full_loop_batches_predictions_confirmation_learning(
+    broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, start_agent: AgentFactory
+) -> None:
+    publish_release(broker_settings, releases.first)
+    watcher = Watcher(broker_settings)
+    agent = start_agent(agent_settings(broker_settings, tmp_path / "device", releases))
+    try:
+        assert agent.model_changed.wait(WAIT), "the agent never installed the retained model"
+        assert agent.active_version == releases.first.manifest.version
+
+        seqs = [codec.decode_sensor_batch(watcher.pump("sensor").payload).seq for _ in range(5)]
+        assert seqs == sorted(seqs)
+        assert seqs == list(range(seqs[0], seqs[0] + 5))
+
+        prediction = watcher.prediction()
+        assert prediction.model_version == releases.first.manifest.version
+        assert prediction.label in LABELS
+        assert prediction.device_id == DEVICE
+
+        model = agent.active_model
+        assert model is not None
+        probe, _ = probe_windows()
+        before = model.predict(probe).probabilities
+        step_before = model.global_step
+        wrong_label = next(label for label in LABELS if label != prediction.label)
+        confirm(broker_settings, prediction.prediction_id, wrong_label)
+        assert agent.counters.wait_until("confirmations_applied", 1, WAIT)
+
+        assert model.global_step == step_before + 1
+        assert not np.array_equal(model.predict(probe).probabilities, before)  # weights moved
+        state = tmp_path / "device" / "learned" / f"{releases.first.manifest.version}.state"
+        assert state.is_file()
+
+        status = codec.decode_status(watcher.pump("status").payload)
+        while status.state != "online" or "confirmations_applied" not in status.counters:
+            status = codec.decode_status(watcher.pump("status").payload)
+        assert status.model_version == releases.first.manifest.version
+    finally:
+        watcher.stop()
+
+
+def test_restart_keeps_what_the_device_learned(
+    broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, start_agent: AgentFactory
+) -> None:
+    publish_release(broker_settings, releases.first)
+    watcher = Watcher(broker_settings)
+    settings = agent_settings(broker_settings, tmp_path / "device", releases)
+    first = start_agent(settings)
+    try:
+        assert first.model_changed.wait(WAIT)
+        for _ in range(3):
+            prediction = watcher.prediction()
+            confirm(broker_settings, prediction.prediction_id, "Laying")
+        assert first.counters.wait_until("confirmations_applied", 3, WAIT)
+        model = first.active_model
+        assert model is not None
+        probe, _ = probe_windows()
+        learned = model.predict(probe).probabilities
+        step = model.global_step
+        first.shutdown()
+
+        second = start_agent(settings)
+        restarted = second.active_model
+        assert restarted is not None  # loaded at start, before any broker message
+        assert second.active_version == releases.first.manifest.version
+        assert restarted.global_step == step
+        np.testing.assert_allclose(restarted.predict(probe).probabilities, learned, atol=1e-6)
+    finally:
+        watcher.stop()
+
+
+def test_broker_restart_mid_stream_loses_no_batch(
+    broker: MosquittoProcess,
+    broker_settings: BrokerSettings,
+    releases: Releases,
+    tmp_path: Path,
+    start_agent: AgentFactory,
+) -> None:
+    watcher = Watcher(broker_settings, client_id="seq-counter")
+    agent = start_agent(agent_settings(broker_settings, tmp_path / "device", releases))
+    try:
+        seen = {codec.decode_sensor_batch(watcher.pump("sensor").payload).seq for _ in range(5)}
+        broker.restart()  # graceful: persistent sessions and queued messages survive
+        assert agent.counters.wait_until("batches_queued", max(seen) + 25, WAIT)
+        last = max(seen) + 20
+        while max(seen) < last:
+            seen.add(codec.decode_sensor_batch(watcher.pump("sensor").payload).seq)
+        assert set(range(min(seen), last + 1)) <= seen, "a batch went missing"
+    finally:
+        watcher.stop()
+
+
+def test_outbox_holds_batches_while_offline_and_sends_them_in_order(
+    broker: MosquittoProcess,
+    broker_settings: BrokerSettings,
+    releases: Releases,
+    tmp_path: Path,
+    start_agent: AgentFactory,
+) -> None:
+    # The subscriber's persistent session exists before the outage, so the broker queues for it.
+    watcher = Watcher(broker_settings, client_id="outbox-watch")
+    watcher.stop()
+    broker.stop()
+    agent = start_agent(agent_settings(broker_settings, tmp_path / "device", releases))
+    assert agent.counters.wait_until("batches_queued", 15, WAIT)
+    depth, _ = agent._store.outbox_size()
+    assert depth >= 15  # held on disk while the broker is away
+    broker.start()
+    watcher = Watcher(broker_settings, client_id="outbox-watch")
+    try:
+        received = [
+            codec.decode_sensor_batch(watcher.pump("sensor").payload).seq for _ in range(15)
+        ]
+        assert received == list(range(15)), "outbox must replay in order, without gaps"
+    finally:
+        watcher.stop()
+
+
+def test_tampered_or_foreign_models_are_rejected_and_the_current_one_kept(
+    broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, start_agent: AgentFactory
+) -> None:
+    publish_release(broker_settings, releases.first)
+    watcher = Watcher(broker_settings)
+    agent = start_agent(agent_settings(broker_settings, tmp_path / "device", releases))
+    try:
+        assert agent.model_changed.wait(WAIT)
+        agent.model_changed.clear()
+        current = releases.first.manifest.version
+
+        tampered = bytearray(releases.second.payload)
+        tampered[len(tampered) // 2] ^= 0x01
+        publish_release(broker_settings, Release(releases.second.manifest, bytes(tampered)))
+        event = watcher.error_with("model_rejected")
+        assert "sha256" in str(event["message"])
+
+        forged = dataclasses.replace(releases.second.manifest, size=releases.second.manifest.size)
+        forged = dataclasses.replace(forged, metrics={"test_accuracy": 1.0})  # breaks signature
+        publish_release(broker_settings, Release(forged, releases.second.payload))
+        event = watcher.error_with("model_rejected")
+        assert "signature" in str(event["message"])
+
+        assert agent.active_version == current
+        assert not agent.model_changed.is_set()
+        assert watcher.prediction().model_version == current  # still serving
+    finally:
+        watcher.stop()
+
+
+def test_signed_update_is_installed_and_keeps_personalisation(
+    broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, start_agent: AgentFactory
+) -> None:
+    publish_release(broker_settings, releases.first)
+    watcher = Watcher(broker_settings)
+    agent = start_agent(agent_settings(broker_settings, tmp_path / "device", releases))
+    try:
+        assert agent.model_changed.wait(WAIT)
+        agent.model_changed.clear()
+        for _ in range(2):
+            confirm(broker_settings, watcher.prediction().prediction_id, "Sitting")
+        assert agent.counters.wait_until("confirmations_applied", 2, WAIT)
+
+        publish_release(broker_settings, releases.second)
+        assert agent.model_changed.wait(WAIT)
+        assert agent.active_version == releases.second.manifest.version
+        model = agent.active_model
+        assert model is not None
+        assert model.global_step > 0  # the confirmed windows were learned again
+        while (prediction := watcher.prediction()).model_version != agent.active_version:
+            pass
+        assert prediction.model_version == releases.second.manifest.version
+        models_dir = tmp_path / "device" / "models"
+        pointer = json.loads((models_dir / "CURRENT").read_text())
+        assert pointer == {
+            "current": releases.second.manifest.version,
+            "previous": releases.first.manifest.version,
+        }
+    finally:
+        watcher.stop()
+
+
+def test_malformed_confirmations_do_no_harm(
+    broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, start_agent: AgentFactory
+) -> None:
+    publish_release(broker_settings, releases.first)
+    watcher = Watcher(broker_settings)
+    agent = start_agent(agent_settings(broker_settings, tmp_path / "device", releases))
+    connection: MqttConnection | None = None
+    try:
+        assert agent.model_changed.wait(WAIT)
+        prediction = watcher.prediction()
+        topic = Topics(broker_settings.topic_root).confirmation(DEVICE)
+        connection, _ = connect(broker_settings)
+        bad_payloads = [
+            b"\x93\x01\x02",
+            b'{"type":"confirmation","v":1,"prediction_id":"p","label":"x","ts":NaN}',
+            b"{" * 70_000,
+            codec.encode_confirmation(Confirmation("no-such-prediction", "Walking", "user", 1.0)),
+            codec.encode_confirmation(
+                Confirmation(prediction.prediction_id, "Flying", "user", 1.0)
+            ),
+        ]
+        for payload in bad_payloads:
+            assert connection.publish(Outbound(topic, payload)).wait(10)
+        codes = [watcher.error_with(code)["code"] for code in ("malformed_confirmation",)]
+        codes.append(watcher.error_with("malformed_confirmation")["code"])
+        codes.append(watcher.error_with("malformed_confirmation")["code"])
+        codes.append(watcher.error_with("unknown_prediction")["code"])
+        codes.append(watcher.error_with("unknown_label")["code"])
+        assert agent.counters.get("confirmations_applied") == 0
+        # Still alive and learning: a good confirmation after the bad ones works.
+        confirm(broker_settings, prediction.prediction_id, "Walking")
+        assert agent.counters.wait_until("confirmations_applied", 1, WAIT)
+        confirm(broker_settings, prediction.prediction_id, "Walking")  # a redelivery
+        assert agent.counters.wait_until("confirmations_duplicate", 1, WAIT)
+        assert agent.counters.get("confirmations_applied") == 1
+    finally:
+        if connection is not None:
+            connection.stop()
+        watcher.stop()

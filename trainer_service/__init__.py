@@ -1,0 +1,1 @@
+"""The trainer service: ingests the fleet's data, retrains, redistributes signed models."""

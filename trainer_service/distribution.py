@@ -1,0 +1,63 @@
+"""Publishing model releases over MQTT: retained chunks first, then the retained manifest.
+
+Chunks go out before the manifest so that a device which sees the manifest finds every chunk
+already retained. Both are retained, so a device that connects next week still gets the current
+version. The previous current version's chunks stay retained (devices may still be fetching it,
+and it is the rollback target); older ones are cleared with empty retained messages.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from shared import codec
+from shared.errors import BrokerError
+from shared.messages import ModelManifest
+from shared.model_bundle import split_chunks
+from shared.mqtt_transport import MqttConnection, Outbound, PublishHandle
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+def release_messages(
+    topics: Topics, manifest: ModelManifest, payload: bytes, chunk_size: int
+) -> list[Outbound]:
+    """Every message that publishes ``manifest`` and its payload, in the order to send them."""
+    chunks = split_chunks(manifest.version, payload, chunk_size)
+    if len(chunks) != manifest.chunks:
+        raise ValueError(
+            f"manifest of {manifest.version} says {manifest.chunks} chunks, "
+            f"the payload makes {len(chunks)} at {chunk_size} bytes"
+        )
+    messages = [
+        Outbound(
+            topics.model_chunk(manifest.version, chunk.index),
+            codec.encode_model_chunk(chunk),
+            qos=1,
+            retain=True,
+            content_type=codec.CONTENT_TYPE_MSGPACK,
+        )
+        for chunk in chunks
+    ]
+    messages.append(
+        Outbound(topics.model_manifest(), codec.encode_manifest(manifest), qos=1, retain=True)
+    )
+    return messages
+
+
+def clearing_messages(topics: Topics, version: str, chunks: int) -> list[Outbound]:
+    """Empty retained messages that delete a version's retained chunks from the broker."""
+    return [
+        Outbound(topics.model_chunk(version, index), b"", qos=1, retain=True)
+        for index in range(chunks)
+    ]
+
+
+def publish_all(connection: MqttConnection, messages: list[Outbound], timeout: float) -> None:
+    """Publish and wait until the broker acknowledged every message."""
+    handles: list[PublishHandle] = [connection.publish(message) for message in messages]
+    for message, handle in zip(messages, handles, strict=True):
+        if not handle.wait(timeout):
+            raise BrokerError(f"broker did not acknowledge {message.topic} within {timeout} s")
+    log.info("published %d retained model messages", len(messages))
