@@ -69,8 +69,7 @@ def broker_factory(
 
 @pytest.fixture
 def broker(broker_factory: Callable[..., MosquittoProcess | ComposeBroker]) -> MosquittoProcess:
-    started = broker_factory()
-    return started  # type: ignore[return-value]
+    return broker_factory()  # type: ignore[return-value]
 
 
 @pytest.fixture

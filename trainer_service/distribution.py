@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 
 from shared import codec
-from shared.errors import BrokerError
+from shared.errors import BrokerError, HarError
 from shared.messages import ModelManifest
 from shared.model_bundle import split_chunks
 from shared.mqtt_transport import MqttConnection, Outbound, PublishHandle
 from shared.topics import Topics
+from trainer_service.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +62,27 @@ def publish_all(connection: MqttConnection, messages: list[Outbound], timeout: f
         if not handle.wait(timeout):
             raise BrokerError(f"broker did not acknowledge {message.topic} within {timeout} s")
     log.info("published %d retained model messages", len(messages))
+
+
+def current_release_messages(
+    topics: Topics, registry: ModelRegistry, chunk_size: int
+) -> list[Outbound]:
+    """Messages that publish the registry's current version and clear superseded chunks.
+
+    The previous current version stays retained: devices may still be fetching it, and it is
+    what a rollback returns to.
+    """
+    current = registry.current()
+    if current is None:
+        return []
+    manifest = registry.manifest(current)
+    if manifest is None:
+        raise HarError(f"current model {current} has no signed manifest: promote it again")
+    messages = release_messages(topics, manifest, registry.payload(current), chunk_size)
+    history = registry.history()
+    keep = {current, *history[-1:]}
+    for version in history:
+        old = registry.manifest(version) if version not in keep else None
+        if old is not None:
+            messages += clearing_messages(topics, version, old.chunks)
+    return messages

@@ -250,6 +250,11 @@ class ModelRegistry:
         log.info("promoted model %s (was %s)", version, previous)
         return manifest
 
+    def history(self) -> list[str]:
+        """Earlier current versions, oldest first (the last one is the rollback target)."""
+        history: list[str] = self._pointer().get("history", [])
+        return history
+
     def rollback_target(self) -> str:
         """The version a rollback returns to: the last current before this one."""
         history = self._pointer().get("history", [])

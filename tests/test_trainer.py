@@ -1,0 +1,334 @@
+"""The trainer service: storage, ingest through a real broker, retrain and redistribution."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_agent.agent import DeviceAgent
+from device_agent.sensors import SensorSettings, open_sensor
+from device_agent.settings import AgentSettings, AgentTuning
+from har.synthetic_data import write_dataset
+from shared import codec
+from shared.config import BrokerSettings
+from shared.errors import StorageError
+from shared.messages import Confirmation, Prediction, SensorBatch, TrainerCommand, WindowRef
+from shared.mqtt_transport import MqttConnection, Outbound
+from shared.signing import generate_keypair
+from shared.topics import Topics
+from tests.mqtt_helpers import connect, receive
+from trainer_service.retrain import confirmed_sets, gate, is_holdout
+from trainer_service.service import TrainerService
+from trainer_service.settings import (
+    IngestSettings,
+    RetrainSettings,
+    TrainerSettings,
+)
+from trainer_service.store import ConfirmedWindow, TrainerStore
+
+WAIT = 60.0
+
+
+def batch(device: str, seq: int, n: int = 20) -> SensorBatch:
+    samples = (np.arange(n * 3, dtype=np.float32).reshape(n, 3) + seq * 1000) / 100
+    return SensorBatch(device, seq, 20.0, 1_000_000 + seq, samples)
+
+
+def prediction(device: str, pid: str, seq: int, offset: int, length: int) -> Prediction:
+    return Prediction(pid, device, WindowRef(seq, offset, length), "Walking", 0, (1.0,), "v1", 1.0)
+
+
+# ------------------------------------------------------------------------------ storage
+
+
+def test_batches_are_stored_once_per_device_and_sequence_number(tmp_path: Path) -> None:
+    store = TrainerStore(tmp_path / "t.sqlite3")
+    with store.transaction() as writer:
+        assert writer.add_batch(batch("d1", 0))
+        assert writer.add_batch(batch("d2", 0))
+        assert not writer.add_batch(batch("d1", 0))  # a redelivery
+    assert store.counts().batches == 2
+    np.testing.assert_array_equal(store.batch("d1", 0), batch("d1", 0).samples)
+
+
+def test_confirmation_joins_a_window_that_spans_batches_even_when_they_arrive_late(
+    tmp_path: Path,
+) -> None:
+    store = TrainerStore(tmp_path / "t.sqlite3")
+    with store.transaction() as writer:
+        writer.add_batch(batch("d1", 5))
+        writer.add_prediction(prediction("d1", "p1", 5, 15, 16))  # samples 15..19 + 0..10 of 6
+        assert writer.add_confirmation("d1", Confirmation("p1", "Sitting", "user", 2.0))
+    assert store.confirmed_windows() == []  # batch 6 is still missing
+    with store.transaction() as writer:
+        writer.add_batch(batch("d1", 6))
+    assert store.join_pending() == 1
+    [window] = store.confirmed_windows()
+    expected = np.concatenate([batch("d1", 5).samples, batch("d1", 6).samples])[15:31]
+    np.testing.assert_array_equal(window.window, expected)
+    assert (window.label, window.device_id) == ("Sitting", "d1")
+
+
+def test_confirmation_on_another_devices_topic_never_labels_the_window(tmp_path: Path) -> None:
+    store = TrainerStore(tmp_path / "t.sqlite3")
+    with store.transaction() as writer:
+        writer.add_batch(batch("d1", 0))
+        writer.add_prediction(prediction("d1", "p1", 0, 0, 10))
+        writer.add_confirmation("d2", Confirmation("p1", "Sitting", "user", 2.0))
+    assert store.join_pending() == 0
+    assert store.counts().joined == 0
+
+
+def test_retention_deletes_old_batches_but_keeps_confirmed_windows(tmp_path: Path) -> None:
+    now = [1000.0]
+    store = TrainerStore(tmp_path / "t.sqlite3", clock=lambda: now[0])
+    with store.transaction() as writer:
+        for seq in range(10):
+            writer.add_batch(batch("d1", seq))
+        writer.add_prediction(prediction("d1", "p1", 0, 0, 10))
+        writer.add_confirmation("d1", Confirmation("p1", "Sitting", "user", 2.0))
+    now[0] = 1000.0 + 86400 * 2
+    with store.transaction() as writer:
+        for seq in range(10, 15):
+            writer.add_batch(batch("d1", seq))
+    removed = store.apply_retention(max_age_s=86400, max_batches_per_device=3)
+    assert removed == 12
+    assert store.batch_seqs("d1") == [12, 13, 14]
+    assert len(store.confirmed_windows()) == 1
+
+
+def test_schema_is_versioned_and_a_newer_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.sqlite3"
+    store = TrainerStore(path)
+    assert store.schema_version == 1
+    store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(StorageError, match="schema 99"):
+        TrainerStore(path)
+
+
+def test_holdout_is_stable_and_never_trained_on() -> None:
+    window = np.zeros((4, 3), np.float32)
+    confirmed = [
+        ConfirmedWindow(f"p{i}", f"d{i % 2}", ("A", "B")[i % 2], window, 100.0) for i in range(200)
+    ]
+    train, held, counts = confirmed_sets(
+        confirmed, ("A", "B"), 4, weight=3.0, holdout_every=5, recent_since=0.0
+    )
+    assert counts["confirmed_train"] + counts["confirmed_holdout"] == 200
+    assert 20 <= len(held) <= 60
+    # Stable: the same confirmations are held out whatever order or company they come in.
+    _, held_again, _ = confirmed_sets(
+        confirmed[::-1][:100], ("A", "B"), 4, weight=3.0, holdout_every=5, recent_since=0.0
+    )
+    held_ids = {f"p{i}" for i in range(200) if is_holdout(f"p{i}", 5)}
+    assert len(held) == len(held_ids)
+    assert len(held_again) == len({f"p{i}" for i in range(100, 200)} & held_ids)
+    assert train.weights is not None
+    assert set(train.weights.tolist()) == {3.0}
+    assert set(train.users.tolist()) <= {-1_000_000, -1_000_001}
+
+
+def test_gate_refuses_a_candidate_that_is_worse_anywhere() -> None:
+    current = {"test": {"macro_f1": 0.9}, "confirmed": {"accuracy": 0.6}}
+    better = {"test": {"macro_f1": 0.91}, "confirmed": {"accuracy": 0.8}}
+    worse_on_users = {"test": {"macro_f1": 0.85}, "confirmed": {"accuracy": 0.9}}
+    assert gate(better, current, 0.0)[0]
+    passed, reason = gate(worse_on_users, current, 0.01)
+    assert not passed
+    assert "test macro_f1" in reason
+    assert gate(worse_on_users, current, 0.1)[0]
+    assert gate(better, {}, 0.0) == (True, "first model: nothing to compare with")
+
+
+# ------------------------------------------------------------------------------ service
+
+
+@pytest.fixture
+def trainer_settings(broker_settings: BrokerSettings, tmp_path: Path) -> TrainerSettings:
+    private_key, _ = generate_keypair(tmp_path / "keys")
+    return TrainerSettings(
+        instance="trainer-test",
+        data_dir=tmp_path / "data",
+        registry_dir=tmp_path / "registry",
+        private_key=private_key,
+        broker=dataclasses.replace(broker_settings, client_id=""),
+        retrain=RetrainSettings(min_new_confirmations=1000, interval_s=0),
+        status_interval_s=1.0,
+    )
+
+
+@pytest.fixture
+def service(trainer_settings: TrainerSettings) -> Iterator[TrainerService]:
+    running = TrainerService(trainer_settings)
+    running.start()
+    assert running.wait_connected(WAIT)
+    yield running
+    running.shutdown()
+
+
+def publish(connection: MqttConnection, topic: str, payload: bytes, *, msgpack: bool) -> None:
+    content_type = codec.CONTENT_TYPE_MSGPACK if msgpack else codec.CONTENT_TYPE_JSON
+    assert connection.publish(Outbound(topic, payload, content_type=content_type)).wait(10)
+
+
+@pytest.mark.broker
+def test_two_devices_stream_and_confirm_and_redeliveries_are_not_stored_twice(
+    service: TrainerService, broker_settings: BrokerSettings
+) -> None:
+    topics = Topics(broker_settings.topic_root)
+    device, _ = connect(broker_settings)
+    try:
+        for name in ("d1", "d2"):
+            for seq in [*range(30), *range(10, 20)]:  # 10..19 sent twice, as after an outage
+                publish(
+                    device,
+                    topics.sensor(name),
+                    codec.encode_sensor_batch(batch(name, seq)),
+                    msgpack=True,
+                )
+            publish(
+                device,
+                topics.prediction(name),
+                codec.encode_prediction(prediction(name, f"{name}-p", 3, 4, 30)),
+                msgpack=False,
+            )
+            confirmation = Confirmation(f"{name}-p", "Sitting", "user", 3.0)
+            for _ in range(2):
+                publish(
+                    device,
+                    topics.confirmation(name),
+                    codec.encode_confirmation(confirmation),
+                    msgpack=False,
+                )
+        assert service.counters.wait_until("messages_ingested", 2 * (40 + 3), WAIT)
+    finally:
+        device.stop()
+    store = service.store
+    assert store.batch_seqs("d1") == list(range(30))
+    assert store.batch_seqs("d2") == list(range(30))
+    assert service.counters.get("batches_duplicate") == 20
+    assert service.counters.get("confirmations_duplicate") == 2
+    windows = {w.device_id: w for w in store.confirmed_windows()}
+    assert set(windows) == {"d1", "d2"}
+    expected = np.concatenate([batch("d2", 3).samples, batch("d2", 4).samples])[4:34]
+    np.testing.assert_array_equal(windows["d2"].window, expected)
+
+
+@pytest.mark.broker
+def test_malformed_payloads_are_counted_and_reported(
+    service: TrainerService, broker_settings: BrokerSettings
+) -> None:
+    topics = Topics(broker_settings.topic_root)
+    watcher, errors = connect(broker_settings, [(topics.trainer_error(), 1)])
+    device, _ = connect(broker_settings)
+    try:
+        bad = [
+            (topics.sensor("d1"), b"\xc1\xc1"),
+            (topics.sensor("d1"), codec.encode_sensor_batch(batch("someone-else", 0))),
+            (topics.confirmation("d1"), b'{"type":"confirmation","v":1,"ts":NaN}'),
+            (topics.prediction("d1"), b"[]"),
+            (topics.sensor("d1"), b"\x00" * 300_000),
+        ]
+        for topic, payload in bad:
+            publish(device, topic, payload, msgpack=True)
+        publish(
+            device, topics.sensor("d1"), codec.encode_sensor_batch(batch("d1", 0)), msgpack=True
+        )
+        assert service.counters.wait_until("messages_ingested", 6, WAIT)
+        codes = [json.loads(errors.get(timeout=WAIT).payload)["code"] for _ in bad]
+    finally:
+        device.stop()
+        watcher.stop()
+    assert codes == ["malformed_payload"] * 5
+    assert service.counters.get("payload_errors") == 5
+    assert service.store.batch_seqs("d1") == [0]  # the good one after the bad ones
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_retrain_publishes_a_version_that_an_agent_installs(
+    broker_settings: BrokerSettings, trainer_settings: TrainerSettings, tmp_path: Path
+) -> None:
+    activities = ("Walking", "Sitting", "Standing")
+    base = write_dataset(tmp_path / "base.txt", [1, 2, 3, 4, 5], activities, 40.0)
+    settings = dataclasses.replace(
+        trainer_settings,
+        base_data=base,
+        retrain=RetrainSettings(
+            min_new_confirmations=5, interval_s=0, initial_epochs=3, epochs=2, gate_margin=1.0
+        ),
+        ingest=IngestSettings(queue_size=100),
+    )
+    service = TrainerService(settings)
+    service.start()
+    agent: DeviceAgent | None = None
+    try:
+        assert service.wait_connected(WAIT)
+        command, _ = connect(broker_settings)
+        topics = Topics(broker_settings.topic_root)
+        publish(
+            command,
+            topics.trainer_command(),
+            codec.encode_command(TrainerCommand("retrain", "first", 1.0)),
+            msgpack=False,
+        )
+        command.stop()
+        assert service.retrain_done.wait(300), "the first training round never finished"
+        first = service.registry.current()
+        assert first is not None, service.last_outcome
+        service.retrain_done.clear()
+
+        agent_settings = AgentSettings(
+            device_id="wrist-9",
+            state_dir=tmp_path / "device",
+            public_key=tmp_path / "keys" / "model-signing.pub",
+            broker=broker_settings,
+            sensor=SensorSettings(
+                kind="synthetic", speed=8.0, synthetic_activities=",".join(activities)
+            ),
+            agent=AgentTuning(status_interval_s=2.0, window_hop=40),
+        )
+        agent = DeviceAgent(agent_settings, open_sensor(agent_settings.sensor))
+        agent.start()
+        assert agent.model_changed.wait(WAIT)
+        assert agent.active_version == first
+        agent.model_changed.clear()
+
+        # The trainer joins the agent's confirmed windows; five of them trigger a retrain.
+        predictions, prediction_inbox = connect(
+            broker_settings, [(topics.prediction("wrist-9"), 1)]
+        )
+        confirmer, _ = connect(broker_settings)
+        try:
+            for _ in range(12):
+                seen = codec.decode_prediction(receive(prediction_inbox, WAIT).payload)
+                confirmation = Confirmation(seen.prediction_id, seen.truth or "Walking", "app", 2.0)
+                publish(
+                    confirmer,
+                    topics.confirmation("wrist-9"),
+                    codec.encode_confirmation(confirmation),
+                    msgpack=False,
+                )
+        finally:
+            predictions.stop()
+            confirmer.stop()
+        assert service.retrain_done.wait(300), "no retrain after the confirmations"
+        second = service.registry.current()
+        assert second is not None, service.last_outcome
+        assert second != first
+        assert service.registry.get(second).parent == first
+        assert service.registry.get(second).summary["confirmed_usable"] >= 5
+        assert agent.model_changed.wait(WAIT), "the agent did not install the new version"
+        assert agent.active_version == second
+    finally:
+        if agent is not None:
+            agent.shutdown()
+        service.shutdown()

@@ -1,0 +1,374 @@
+"""``har trainer serve``: ingest the fleet, retrain behind a quality gate, redistribute models.
+
+Threads:
+
+- **ingest**: takes messages from the transport's queue in groups, decodes them, writes a group
+  in one transaction, commits, and only then acknowledges each message to the broker. A kill -9
+  at any instant loses nothing: what was not committed was not acknowledged, and the broker
+  delivers it again to the persistent session; storage deduplicates what was.
+- **retrain**: waits for a trigger (N new confirmations, the interval, a command), runs a round
+  and publishes the new version.
+- **upkeep**: joins late confirmations, applies retention, publishes the service's status.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from shared import codec
+from shared.counters import Counters
+from shared.errors import HarError, PayloadError, StorageError
+from shared.messages import DeviceStatus, ErrorEvent
+from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound
+from shared.signing import load_private_key
+from shared.topics import Topics
+from trainer_service.distribution import current_release_messages, publish_all
+from trainer_service.registry import ModelRegistry
+from trainer_service.retrain import RetrainOutcome, load_base, run_retrain
+from trainer_service.settings import TrainerSettings
+from trainer_service.store import TrainerStore, Writer
+
+log = logging.getLogger(__name__)
+
+
+class TrainerService:
+    def __init__(
+        self, settings: TrainerSettings, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._topics = Topics(settings.broker.topic_root)
+        self.counters = Counters()
+        self.store = TrainerStore(settings.store_path, clock=clock)
+        self.registry = ModelRegistry(settings.registry_dir)
+        self._private_key = load_private_key(settings.private_key) if settings.private_key else None
+        self._known = set(settings.ingest.known_devices)
+        self._base: Any = None
+        self._stop = threading.Event()
+        self._retrain_requested = threading.Event()
+        self._retrain_reason = ""
+        self.retrain_done = threading.Event()  # set after every round (tests, demo)
+        self.last_outcome: RetrainOutcome | None = None
+        self._lock = threading.Lock()
+        self._new_confirmations = 0
+        self._last_retrain = clock()
+        self._inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=settings.ingest.queue_size)
+        group = settings.ingest.shared_group
+        root = self._topics
+        self._connection = MqttConnection(
+            settings.broker,
+            client_id=settings.broker.client_id or f"har-trainer-{settings.instance}",
+            subscriptions=[
+                (f"$share/{group}/{root.all_sensor()}", 1),
+                (f"$share/{group}/{root.all_prediction()}", 1),
+                (f"$share/{group}/{root.all_confirmation()}", 1),
+                (f"$share/{group}/{root.all_status()}", 1),
+                (f"$share/{group}/{root.trainer_command()}", 1),
+            ],
+            inbox=self._inbox,
+            will=self._status("offline", with_counters=False),
+            birth=lambda: [self._status("online")],
+            persistent_session=True,
+        )
+        self._threads = [
+            threading.Thread(target=self._ingest_loop, name="trainer-ingest", daemon=True),
+            threading.Thread(target=self._retrain_loop, name="trainer-retrain", daemon=True),
+            threading.Thread(target=self._upkeep_loop, name="trainer-upkeep", daemon=True),
+        ]
+
+    # ================================================================== lifecycle
+    def start(self) -> None:
+        self.registry.remove_leftovers()
+        self._connection.start()
+        for thread in self._threads:
+            thread.start()
+
+    def run(self) -> int:
+        self.start()
+        while not self._stop.wait(1.0):
+            if self._connection.fatal_error is not None:
+                log.error("broker refused the trainer: %s", self._connection.fatal_error)
+                self.shutdown()
+                return 3
+        self.shutdown()
+        return 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._retrain_requested.set()
+        for thread in self._threads:
+            thread.join(60)
+        if self._connection.connected:
+            self._connection.publish(self._status("offline")).wait(2.0)
+        self._connection.stop()
+        self.store.close()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connection.wait_connected(timeout) and self._connection.wait_subscribed(
+            timeout
+        )
+
+    def request_retrain(self, reason: str) -> None:
+        self._retrain_reason = reason
+        self._retrain_requested.set()
+
+    # ================================================================== status and errors
+    def _status(self, state: str, *, with_counters: bool = True) -> Outbound:
+        counters = self.status_counters() if with_counters else {}
+        status = DeviceStatus(
+            device_id=self._settings.instance,
+            state=state,  # type: ignore[arg-type]
+            model_version=self.registry.current(),
+            ts=self._clock(),
+            counters=counters,
+        )
+        return Outbound(
+            self._topics.trainer_status(self._settings.instance),
+            codec.encode_status(status),
+            1,
+            True,
+        )
+
+    def status_counters(self) -> dict[str, int]:
+        counts = self.counters.snapshot()
+        stored = self.store.counts()
+        counts.update(
+            {
+                "stored_batches": stored.batches,
+                "stored_samples": stored.samples,
+                "stored_predictions": stored.predictions,
+                "stored_confirmations": stored.confirmations,
+                "joined_confirmations": stored.joined,
+                "devices": stored.devices,
+                "inbox_depth": self._inbox.qsize(),
+            }
+        )
+        return counts
+
+    def _report(self, code: str, message: str, topic: str = "") -> None:
+        log.warning("%s: %s (%s)", code, message, topic)
+        self.counters.add(f"error_{code}")
+        event = ErrorEvent(self._settings.instance, code, message[:2000], self._clock(), topic)
+        if self._connection.connected:
+            self._connection.publish(
+                Outbound(self._topics.trainer_error(), codec.encode_error(event))
+            )
+
+    # ================================================================== ingest
+    def _ingest_loop(self) -> None:
+        limit = self._settings.ingest.commit_batch
+        while not self._stop.is_set():
+            try:
+                group = [self._inbox.get(timeout=0.5)]
+            except queue.Empty:
+                continue
+            while len(group) < limit:
+                try:
+                    group.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            self._ingest(group)
+
+    def _ingest(self, group: list[InboundMessage]) -> None:
+        problems: list[tuple[str, str, str]] = []
+        new_confirmations = 0
+        delay = 0.1
+        while True:
+            problems.clear()
+            try:
+                with self.store.transaction() as writer:
+                    new_confirmations = sum(
+                        self._ingest_one(writer, message, problems) for message in group
+                    )
+                break
+            except StorageError as exc:
+                # Nothing of the group was accepted: keep it unacknowledged and try again.
+                log.error(  # noqa: TRY400 - the message says it all; no traceback per retry
+                    "cannot store %d messages (%s): retrying in %.1f s", len(group), exc, delay
+                )
+                self.counters.add("storage_errors")
+                if self._stop.wait(delay):
+                    return  # unacknowledged: the broker redelivers them after a restart
+                delay = min(delay * 2, 30.0)
+        for message in group:
+            message.ack()  # committed: now, and only now, accepted
+        self.counters.add("messages_ingested", len(group))
+        for code, text, topic in problems:
+            self._report(code, text, topic)
+        if new_confirmations:
+            with self._lock:
+                self._new_confirmations += new_confirmations
+                pending = self._new_confirmations
+            if pending >= self._settings.retrain.min_new_confirmations:
+                self.request_retrain(f"{pending} new confirmations")
+
+    def _ingest_one(
+        self, writer: Writer, message: InboundMessage, problems: list[tuple[str, str, str]]
+    ) -> int:
+        """Store one message; returns 1 for a new confirmation. Bad input goes to ``problems``."""
+        topic = message.topic
+        if topic == self._topics.trainer_command():
+            self._command(message, problems)
+            return 0
+        device = self._topics.device_of(topic)
+        kind = self._topics.kind_of(topic)
+        if device is None or kind is None:
+            problems.append(
+                ("unexpected_topic", "message on a topic the trainer does not know", topic)
+            )
+            return 0
+        if self._known and device not in self._known:
+            problems.append(
+                ("unknown_device", f"device {device!r} is not in ingest.known_devices", topic)
+            )
+            return 0
+        try:
+            return self._store_message(writer, kind, device, message.payload)
+        except PayloadError as exc:
+            self.counters.add("payload_errors")
+            problems.append(("malformed_payload", str(exc), topic))
+        except StorageError:
+            raise  # the whole group is retried
+        except Exception as exc:
+            # A bug must not stop ingest: this message is reported and skipped.
+            log.exception("ingest of a message on %s failed", topic)
+            problems.append(("internal_error", f"{type(exc).__name__}: {exc}", topic))
+        return 0
+
+    def _store_message(self, writer: Writer, kind: str, device: str, payload: bytes) -> int:
+        if kind == "sensor":
+            batch = codec.decode_sensor_batch(payload)
+            self._check_device(batch.device_id, device)
+            self.counters.add("batches" if writer.add_batch(batch) else "batches_duplicate")
+        elif kind == "prediction":
+            prediction = codec.decode_prediction(payload)
+            self._check_device(prediction.device_id, device)
+            writer.add_prediction(prediction)
+            self.counters.add("predictions")
+        elif kind == "confirmation":
+            confirmation = codec.decode_confirmation(payload)
+            if writer.add_confirmation(device, confirmation):
+                self.counters.add("confirmations")
+                return 1
+            self.counters.add("confirmations_duplicate")
+        elif kind == "status" and payload:  # an empty retained message clears a status
+            status = codec.decode_status(payload)
+            self._check_device(status.device_id, device)
+            writer.update_status(status)
+        return 0
+
+    @staticmethod
+    def _check_device(claimed: str, topic_device: str) -> None:
+        if claimed != topic_device:
+            raise PayloadError(
+                f"payload names device {claimed!r} but arrived on {topic_device!r}'s topic"
+            )
+
+    def _command(self, message: InboundMessage, problems: list[tuple[str, str, str]]) -> None:
+        try:
+            command = codec.decode_command(message.payload)
+        except PayloadError as exc:
+            problems.append(("malformed_command", str(exc), message.topic))
+            return
+        self.counters.add("commands")
+        self.request_retrain(f"command {command.request_id}")
+
+    # ================================================================== retraining
+    def _retrain_loop(self) -> None:
+        interval = self._settings.retrain.interval_s
+        while not self._stop.is_set():
+            triggered = self._retrain_requested.wait(timeout=5.0)
+            if self._stop.is_set():
+                return
+            due = interval > 0 and self._clock() - self._last_retrain >= interval
+            if not triggered and not (due and self._new_confirmations > 0):
+                continue
+            self._retrain_requested.clear()
+            self.retrain_once(self._retrain_reason or "interval")
+
+    def retrain_once(self, reason: str) -> RetrainOutcome | None:
+        """One round, start to finish; reports instead of raising."""
+        log.info("retraining (%s)", reason)
+        self.counters.add("retrain_rounds")
+        with self._lock:
+            self._new_confirmations = 0
+        self._last_retrain = self._clock()
+        outcome = None
+        try:
+            private_key = self._require_private_key()
+            if self._base is None:
+                self._base = load_base(self._settings.base_data)
+            self.store.join_pending()
+            outcome, manifest = run_retrain(
+                base=self._base,
+                confirmed=self.store.confirmed_windows(),
+                registry=self.registry,
+                settings=self._settings.retrain,
+                private_key=private_key,
+                chunk_size=self._settings.publish.chunk_bytes,
+                now=self._clock(),
+            )
+            if manifest is not None:
+                self.counters.add("models_promoted")
+                self.publish_current()
+            else:
+                self.counters.add("models_refused")
+                self._report("retrain_refused", outcome.reason)
+            log.info("retrain outcome: %s", outcome)
+        except HarError as exc:
+            self._report("retrain_failed", str(exc))
+        except Exception as exc:
+            log.exception("retrain failed")
+            self._report("retrain_failed", f"unexpected: {exc}")
+        self.last_outcome = outcome
+        self.retrain_done.set()
+        return outcome
+
+    def _require_private_key(self) -> Any:
+        if self._private_key is None:
+            raise HarError("no private_key configured: the trainer cannot sign models")
+        return self._private_key
+
+    def publish_current(self) -> None:
+        """Publish the current version's chunks and manifest (retained); clear older chunks."""
+        messages = current_release_messages(
+            self._topics, self.registry, self._settings.publish.chunk_bytes
+        )
+        if messages:
+            publish_all(self._connection, messages, self._settings.publish.ack_timeout_s)
+            log.info("published model %s to the fleet", self.registry.current())
+        self._connection.publish(self._status("online"))
+
+    # ================================================================== upkeep
+    def _upkeep_loop(self) -> None:
+        retention = self._settings.retention
+        next_status = 0.0
+        next_retention = time.monotonic() + 60.0
+        published = False
+        while not self._stop.wait(1.0):
+            now = time.monotonic()
+            try:
+                if not published and self._connection.connected:
+                    self.publish_current()  # a restarted trainer re-asserts the current model
+                    published = True
+                self.store.join_pending()
+                if now >= next_retention:
+                    next_retention = now + retention.interval_s
+                    removed = self.store.apply_retention(
+                        max_age_s=retention.max_age_days * 86400,
+                        max_batches_per_device=retention.max_batches_per_device,
+                    )
+                    self.counters.add("retention_removed", removed)
+                if now >= next_status and self._connection.connected:
+                    next_status = now + self._settings.status_interval_s
+                    self._connection.publish(self._status("online"))
+            except HarError as exc:
+                self._report("upkeep_failed", str(exc))

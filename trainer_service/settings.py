@@ -1,0 +1,94 @@
+"""The trainer service's settings: one frozen object built in ``main()`` and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.config import BrokerSettings
+from shared.errors import ConfigError
+from shared.topics import is_valid_id
+
+
+@dataclass(frozen=True, slots=True)
+class RetrainSettings:
+    min_new_confirmations: int = 200  # retrain once this many new confirmed windows are joined
+    interval_s: float = 3600.0  # ... or this long after the last retrain, if any arrived (0: off)
+    confirmed_weight: float = 3.0  # loss weight of a device-confirmed window vs a base window
+    epochs: int = 8  # fine-tuning epochs from the current model
+    initial_epochs: int = 40  # training from scratch (no current model, or a new label set)
+    patience: int = 3
+    learning_rate: float = 3e-4  # fine-tuning step size (training from scratch uses 1e-3)
+    gate_margin: float = 0.0  # a candidate may be this much worse and still be promoted
+    holdout_every: int = 5  # 1 in N confirmations (stable, by id) is kept for evaluation only
+    holdout_days: float = 30.0  # ... and only recent ones count as "recent confirmations"
+    arch: str = "cnn"  # architecture when training from scratch
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.min_new_confirmations < 1:
+            raise ConfigError("retrain.min_new_confirmations must be >= 1")
+        if self.confirmed_weight <= 0:
+            raise ConfigError("retrain.confirmed_weight must be > 0")
+        if self.holdout_every < 2:
+            raise ConfigError("retrain.holdout_every must be >= 2")
+        if min(self.epochs, self.initial_epochs, self.patience) < 1:
+            raise ConfigError("retrain epochs and patience must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class PublishSettings:
+    # Data bytes per retained model chunk: keep it below the broker's max_packet_size (1 MiB in
+    # deploy/mosquitto/mosquitto.conf) minus a few KiB for the header, topic and properties.
+    chunk_bytes: int = 256 * 1024
+    ack_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 1024 <= self.chunk_bytes <= 64 * 1024 * 1024:
+            raise ConfigError("publish.chunk_bytes must be within 1 KiB..64 MiB")
+
+
+@dataclass(frozen=True, slots=True)
+class IngestSettings:
+    # Inbound queue size, and the MQTT 5 Receive Maximum: the broker never has more messages
+    # in flight to us than this queue holds.
+    queue_size: int = 1000
+    commit_batch: int = 200  # messages committed per transaction at most
+    shared_group: str = "trainers"  # $share/<group>/...: trainer processes split the load
+    known_devices: tuple[str, ...] = ()  # empty: accept every well-formed device id
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.queue_size <= 65535:
+            raise ConfigError("ingest.queue_size must be within 1..65535")
+        if not is_valid_id(self.shared_group):
+            raise ConfigError("ingest.shared_group must be a valid id")
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionSettings:
+    max_age_days: float = 90.0  # sensor batches and predictions older than this are deleted
+    max_batches_per_device: int = 500_000  # ... and never more than this many per device
+    interval_s: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class TrainerSettings:
+    instance: str = "trainer-1"
+    data_dir: Path = Path("/var/lib/har/data")
+    registry_dir: Path = Path("/var/lib/har/registry")
+    private_key: Path | None = None
+    base_data: Path | None = None  # WISDM-format base training set
+    status_interval_s: float = 30.0
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    retrain: RetrainSettings = field(default_factory=RetrainSettings)
+    publish: PublishSettings = field(default_factory=PublishSettings)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+
+    def __post_init__(self) -> None:
+        if not is_valid_id(self.instance):
+            raise ConfigError(f"instance {self.instance!r} must be a valid id (a topic level)")
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_dir / "trainer.sqlite3"
