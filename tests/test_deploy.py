@@ -28,7 +28,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from shared import codec
-from shared.config import BrokerSettings, load_settings, read_toml
+from shared.config import BrokerSettings, load_settings
 from shared.messages import Confirmation, InputSpec, ModelChunk, ModelManifest
 from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound
 from shared.topics import Topics
@@ -161,21 +161,23 @@ def settings_for(broker: MosquittoProcess, user: str | None) -> BrokerSettings:
 class Client:
     connection: MqttConnection
     inbox: queue.Queue[InboundMessage]
+    seen: list[tuple[str, bytes]] = field(default_factory=list)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         handle = self.connection.publish(Outbound(topic, payload, qos=1, retain=retain))
         assert handle.wait(WAIT_S), f"no PUBACK for {topic}"
 
     def until(self, topic: str, payload: bytes) -> list[tuple[str, bytes]]:
-        """Every message received up to and including (topic, payload)."""
-        seen: list[tuple[str, bytes]] = []
-        while (topic, payload) not in seen:
+        """Every message received so far, once (topic, payload) is among them."""
+        while (topic, payload) not in self.seen:
             try:
                 message = receive(self.inbox, timeout=WAIT_S)
             except queue.Empty:
-                raise AssertionError(f"{payload!r} never arrived on {topic}; got {seen}") from None
-            seen.append((message.topic, message.payload))
-        return seen
+                raise AssertionError(
+                    f"{payload!r} never arrived on {topic}; got {self.seen}"
+                ) from None
+            self.seen.append((message.topic, message.payload))
+        return list(self.seen)
 
 
 class Clients:
@@ -248,24 +250,30 @@ def test_test_config_allows_anonymous_and_raises_queues() -> None:
     assert int(options["max_queued_messages"][0]) >= 100_000
 
 
-@dataclass(frozen=True)
-class OnlyBroker:
-    """The [broker] table of an example config, read with the real settings loader."""
+def test_agent_example_config_loads_with_the_agent_settings() -> None:
+    from device_agent.settings import AgentSettings
 
-    broker: BrokerSettings = field(default_factory=BrokerSettings)
-
-
-@pytest.mark.parametrize(
-    ("name", "user"), [("agent.example.toml", None), ("trainer.example.toml", "trainer")]
-)
-def test_example_configs_have_valid_broker_sections(name: str, user: str | None) -> None:
-    doc = read_toml(DEPLOY / name)
-    overrides = {f"broker.{key}": value for key, value in doc["broker"].items()}
-    settings = load_settings(OnlyBroker, overrides=overrides).broker
-    assert settings.topic_root == ROOT, f"{name}: the shipped ACL is written for {ROOT}"
+    settings = load_settings(AgentSettings, config_file=DEPLOY / "agent.example.toml")
+    assert settings.broker.topic_root == ROOT, f"the shipped ACL is written for {ROOT}"
     # The ACL's device patterns take the username as the device id.
-    assert settings.username == (user or doc["device_id"])
-    assert settings.password_file is not None, f"{name}: passwords belong in a file"
+    assert settings.broker.username == settings.device_id
+    assert settings.broker.password_file is not None, "passwords belong in their own file"
+    # The systemd unit makes only /var/lib/har writable.
+    assert settings.state_dir.is_relative_to("/var/lib/har")
+    assert settings.models_dir.is_relative_to("/var/lib/har")
+
+
+def test_trainer_example_config_loads_and_its_chunks_fit_the_broker() -> None:
+    module = pytest.importorskip("trainer_service.settings", reason="trainer settings not merged")
+    settings = load_settings(module.TrainerSettings, config_file=DEPLOY / "trainer.example.toml")
+    assert settings.broker.topic_root == ROOT
+    assert settings.broker.username == "trainer"
+    assert settings.broker.password_file is not None
+    for path in (settings.data_dir, settings.registry_dir, settings.private_key):
+        assert path.is_relative_to("/var/lib/har"), f"{path} is outside the trainer's volume"
+    max_packet = int(conf_options(SHIPPED_CONF)["max_packet_size"][0])
+    for chunk_bytes in (settings.publish.chunk_bytes, module.PublishSettings().chunk_bytes):
+        assert chunk_bytes + 4096 <= max_packet, "model chunks would exceed max_packet_size"
 
 
 # ------------------------------------------------------------------------------ the real broker
@@ -319,12 +327,34 @@ def test_device_publishes_only_under_its_own_id(clients: Clients) -> None:
         assert message not in seen, f"the device published on {message[0]}"
 
 
-def test_trainer_shared_subscription_receives_sensor_batches(clients: Clients) -> None:
-    trainer = clients.join("trainer", [f"$share/trainers/{TOPICS.all_sensor()}"], persistent=True)
+def test_trainer_shared_subscriptions_receive_what_the_trainer_ingests(
+    clients: Clients,
+) -> None:
+    # The subscriptions of trainer_service.service, as the "trainer" user, persistent session.
+    shared = [
+        TOPICS.all_sensor(),
+        TOPICS.all_prediction(),
+        TOPICS.all_confirmation(),
+        TOPICS.all_status(),
+        TOPICS.trainer_command(),
+    ]
+    trainer = clients.join("trainer", [f"$share/trainers/{f}" for f in shared], persistent=True)
     device = clients.join("wrist-0002")
-    payload = unique("batch")
-    device.publish(TOPICS.sensor("wrist-0002"), payload)
-    assert trainer.until(TOPICS.sensor("wrist-0002"), payload)[-1][1] == payload
+    dashboard = clients.join("dashboard")
+    operator = clients.join("operator")
+    expected = []
+    for publisher, topic in (
+        (device, TOPICS.sensor("wrist-0002")),
+        (device, TOPICS.prediction("wrist-0002")),
+        (device, TOPICS.status("wrist-0002")),
+        (dashboard, TOPICS.confirmation("wrist-0002")),
+        (operator, TOPICS.trainer_command()),
+    ):
+        message = (topic, unique("shared"))
+        publisher.publish(*message)
+        expected.append(message)
+    for message in expected:  # each arrives; order across publishers is not guaranteed
+        assert message in trainer.until(*message)
 
 
 def test_device_receives_its_confirmations_and_the_model(clients: Clients) -> None:
