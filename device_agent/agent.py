@@ -35,7 +35,7 @@ from device_agent.settings import AgentSettings
 from device_agent.store import AgentStore, Priority, ReplayEntry
 from device_agent.windowing import StreamWindow, StreamWindower
 from shared import codec
-from shared.counters import Counters
+from shared.counters import Counters, LatencyRecorder
 from shared.errors import HarError, ModelError, PayloadError
 from shared.messages import (
     MAX_SAMPLES_PER_BATCH,
@@ -146,6 +146,7 @@ class DeviceAgent:
         self._device = settings.device_id
         self._topics = Topics(settings.broker.topic_root)
         self.counters = Counters()
+        self.latencies = LatencyRecorder()
 
         public_key = load_public_key(settings.public_key) if settings.public_key else None
         self._releases = ReleaseStore(settings.models_dir, public_key)
@@ -201,6 +202,11 @@ class DeviceAgent:
 
     def start(self) -> None:
         """Load the installed model, then start every thread and the connection."""
+        if self._store.counter("next_seq", -1) < 0:
+            # A fresh state starts its sequence numbers at the time in milliseconds, so a device
+            # whose storage was wiped never reuses numbers the trainer already holds (batches are
+            # at least 50 ms apart, so the old sequence can never catch up with the clock).
+            self._store.set_counters({"next_seq": int(self._clock() * 1000)})
         self._releases.remove_leftovers()
         self._load_installed_model()
         for thread in self._threads:
@@ -397,7 +403,7 @@ class DeviceAgent:
             return
         started = time.perf_counter()
         result = active.model.predict(window.samples[None, ...])
-        self.counters.add("predict_us", int((time.perf_counter() - started) * 1e6))
+        self.latencies.record("predict", time.perf_counter() - started)
         index = int(result.class_index[0])
         probabilities = result.probabilities[0].astype(np.float64)
         prediction = Prediction(
@@ -464,7 +470,7 @@ class DeviceAgent:
                 started = time.perf_counter()
                 active.model.learn(windows, labels)
                 self._save_learned(active)
-                self.counters.add("learn_persist_us", int((time.perf_counter() - started) * 1e6))
+                self.latencies.record("learn_and_persist", time.perf_counter() - started)
                 self.counters.add("learn_steps")
             self._store.mark_applied([entry.prediction_id])
             self.counters.add("confirmations_applied")

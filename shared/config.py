@@ -183,8 +183,11 @@ def _optional_inner(field_type: Any) -> tuple[Any, bool]:
 
 def _from_text(name: str, text: str, field_type: Any) -> Any:
     inner, optional = _optional_inner(field_type)
-    if optional and text == "":
+    if text == "" and optional:
         return None
+    if text == "" and inner is Path:
+        # An empty path would silently mean "the current directory".
+        raise ConfigError(f"{name} is set but empty")
     return _coerce(name, text, inner)
 
 

@@ -30,3 +30,23 @@ class Counters:
         """Block until counter ``name`` reaches ``at_least``; False on timeout."""
         with self._changed:
             return self._changed.wait_for(lambda: self._counts[name] >= at_least, timeout)
+
+
+class LatencyRecorder:
+    """The most recent durations of named operations, for percentiles in benchmarks and logs."""
+
+    def __init__(self, keep: int = 4096) -> None:
+        self._lock = threading.Lock()
+        self._keep = keep
+        self._samples: dict[str, list[float]] = {}
+
+    def record(self, name: str, seconds: float) -> None:
+        with self._lock:
+            samples = self._samples.setdefault(name, [])
+            samples.append(seconds)
+            if len(samples) > 2 * self._keep:
+                del samples[: len(samples) - self._keep]
+
+    def samples(self, name: str) -> list[float]:
+        with self._lock:
+            return list(self._samples.get(name, [])[-self._keep :])

@@ -357,3 +357,10 @@ def test_parsers_never_raise_and_only_return_valid_ids(topic: str) -> None:
     assert device is None or is_valid_id(device)
     chunk = TOPICS.chunk_of(topic)
     assert chunk is None or (is_valid_id(chunk[0]) and chunk[1] >= 0)
+
+
+def test_an_empty_required_path_is_an_error_not_the_current_directory() -> None:
+    from device_agent.settings import AgentSettings
+
+    with pytest.raises(ConfigError, match="HAR_STATE_DIR is set but empty"):
+        load_settings(AgentSettings, environ={"HAR_DEVICE_ID": "d1", "HAR_STATE_DIR": ""})

@@ -1,0 +1,57 @@
+"""``har <subcommand>``: each package registers its own subcommands; heavy imports stay lazy."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from device_agent.cli import register as register_agent
+from har.data_cli import register as register_data
+from har.demo import register as register_demo
+from shared.errors import HarError
+from trainer_service.cli import register as register_trainer
+from trainer_service.train_cli import register as register_train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="har",
+        description="Human activity recognition that learns in production.",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging verbosity (default: INFO)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register_agent(commands)
+    register_trainer(commands)
+    register_train(commands)
+    register_data(commands)
+    register_demo(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        result: int = args.func(args)
+    except HarError as exc:
+        logging.getLogger("har").error("%s", exc)  # noqa: TRY400 - a clear message, no traceback
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

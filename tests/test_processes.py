@@ -1,0 +1,189 @@
+"""The real programs, as operators run them: `har agent` and `har trainer serve` in processes of
+their own, stopped with SIGTERM or killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_agent.store import AgentStore
+from shared import codec
+from shared.config import BrokerSettings
+from shared.messages import Confirmation, DeviceStatus, SensorBatch
+from shared.mqtt_transport import Outbound
+from shared.signing import generate_keypair
+from shared.topics import Topics
+from tests.mqtt_helpers import connect, receive
+from tests.release_helpers import CHUNK_SIZE, Releases, make_releases
+from trainer_service.distribution import publish_all, release_messages
+from trainer_service.store import TrainerStore
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+REPO = Path(__file__).resolve().parent.parent
+WAIT = 90.0
+
+
+def broker_table(settings: BrokerSettings) -> str:
+    return (
+        f'[broker]\nhost = "{settings.host}"\nport = {settings.port}\n'
+        f'topic_root = "{settings.topic_root}"\nkeepalive_s = 5\n'
+        "reconnect_min_s = 0.1\nreconnect_max_s = 1.0\n"
+    )
+
+
+class Program:
+    """`python -m har ...` with its output in a log file the failure message can show."""
+
+    def __init__(self, log: Path, *args: str) -> None:
+        self.log = log
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+        with log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "har", *args], stdout=out, stderr=subprocess.STDOUT, env=env
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+
+@pytest.fixture
+def programs() -> Iterator[list[Program]]:
+    started: list[Program] = []
+    yield started
+    for program in started:
+        if program.process.poll() is None:
+            program.process.kill()
+            program.process.wait()
+
+
+def statuses(inbox: object, topic: str) -> Iterator[DeviceStatus]:
+    while True:
+        message = receive(inbox, WAIT)  # type: ignore[arg-type]
+        if message.topic == topic and message.payload:
+            yield codec.decode_status(message.payload)
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
+    return make_releases(tmp_path_factory.mktemp("releases"))
+
+
+def test_agent_on_sigterm_flushes_persists_says_offline_and_exits_zero(
+    broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, programs: list[Program]
+) -> None:
+    topics = Topics(broker_settings.topic_root)
+    publisher, _ = connect(broker_settings)
+    publish_all(
+        publisher,
+        release_messages(topics, releases.first.manifest, releases.first.payload, CHUNK_SIZE),
+        10,
+    )
+    watcher, inbox = connect(
+        broker_settings, [(topics.status("wrist-7"), 1), (topics.prediction("wrist-7"), 1)]
+    )
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'device_id = "wrist-7"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'public_key = "{releases.public_key_path}"\n\n{broker_table(broker_settings)}\n'
+        '[sensor]\nkind = "synthetic"\nspeed = 5.0\nsynthetic_activities = "Walking,Sitting"\n\n'
+        "[agent]\nstatus_interval_s = 0.5\n"
+    )
+    agent = Program(tmp_path / "agent.log", "agent", "--config", str(config))
+    programs.append(agent)
+    try:
+        while True:  # the first prediction: the agent installed the model and serves it
+            message = receive(inbox, WAIT)
+            if message.topic == topics.prediction("wrist-7"):
+                prediction = codec.decode_prediction(message.payload)
+                break
+        confirmation = Confirmation(prediction.prediction_id, "Sitting", "user", 1.0)
+        publisher.publish(
+            Outbound(topics.confirmation("wrist-7"), codec.encode_confirmation(confirmation))
+        ).wait(10)
+        for status in statuses(inbox, topics.status("wrist-7")):
+            if status.counters.get("confirmations_applied", 0) >= 1:
+                break
+        assert agent.stop(signal.SIGTERM) == 0, agent.output()
+        for status in statuses(inbox, topics.status("wrist-7")):
+            if status.state == "offline":
+                break
+        assert status.model_version == releases.first.manifest.version
+        assert status.counters["confirmations_applied"] == 1  # final counters, not the will's
+    finally:
+        watcher.stop()
+        publisher.stop()
+    version = releases.first.manifest.version
+    assert (tmp_path / "state" / "learned" / f"{version}.state").is_file()
+    store = AgentStore(tmp_path / "state" / "agent.sqlite3")
+    assert store.outbox_size() == (0, 0), "SIGTERM must flush the outbox while connected"
+    assert store.replay_count() == 1
+    store.close()
+
+
+def test_trainer_killed_mid_stream_loses_no_accepted_batch(
+    broker_settings: BrokerSettings, tmp_path: Path, programs: list[Program]
+) -> None:
+    topics = Topics(broker_settings.topic_root)
+    private_key, _ = generate_keypair(tmp_path / "keys")
+    config = tmp_path / "trainer.toml"
+    config.write_text(
+        f'instance = "t1"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'registry_dir = "{tmp_path / "registry"}"\nprivate_key = "{private_key}"\n'
+        f"status_interval_s = 0.3\n\n{broker_table(broker_settings)}\n"
+        "[ingest]\ncommit_batch = 20\n"
+    )
+    status_topic = topics.trainer_status("t1")
+    watcher, inbox = connect(broker_settings, [(status_topic, 1)])
+    total = 600
+
+    def stream(first: int, last: int) -> None:
+        device, _ = connect(broker_settings)
+        try:
+            for seq in range(first, last):
+                samples = np.full((20, 3), seq % 97, np.float32)
+                payload = codec.encode_sensor_batch(SensorBatch("d1", seq, 20.0, seq, samples))
+                device.publish(
+                    Outbound(topics.sensor("d1"), payload, content_type=codec.CONTENT_TYPE_MSGPACK)
+                ).wait(10)
+        finally:
+            device.stop()
+
+    trainer = Program(tmp_path / "trainer-1.log", "trainer", "serve", "--config", str(config))
+    programs.append(trainer)
+    try:
+        for status in statuses(inbox, status_topic):
+            if status.state == "online":
+                break  # subscribed: the broker now queues for its persistent session
+        streamer = threading.Thread(target=stream, args=(0, total))
+        streamer.start()
+        for status in statuses(inbox, status_topic):
+            if status.counters.get("stored_batches", 0) >= 100:
+                break
+        trainer.process.kill()  # SIGKILL, mid-stream and possibly mid-transaction
+        trainer.process.wait(10)
+        streamer.join(WAIT)  # the broker keeps queueing for the dead trainer's session
+        restarted = Program(tmp_path / "trainer-2.log", "trainer", "serve", "--config", str(config))
+        programs.append(restarted)
+        for status in statuses(inbox, status_topic):
+            if status.counters.get("stored_batches", 0) >= total:
+                break
+        assert restarted.stop() == 0, restarted.output()
+    finally:
+        watcher.stop()
+    store = TrainerStore(tmp_path / "data" / "trainer.sqlite3")
+    assert store.batch_seqs("d1") == list(range(total))
+    np.testing.assert_array_equal(store.batch("d1", 123), np.full((20, 3), 123 % 97, np.float32))
+    store.close()
