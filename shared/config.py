@@ -219,7 +219,7 @@ def _to_str(value: Any) -> str:
 
 
 def _to_path(value: Any) -> Path:
-    return Path(_to_str(value)).expanduser()
+    return (value if isinstance(value, Path) else Path(_to_str(value))).expanduser()
 
 
 def _to_str_tuple(value: Any) -> tuple[str, ...]:

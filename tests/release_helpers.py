@@ -31,8 +31,11 @@ class Releases:
     second: Release
 
 
-def export_tiny_version(out_dir: Path, *, seed: int, steps: int) -> Path:
-    """Train a small CNN on separable synthetic windows and export it as a version folder."""
+def export_tiny_version(out_dir: Path, *, seed: int, steps: int, label_shift: int = 0) -> Path:
+    """Train a small CNN on separable synthetic windows and export it as a version folder.
+
+    ``label_shift`` trains it on deliberately wrong labels (class i taught as class i + shift).
+    """
     from shared.model.tracker import ActivityTracker, TrackerSpec
     from shared.windowing import WindowSet
     from trainer_service.evaluation import evaluate
@@ -40,6 +43,7 @@ def export_tiny_version(out_dir: Path, *, seed: int, steps: int) -> Path:
 
     spec = TrackerSpec(arch="cnn", labels=LABELS, window=WINDOW, width=8, optimizer="adam")
     x, y = synthetic_windows(256, seed=seed)
+    y = ((y + label_shift) % len(LABELS)).astype(np.int32)
     flat = x.reshape(-1, 3)
     tracker = ActivityTracker(
         spec, mean=flat.mean(0), std=flat.std(0), learning_rate=1e-2, seed=seed

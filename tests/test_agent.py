@@ -354,3 +354,39 @@ def test_malformed_confirmations_do_no_harm(
         if connection is not None:
             connection.stop()
         watcher.stop()
+
+
+def test_an_update_worse_on_the_users_own_confirmations_is_refused(
+    broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, start_agent: AgentFactory
+) -> None:
+    from tests.release_helpers import export_tiny_version
+
+    bad_folder = export_tiny_version(tmp_path / "stage" / "v-bad", seed=3, steps=60, label_shift=1)
+    bad_info = releases.registry.add(bad_folder, parent=releases.second.manifest.version)
+    bad_manifest = releases.registry.promote(
+        bad_info.version, releases.private_key, chunk_size=CHUNK_SIZE
+    )
+    bad = Release(bad_manifest, releases.registry.payload(bad_info.version))
+
+    publish_release(broker_settings, releases.first)
+    watcher = Watcher(broker_settings)
+    settings = agent_settings(
+        broker_settings, tmp_path / "device", releases, personalise_epochs=0, min_replay_for_gate=5
+    )
+    agent = start_agent(settings)
+    try:
+        assert agent.model_changed.wait(WAIT)
+        agent.model_changed.clear()
+        for _ in range(8):  # the user confirms what the synthetic sensor really did
+            prediction = watcher.prediction()
+            assert prediction.truth is not None
+            confirm(broker_settings, prediction.prediction_id, prediction.truth)
+        assert agent.counters.wait_until("confirmations_applied", 8, WAIT)
+
+        publish_release(broker_settings, bad)
+        event = watcher.error_with("model_rejected")
+        assert "worse by more than the margin" in str(event["message"])
+        assert agent.active_version == releases.first.manifest.version
+        assert not agent.model_changed.is_set()
+    finally:
+        watcher.stop()

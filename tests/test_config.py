@@ -364,3 +364,9 @@ def test_an_empty_required_path_is_an_error_not_the_current_directory() -> None:
 
     with pytest.raises(ConfigError, match="HAR_STATE_DIR is set but empty"):
         load_settings(AgentSettings, environ={"HAR_DEVICE_ID": "d1", "HAR_STATE_DIR": ""})
+
+
+def test_flags_may_pass_paths_as_path_objects(tmp_path: Path) -> None:
+    settings = load_settings(ToolSettings, overrides={"state_dir": tmp_path, "public_key": tmp_path})
+    assert settings.state_dir == tmp_path
+    assert settings.public_key == tmp_path

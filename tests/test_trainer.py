@@ -332,3 +332,32 @@ def test_retrain_publishes_a_version_that_an_agent_installs(
         if agent is not None:
             agent.shutdown()
         service.shutdown()
+
+
+@pytest.mark.broker
+def test_devices_outside_the_allow_list_are_refused(
+    trainer_settings: TrainerSettings, broker_settings: BrokerSettings
+) -> None:
+    settings = dataclasses.replace(trainer_settings, ingest=IngestSettings(known_devices=("d1",)))
+    service = TrainerService(settings)
+    service.start()
+    topics = Topics(broker_settings.topic_root)
+    watcher, errors = connect(broker_settings, [(topics.trainer_error(), 1)])
+    device, _ = connect(broker_settings)
+    try:
+        assert service.wait_connected(WAIT)
+        for name in ("intruder", "d1"):
+            publish(
+                device, topics.sensor(name), codec.encode_sensor_batch(batch(name, 0)), msgpack=True
+            )
+        assert service.counters.wait_until("messages_ingested", 2, WAIT)
+        event = json.loads(errors.get(timeout=WAIT).payload)
+    finally:
+        device.stop()
+        watcher.stop()
+        service.shutdown()
+    assert event["code"] == "unknown_device"
+    assert "intruder" in event["message"]
+    store = TrainerStore(settings.store_path)
+    assert store.batch_seqs("d1") == [0]
+    assert store.batch_seqs("intruder") == []
