@@ -367,6 +367,8 @@ def test_an_empty_required_path_is_an_error_not_the_current_directory() -> None:
 
 
 def test_flags_may_pass_paths_as_path_objects(tmp_path: Path) -> None:
-    settings = load_settings(ToolSettings, overrides={"state_dir": tmp_path, "public_key": tmp_path})
+    settings = load_settings(
+        ToolSettings, overrides={"state_dir": tmp_path, "public_key": tmp_path}
+    )
     assert settings.state_dir == tmp_path
     assert settings.public_key == tmp_path
