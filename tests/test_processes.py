@@ -149,10 +149,13 @@ def test_trainer_killed_mid_stream_loses_no_accepted_batch(
     watcher, inbox = connect(broker_settings, [(status_topic, 1)])
     total = 600
 
+    paced = threading.Event()  # never set: its wait() paces the device at ~200 batches/s
+
     def stream(first: int, last: int) -> None:
         device, _ = connect(broker_settings)
         try:
             for seq in range(first, last):
+                paced.wait(0.005)
                 samples = np.full((20, 3), seq % 97, np.float32)
                 payload = codec.encode_sensor_batch(SensorBatch("d1", seq, 20.0, seq, samples))
                 device.publish(
@@ -174,11 +177,18 @@ def test_trainer_killed_mid_stream_loses_no_accepted_batch(
                 break
         trainer.process.kill()  # SIGKILL, mid-stream and possibly mid-transaction
         trainer.process.wait(10)
+        at_kill = TrainerStore(tmp_path / "data" / "trainer.sqlite3")
+        stored_at_kill = len(at_kill.batch_seqs("d1"))
+        at_kill.close()
+        assert 0 < stored_at_kill < total, "the kill must land mid-stream"
+        for status in statuses(inbox, status_topic):
+            if status.state == "offline":
+                break  # the broker published the dead trainer's last will
         streamer.join(WAIT)  # the broker keeps queueing for the dead trainer's session
         restarted = Program(tmp_path / "trainer-2.log", "trainer", "serve", "--config", str(config))
         programs.append(restarted)
         for status in statuses(inbox, status_topic):
-            if status.counters.get("stored_batches", 0) >= total:
+            if status.state == "online" and status.counters.get("stored_batches", 0) >= total:
                 break
         assert restarted.stop() == 0, restarted.output()
     finally:

@@ -142,14 +142,18 @@ def run_retrain(
         )
     if fine_tune:
         assert current_model is not None
-        config = TrainConfig(
-            arch=current_model.arch,
-            window=current_model.input_spec.window,
-            epochs=settings.epochs,
-            patience=settings.patience,
-            learning_rate=settings.learning_rate,
-            seed=settings.seed,
-        )
+        tuning: dict[str, Any] = {
+            "epochs": settings.epochs,
+            "patience": settings.patience,
+            "seed": settings.seed,
+            "window": current_model.input_spec.window,
+        }
+        if current_model.arch == "seed-lstm":  # its own design: SGD at 1e-4, no augmentation
+            config = TrainConfig.seed_lstm(**tuning)
+        else:
+            config = TrainConfig(
+                arch=current_model.arch, learning_rate=settings.learning_rate, **tuning
+            )
     else:
         config = TrainConfig(
             arch=settings.arch,
