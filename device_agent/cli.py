@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
 from shared.config import load_settings
-
-log = logging.getLogger(__name__)
+from shared.lifecycle import run_until_signalled
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -83,12 +80,4 @@ def run(args: argparse.Namespace) -> int:
     from device_agent.agent import DeviceAgent
     from device_agent.sensors import open_sensor
 
-    agent = DeviceAgent(settings, open_sensor(settings.sensor))
-
-    def on_signal(signum: int, frame: object) -> None:
-        log.info("signal %d: stopping", signum)
-        agent.request_stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return agent.run()
+    return run_until_signalled(DeviceAgent(settings, open_sensor(settings.sensor)))

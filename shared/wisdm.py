@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.errors import DataError
+from shared.fileio import fsync_directory
 
 logger = logging.getLogger(__name__)
 
@@ -512,7 +513,7 @@ def download_wisdm(
         if expected is None:
             logger.warning("downloaded %s unverified: sha256 %s (%d bytes)", url, actual, size)
         tmp.replace(dest)
-        _fsync_directory(dest.parent)
+        fsync_directory(dest.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -526,11 +527,3 @@ def _check_digest(url: str, expected: str | None, actual: str, size: int) -> Non
             f"checksum mismatch for {url}: expected sha256 {expected}, got {actual} "
             f"({size} bytes); the file was not kept"
         )
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

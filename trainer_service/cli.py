@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import signal
 import time
 import uuid
 from pathlib import Path
@@ -14,8 +12,7 @@ from typing import Any
 
 from shared.config import load_settings
 from shared.errors import BrokerError, ConfigError
-
-log = logging.getLogger(__name__)
+from shared.lifecycle import run_until_signalled
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -109,15 +106,7 @@ def settings_from(args: argparse.Namespace) -> Any:
 def run_serve(args: argparse.Namespace) -> int:
     from trainer_service.service import TrainerService
 
-    service = TrainerService(settings_from(args))
-
-    def on_signal(signum: int, frame: object) -> None:
-        log.info("signal %d: stopping", signum)
-        service.request_stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return service.run()
+    return run_until_signalled(TrainerService(settings_from(args)))
 
 
 def _connect(settings: Any) -> Any:

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.errors import ModelError, ModelInputError
+from shared.fileio import fsync_directory
 from shared.messages import InputSpec
 
 logger = logging.getLogger(__name__)
@@ -58,14 +59,6 @@ def _explain(message: str) -> str:
     noise = ("Graph execution error", "[[", "Detected", "File ", "<stack traces")
     useful = [ln for ln in lines if not ln.startswith(noise)]
     return (useful or lines or ["unknown error"])[0][:300]
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ActivityModel:
@@ -275,7 +268,7 @@ class ActivityModel:
             with tmp.open("rb+") as written:
                 os.fsync(written.fileno())
             tmp.replace(path)
-            _fsync_directory(path.parent)
+            fsync_directory(path.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
