@@ -15,6 +15,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from shared.errors import ConfigError
@@ -26,8 +27,8 @@ else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
 ENV_PREFIX = "HAR_"
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 S = TypeVar("S")
 
@@ -230,14 +231,16 @@ def _to_str_tuple(value: Any) -> tuple[str, ...]:
     return tuple(_to_str(item) for item in value)
 
 
-_CONVERTERS: dict[Any, Any] = {
-    bool: _to_bool,
-    int: _to_int,
-    float: _to_float,
-    str: _to_str,
-    Path: _to_path,
-    tuple[str, ...]: _to_str_tuple,
-}
+_CONVERTERS: Mapping[Any, Any] = MappingProxyType(
+    {
+        bool: _to_bool,
+        int: _to_int,
+        float: _to_float,
+        str: _to_str,
+        Path: _to_path,
+        tuple[str, ...]: _to_str_tuple,
+    }
+)
 
 
 def _coerce(name: str, value: Any, field_type: Any) -> Any:

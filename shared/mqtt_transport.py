@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # CONNACK reason codes after which retrying cannot help: stop and say so (bad credentials,
 # not authorised, banned, bad client id).
-_FATAL_CONNACK = {133, 134, 135, 138, 140}
+_FATAL_CONNACK = frozenset({133, 134, 135, 138, 140})
 _MAX_SESSION_EXPIRY_S = 0xFFFFFFFF
 
 

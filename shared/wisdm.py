@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import IO, Any, Final
 
 import numpy as np
@@ -54,14 +55,16 @@ _N_FIELDS: Final = 6
 _SEMICOLON, _NEWLINE, _COMMA, _CR = ord(";"), ord("\n"), ord(","), ord("\r")
 
 # Spellings seen in HAR data sets that mean one of our activity names.
-_ACTIVITY_SYNONYMS: Final = {
-    "walkingupstairs": "Upstairs",
-    "walkingdownstairs": "Downstairs",
-    "upstairs": "Upstairs",
-    "downstairs": "Downstairs",
-    "lying": "Laying",
-    "laying": "Laying",
-}
+_ACTIVITY_SYNONYMS: Final = MappingProxyType(
+    {
+        "walkingupstairs": "Upstairs",
+        "walkingdownstairs": "Downstairs",
+        "upstairs": "Upstairs",
+        "downstairs": "Downstairs",
+        "lying": "Laying",
+        "laying": "Laying",
+    }
+)
 
 
 def normalise_activity(name: str) -> str:
