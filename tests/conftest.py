@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -93,3 +94,22 @@ def broker_settings(broker: MosquittoProcess, topic_root: str) -> BrokerSettings
 @pytest.fixture
 def inbox() -> queue.Queue[object]:
     return queue.Queue(maxsize=1000)
+
+
+_OUR_THREADS = ("agent-", "trainer-", "paho-", "sensor-")
+
+
+@pytest.fixture(autouse=True)
+def no_threads_left_behind() -> Iterator[None]:
+    """Fail a test that leaves one of our threads running: it forgot a shutdown or a stop."""
+    before = set(threading.enumerate())
+    yield
+    leftovers = [
+        thread
+        for thread in threading.enumerate()
+        if thread not in before and thread.name.startswith(_OUR_THREADS)
+    ]
+    for thread in leftovers:
+        thread.join(timeout=10)
+    alive = [thread.name for thread in leftovers if thread.is_alive()]
+    assert not alive, f"threads left running after the test: {alive}"
