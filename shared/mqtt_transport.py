@@ -193,7 +193,12 @@ class MqttConnection:
         """Disconnect cleanly (the broker does not publish our last will) and stop retrying."""
         self._client.disconnect()
         self._client.loop_stop()
+        self._connected.clear()
+        self._subscribed.clear()
         self._stopped.set()
+        # paho's loop_stop() leaves its wake-up socket pair open until garbage collection;
+        # reinitialise() is its public way to close every socket. This client is not used again.
+        self._client.reinitialise()
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         """Add a subscription now and on every later reconnect."""
