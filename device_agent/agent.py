@@ -163,6 +163,8 @@ class DeviceAgent:
         self._download: _Download | None = None
 
         self._stop = threading.Event()
+        self._shutdown_lock = threading.Lock()
+        self._shut_down = False
         self._sensor_done = threading.Event()
         self._outbox_signal = threading.Event()
         self.model_changed = threading.Event()  # set on every swap (tests and demo wait on it)
@@ -231,7 +233,14 @@ class DeviceAgent:
     def shutdown(self) -> None:
         """Flush and persist everything, say goodbye, disconnect. Idempotent."""
         self._stop.set()
+        with self._shutdown_lock:
+            if self._shut_down:
+                return
+            self._shut_down = True
         sensor, worker, updater, sender, dispatcher = self._threads
+        if not sensor.is_alive() and sensor.ident is None:  # never started
+            self._store.close()
+            return
         sensor.join(10)  # flushes its partial batch into the outbox
         self._updates.put(_STOP)
         updater.join(30)

@@ -55,6 +55,7 @@ class TrainerService:
         self.retrain_done = threading.Event()  # set after every round (tests, demo)
         self.last_outcome: RetrainOutcome | None = None
         self._lock = threading.Lock()
+        self._shut_down = False
         self._new_confirmations = 0
         self._last_retrain = clock()
         self._inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=settings.ingest.queue_size)
@@ -102,10 +103,16 @@ class TrainerService:
         self._stop.set()
 
     def shutdown(self) -> None:
+        """Finish the group being stored, say goodbye, disconnect. Idempotent."""
         self._stop.set()
         self._retrain_requested.set()
+        with self._lock:
+            if self._shut_down:
+                return
+            self._shut_down = True
         for thread in self._threads:
-            thread.join(60)
+            if thread.ident is not None:
+                thread.join(60)
         if self._connection.connected:
             self._connection.publish(self._status("offline")).wait(2.0)
         self._connection.stop()
