@@ -19,7 +19,6 @@ from typing import Protocol, TypeVar, runtime_checkable
 from shared.messages import MAX_ABS_ACCELERATION, MAX_SAMPLE_RATE_HZ
 
 Xyz = tuple[float, float, float]
-_P = TypeVar("_P", bound="PacedSource")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +172,28 @@ class DataTimePacer:
         return self._wall0 + offset_ns
 
 
-class PacedSource(ABC):
+class ClosesOnExit:
+    """``with source: ...`` closes the source however the block ends."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+_C = TypeVar("_C", bound=ClosesOnExit)
+
+
+class PacedSource(ClosesOnExit, ABC):
     """A source of pre-computed or generated samples laid out on a data time axis.
 
     Subclasses say when their next sample is (``_next_offset``) and produce it (``_take``); this
@@ -221,14 +241,3 @@ class PacedSource(ABC):
 
     def close(self) -> None:
         self._closed = True
-
-    def __enter__(self: _P) -> _P:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

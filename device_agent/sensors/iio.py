@@ -15,10 +15,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from device_agent.sensors.base import (
     Backoff,
+    ClosesOnExit,
     SensorReading,
     WallAnchoredClock,
     check_max_samples,
@@ -109,7 +109,7 @@ def find_iio_accelerometer(sysfs_root: Path = DEFAULT_SYSFS_ROOT) -> Path:
     )
 
 
-class IioAccelerometer:
+class IioAccelerometer(ClosesOnExit):
     """Polls ``device_dir``'s raw x, y, z at ``sample_rate_hz`` and converts them to m/s^2.
 
     On opening it asks the device for ``sample_rate_hz`` through its sampling-frequency
@@ -330,14 +330,3 @@ class IioAccelerometer:
 
     def close(self) -> None:
         self._closed = True
-
-    def __enter__(self) -> IioAccelerometer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -13,10 +13,10 @@ import math
 import queue
 import threading
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TextIO
 
 from device_agent.sensors.base import (
+    ClosesOnExit,
     SensorReading,
     WallAnchoredClock,
     Xyz,
@@ -89,7 +89,7 @@ def parse_csv_line(line: str) -> CsvSample | None:
     return CsvSample(t_ns=t_ns, xyz=(x, y, z))
 
 
-class StdinCsv:
+class StdinCsv(ClosesOnExit):
     """Samples parsed from text lines on ``stream`` (see the module docstring for the format).
 
     Lines with ``t_ns`` keep it (it must not go backwards); lines without are stamped one
@@ -283,14 +283,3 @@ class StdinCsv:
                 return
         if self._close_stream:
             self._stream.close()
-
-    def __enter__(self) -> StdinCsv:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
