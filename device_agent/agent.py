@@ -19,6 +19,7 @@ paho's network thread only enqueues (see ``shared.mqtt_transport``).
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -116,18 +117,21 @@ def usable_replay(
 
 
 def personalise(
-    model: ActivityModel, entries: list[ReplayEntry], epochs: int, batch_size: int = 16
+    model: ActivityModel, entries: list[ReplayEntry], steps_per_window: float, batch_size: int = 16
 ) -> int:
-    """Run confirmed windows through ``learn`` (shuffled mini-batches); returns steps taken."""
+    """Re-apply a user's confirmations to a model the way the device learned them.
+
+    On the device every confirmation was one ``learn`` step on a batch of it plus rehearsed
+    older ones; here each confirmed window buys ``steps_per_window`` steps on a random batch of
+    the confirmed windows, so a new version gets about as much of the user as the old one had.
+    Returns the steps taken.
+    """
     windows, labels = usable_replay(model, entries)
-    rng = np.random.default_rng(len(entries))
-    steps = 0
-    for _ in range(epochs):
-        order = rng.permutation(labels.size)
-        for start in range(0, labels.size, batch_size):
-            chosen = order[start : start + batch_size]
-            model.learn(windows[chosen], labels[chosen])
-            steps += 1
+    steps = math.ceil(labels.size * steps_per_window)
+    rng = np.random.default_rng(labels.size)
+    for _ in range(steps):
+        chosen = rng.choice(labels.size, size=min(batch_size, labels.size), replace=False)
+        model.learn(windows[chosen], labels[chosen])
     return steps
 
 
@@ -497,7 +501,7 @@ class DeviceAgent:
             if e.prediction_id not in candidate.personalised_ids
         ]
         if missed:
-            personalise(new.model, missed, epochs=1)
+            personalise(new.model, missed, steps_per_window=1.0)
         self._save_learned(new)
         self._releases.set_current(new.version)
         self._activate(new)
@@ -671,7 +675,7 @@ class DeviceAgent:
         entries = self._store.replay_entries()
         current = self._active
         before = accuracy_on(current.model, entries) if current else None
-        steps = personalise(candidate.model, entries, self._tuning.personalise_epochs)
+        steps = personalise(candidate.model, entries, self._tuning.personalise_steps_per_window)
         after = accuracy_on(candidate.model, entries)
         usable = usable_replay(candidate.model, entries)[1].size
         log.info(

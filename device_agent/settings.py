@@ -22,7 +22,8 @@ class AgentTuning:
     recent_windows: int = 4096  # predictions that can still be confirmed (~4.5 h at 4 s)
     replay_max_windows: int = 2000  # confirmed windows kept for rehearsal and re-personalising
     rehearsal_windows: int = 15  # old confirmed windows learned beside each new one
-    personalise_epochs: int = 2  # passes over the replay set when a new model is installed
+    # learn steps per confirmed window when a new version is personalised (1: as on the device)
+    personalise_steps_per_window: float = 1.0
     accept_margin: float = 0.05  # refuse an update that is worse than this on local data
     min_replay_for_gate: int = 10  # fewer confirmed windows: the local quality gate is skipped
     status_interval_s: float = 30.0

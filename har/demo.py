@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 ACTIVITIES = ("Walking", "Jogging", "Upstairs", "Downstairs", "Sitting", "Standing")
 DEVICE_ID = "demo-wrist"
 DEVICE_USER = 99
-BASELINE_WINDOWS = 60  # predictions scored before the simulated user starts confirming
+# Scored phases span one full cycle of the device's recording (6 activities x 60 s, a window
+# every 2 s), so each phase sees every activity once and the phases compare like with like.
+CYCLE_WINDOWS = 180
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -55,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument(
         "--device-user", type=int, help="with --data: the user the device replays (held out)"
     )
-    parser.add_argument("--confirm-every", type=int, default=2, help="confirm every Nth window")
+    parser.add_argument("--confirm-every", type=int, default=3, help="confirm every Nth window")
     parser.add_argument("--confirmations", type=int, default=60, help="retrain after this many")
     parser.add_argument("--speed", type=float, default=10.0, help="replay speed (x real time)")
     parser.add_argument("--epochs", type=int, default=8, help="epochs of the first model")
@@ -214,7 +216,9 @@ class SimulatedUser:
             "on_device_learning": Phase(
                 "while the user confirms: global model + on-device learning"
             ),
-            "on_device_learning_last_40": Phase("the last 40 windows before the new version"),
+            "on_device_learning_last_cycle": Phase(
+                "the last cycle of windows before the new version arrived"
+            ),
             "new_global_model": Phase("retrained global model, confirmations re-applied"),
         }
         self._recent: list[bool] = []
@@ -250,15 +254,15 @@ class SimulatedUser:
         if prediction.model_version != self._first:
             phase = self.phases["new_global_model"]
             phase.add(correct, prediction.model_version)
-            if phase.total >= BASELINE_WINDOWS * 2:
+            if phase.total >= CYCLE_WINDOWS:
                 self._close_learning_phase()
                 return True, None
             return False, None
-        if self.seen <= BASELINE_WINDOWS:
+        if self.seen <= CYCLE_WINDOWS:
             self.phases["global_model"].add(correct, prediction.model_version)
             return False, None
         self.phases["on_device_learning"].add(correct, prediction.model_version)
-        self._recent = [*self._recent[-39:], correct]
+        self._recent = [*self._recent[-(CYCLE_WINDOWS - 1) :], correct]
         if self.confirmed >= self._wanted or self.seen % self._confirm_every:
             return False, None
         self.confirmed += 1
@@ -267,7 +271,7 @@ class SimulatedUser:
         return False, Confirmation(prediction.prediction_id, prediction.truth, "app", time.time())
 
     def _close_learning_phase(self) -> None:
-        last = self.phases["on_device_learning_last_40"]
+        last = self.phases["on_device_learning_last_cycle"]
         for correct in self._recent:
             last.add(correct, self._first)
 

@@ -373,7 +373,11 @@ def test_an_update_worse_on_the_users_own_confirmations_is_refused(
     publish_release(broker_settings, releases.first)
     watcher = Watcher(broker_settings)
     settings = agent_settings(
-        broker_settings, tmp_path / "device", releases, personalise_epochs=0, min_replay_for_gate=5
+        broker_settings,
+        tmp_path / "device",
+        releases,
+        personalise_steps_per_window=0.0,
+        min_replay_for_gate=5,
     )
     agent = start_agent(settings)
     try:
