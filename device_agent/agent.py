@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,6 +150,8 @@ class DeviceAgent:
         self._device = settings.device_id
         self._topics = Topics(settings.broker.topic_root)
         self.counters = Counters()
+        self._last_counters: dict[str, int] = {}
+        self._next_seq = 0  # read from the store in start()
         self.latencies = LatencyRecorder()
 
         public_key = load_public_key(settings.public_key) if settings.public_key else None
@@ -183,8 +185,10 @@ class DeviceAgent:
                 (self._topics.model_manifest(), 1),
             ],
             inbox=self._inbox,
-            will=self._status_message("offline", with_counters=False),
-            birth=lambda: [self._status_message("online")],
+            will=self._status_message("offline", {}),
+            # The birth runs on paho's network thread: it reuses the last counters rather than
+            # reading the store there.
+            birth=lambda: [self._status_message("online", self._last_counters)],
             persistent_session=True,
         )
         self._threads = [
@@ -208,11 +212,13 @@ class DeviceAgent:
 
     def start(self) -> None:
         """Load the installed model, then start every thread and the connection."""
-        if self._store.counter("next_seq", -1) < 0:
+        self._next_seq = self._store.counter("next_seq", -1)
+        if self._next_seq < 0:
             # A fresh state starts its sequence numbers at the time in milliseconds, so a device
             # whose storage was wiped never reuses numbers the trainer already holds (batches are
             # at least 50 ms apart, so the old sequence can never catch up with the clock).
-            self._store.set_counters({"next_seq": int(self._clock() * 1000)})
+            self._next_seq = int(self._clock() * 1000)
+            self._store.set_counters({"next_seq": self._next_seq})
         self._releases.remove_leftovers()
         self._load_installed_model()
         for thread in self._threads:
@@ -254,7 +260,9 @@ class DeviceAgent:
         self._outbox_signal.set()
         sender.join(self._tuning.shutdown_flush_s + 5)
         if self._connection.connected:
-            handle = self._connection.publish(self._status_message("offline"))
+            handle = self._connection.publish(
+                self._status_message("offline", self._refresh_counters())
+            )
             if not handle.wait(2.0):
                 log.warning("offline status not acknowledged before disconnect")
         self._connection.stop()
@@ -264,8 +272,7 @@ class DeviceAgent:
         self._store.close()
 
     # ================================================================== status and errors
-    def _status_message(self, state: str, *, with_counters: bool = True) -> Outbound:
-        counters = self.status_counters() if with_counters else {}
+    def _status_message(self, state: str, counters: Mapping[str, int]) -> Outbound:
         status = DeviceStatus(
             device_id=self._device,
             state=state,  # type: ignore[arg-type]
@@ -274,6 +281,10 @@ class DeviceAgent:
             counters=counters,
         )
         return Outbound(self._topics.status(self._device), codec.encode_status(status), 1, True)
+
+    def _refresh_counters(self) -> dict[str, int]:
+        self._last_counters = self.status_counters()
+        return self._last_counters
 
     def status_counters(self) -> dict[str, int]:
         counts = self.counters.snapshot()
@@ -347,7 +358,7 @@ class DeviceAgent:
     def _publish_batch(self, readings: list[SensorReading], rate: float) -> None:
         if not readings:
             return
-        seq = self._store.counter("next_seq", 0)
+        seq = self._next_seq  # the sensor thread alone advances it, with each batch's commit
         samples = np.array([r.xyz for r in readings], dtype=np.float32)
         t0 = readings[0].t_ns
         offsets_us = np.array([(r.t_ns - t0) // 1000 for r in readings], dtype=np.int64)
@@ -377,6 +388,7 @@ class DeviceAgent:
             Priority.BULK,
             counters={"next_seq": seq + 1},
         )
+        self._next_seq = seq + 1
         self.counters.add("batches_queued")
         self.counters.add("samples", len(readings))
         for window in self._windower.push(seq, batch.samples, [r.label for r in readings]):
@@ -510,7 +522,7 @@ class DeviceAgent:
         self.counters.add("model_installs")
         log.info("now serving model %s", new.version)
         if self._connection.connected:
-            self._connection.publish(self._status_message("online"))
+            self._connection.publish(self._status_message("online", self._refresh_counters()))
         self.model_changed.set()
 
     def _activate(self, active: ActiveModel) -> None:
@@ -566,7 +578,9 @@ class DeviceAgent:
             if time.monotonic() >= next_status:
                 next_status = time.monotonic() + self._tuning.status_interval_s
                 if self._connection.connected:
-                    self._connection.publish(self._status_message("online"))
+                    self._connection.publish(
+                        self._status_message("online", self._refresh_counters())
+                    )
 
     def _route(self, message: InboundMessage) -> None:
         topic = message.topic

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from shared.codec import samples_from_bytes, samples_to_bytes
 from shared.errors import StorageError
 from shared.mqtt_transport import Outbound
 
@@ -80,14 +81,6 @@ class ReplayEntry:
     label: str
     window: Window
     applied: bool
-
-
-def _window_bytes(window: Window) -> bytes:
-    return np.ascontiguousarray(window, dtype="<f4").tobytes()
-
-
-def _window_from(blob: bytes) -> Window:
-    return np.frombuffer(blob, dtype="<f4").reshape(-1, 3).astype(np.float32)
 
 
 class AgentStore:
@@ -248,10 +241,6 @@ class AgentStore:
         with self._lock, self._transaction():
             self._set_counters(values)
 
-    def add_counter(self, name: str, amount: int = 1) -> None:
-        with self._lock, self._transaction():
-            self._add_counter(name, amount)
-
     def _set_counters(self, values: Mapping[str, int]) -> None:
         self._db.executemany(
             "INSERT INTO counters (name, value) VALUES (?, ?)"
@@ -272,7 +261,7 @@ class AgentStore:
         self._db.execute(
             "INSERT OR REPLACE INTO recent_windows (prediction_id, created_order, model_version,"
             " window) VALUES (?, ?, ?, ?)",
-            (prediction_id, self._recent_order, model_version, _window_bytes(window)),
+            (prediction_id, self._recent_order, model_version, samples_to_bytes(window)),
         )
         self._db.execute(
             "DELETE FROM recent_windows WHERE created_order <= ?",
@@ -285,7 +274,7 @@ class AgentStore:
             row = self._db.execute(
                 "SELECT window FROM recent_windows WHERE prediction_id = ?", (prediction_id,)
             ).fetchone()
-        return None if row is None else _window_from(row[0])
+        return None if row is None else samples_from_bytes(row[0])
 
     # --------------------------------------------------------------------------- replay set
     def add_replay(self, prediction_id: str, label: str, window: Window) -> bool:
@@ -303,7 +292,7 @@ class AgentStore:
             self._db.execute(
                 "INSERT INTO replay (prediction_id, label, window, applied, created)"
                 " VALUES (?, ?, ?, 0, ?)",
-                (prediction_id, label, _window_bytes(window), time.time()),
+                (prediction_id, label, samples_to_bytes(window), time.time()),
             )
             while int(self._db.execute("SELECT COUNT(*) FROM replay").fetchone()[0]) > (
                 self._replay_max
@@ -334,7 +323,9 @@ class AgentStore:
             query += " WHERE applied = 0"
         with self._lock:
             rows = self._db.execute(query + " ORDER BY created, rowid").fetchall()
-        return [ReplayEntry(row[0], row[1], _window_from(row[2]), bool(row[3])) for row in rows]
+        return [
+            ReplayEntry(row[0], row[1], samples_from_bytes(row[2]), bool(row[3])) for row in rows
+        ]
 
     def replay_count(self) -> int:
         with self._lock:

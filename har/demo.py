@@ -123,6 +123,7 @@ def _prepare_data(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, 
 
 
 def _train_first_model(base: Path, workdir: Path, epochs: int, key: Path) -> str:
+    from shared.signing import load_private_key
     from shared.wisdm import load_wisdm
     from trainer_service.registry import ModelRegistry
     from trainer_service.training import TrainConfig, train_and_export
@@ -135,8 +136,6 @@ def _train_first_model(base: Path, workdir: Path, epochs: int, key: Path) -> str
         load_wisdm(base), config, workdir / "registry" / "staging" / name, progress=False
     )
     info = registry.add(folder, parent=None)
-    from shared.signing import load_private_key
-
     registry.promote(info.version, load_private_key(key), chunk_size=256 * 1024)
     test = metrics["test"]
     _say(

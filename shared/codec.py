@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import msgpack
 import numpy as np
+import numpy.typing as npt
 
 from shared.errors import PayloadError
 from shared.messages import (
@@ -45,6 +46,16 @@ CONTENT_TYPE_JSON = "application/json"
 _SAMPLE_DTYPE = np.dtype("<f4")
 _OFFSET_DTYPE = np.dtype("<u4")
 _BYTES_PER_SAMPLE = 3 * _SAMPLE_DTYPE.itemsize
+
+
+def samples_to_bytes(samples: npt.NDArray[np.floating[Any]]) -> bytes:
+    """(n, 3) accelerations as raw little-endian float32: the layout on the wire and on disk."""
+    return np.ascontiguousarray(samples, dtype=_SAMPLE_DTYPE).tobytes()
+
+
+def samples_from_bytes(raw: bytes) -> npt.NDArray[np.float32]:
+    """The (n, 3) float32 array of ``samples_to_bytes`` output (a copy, native byte order)."""
+    return np.frombuffer(raw, dtype=_SAMPLE_DTYPE).reshape(-1, 3).astype(np.float32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +148,7 @@ def encode_sensor_batch(batch: SensorBatch) -> bytes:
         "seq": batch.seq,
         "hz": batch.sample_rate_hz,
         "t0": batch.t0_ns,
-        "xyz": batch.samples.astype(_SAMPLE_DTYPE, copy=False).tobytes(),
+        "xyz": samples_to_bytes(batch.samples),
     }
     if batch.offsets_us is not None:
         doc["dt"] = batch.offsets_us.astype(_OFFSET_DTYPE, copy=False).tobytes()
@@ -159,7 +170,7 @@ def decode_sensor_batch(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Sens
     n = len(raw) // _BYTES_PER_SAMPLE
     if n > MAX_SAMPLES_PER_BATCH:
         raise PayloadError(f"invalid {kind}: {n} samples exceed {MAX_SAMPLES_PER_BATCH}")
-    samples = np.frombuffer(raw, dtype=_SAMPLE_DTYPE).reshape(n, 3).astype(np.float32)
+    samples = samples_from_bytes(raw)
     offsets = None
     if "dt" in doc:
         raw_dt = doc["dt"]

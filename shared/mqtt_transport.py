@@ -18,7 +18,6 @@ import logging
 import queue
 import random
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,7 +61,6 @@ class InboundMessage:
     qos: int
     retain: bool
     content_type: str | None
-    received_at: float
     _ack: Callable[[], None] | None = field(default=None, repr=False)
 
     def ack(self) -> None:
@@ -86,8 +84,6 @@ class PublishHandle:
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the broker's acknowledgement."""
-        if self._info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-            return False
         try:
             self._info.wait_for_publish(timeout)
         except (RuntimeError, ValueError):
@@ -105,8 +101,9 @@ def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) 
     return min_s + rng.random() * max(0.0, ceiling - min_s)
 
 
-def json_properties(content_type: str) -> Properties:
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+def content_properties(content_type: str, packet_type: int = PacketTypes.PUBLISH) -> Properties:
+    """MQTT 5 properties naming the payload's content type (for a publish or a last will)."""
+    props = Properties(packet_type)  # type: ignore[no-untyped-call]
     props.ContentType = content_type
     if content_type == CONTENT_TYPE_JSON:
         props.PayloadFormatIndicator = 1  # UTF-8 text: brokers and tools may check it
@@ -148,7 +145,6 @@ class MqttConnection:
         self._subscribed = threading.Event()
         self._fatal: str | None = None
         self._generation = 0
-        self.dropped_qos0 = 0
         self.connect_count = 0
 
         self._stopped = threading.Event()
@@ -223,7 +219,7 @@ class MqttConnection:
             message.payload,
             qos=message.qos,
             retain=message.retain,
-            properties=json_properties(message.content_type),
+            properties=content_properties(message.content_type),
         )
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise BrokerError(f"publish to {message.topic} failed: {paho.error_string(info.rc)}")
@@ -254,7 +250,7 @@ class MqttConnection:
                 self._will.payload,
                 qos=self._will.qos,
                 retain=self._will.retain,
-                properties=self._will_properties(self._will.content_type),
+                properties=content_properties(self._will.content_type, PacketTypes.WILLMESSAGE),
             )
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -262,14 +258,6 @@ class MqttConnection:
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         return client
-
-    @staticmethod
-    def _will_properties(content_type: str) -> Properties:
-        props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
-        props.ContentType = content_type
-        if content_type == CONTENT_TYPE_JSON:
-            props.PayloadFormatIndicator = 1
-        return props
 
     def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -382,14 +370,12 @@ class MqttConnection:
             qos=message.qos,
             retain=bool(message.retain),
             content_type=content_type,
-            received_at=time.monotonic(),
             _ack=ack,
         )
         try:
             self._inbox.put_nowait(inbound)
         except queue.Full:
             # Only QoS 0 can get here (Receive Maximum bounds QoS 1): dropping it is its contract.
-            self.dropped_qos0 += 1
             log.warning("inbox full, dropped a QoS %d message on %s", message.qos, message.topic)
             if ack is not None:
                 ack()

@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from shared import codec
@@ -44,6 +44,7 @@ class TrainerService:
         self._clock = clock
         self._topics = Topics(settings.broker.topic_root)
         self.counters = Counters()
+        self._last_counters: dict[str, int] = {}
         self.store = TrainerStore(settings.store_path, clock=clock)
         self.registry = ModelRegistry(settings.registry_dir)
         self._private_key = load_private_key(settings.private_key) if settings.private_key else None
@@ -72,8 +73,10 @@ class TrainerService:
                 (f"$share/{group}/{root.trainer_command()}", 1),
             ],
             inbox=self._inbox,
-            will=self._status("offline", with_counters=False),
-            birth=lambda: [self._status("online")],
+            will=self._status("offline", {}),
+            # The birth runs on paho's network thread: it reuses the last counters rather than
+            # counting rows in the store there.
+            birth=lambda: [self._status("online", self._last_counters)],
             persistent_session=True,
         )
         self._threads = [
@@ -114,7 +117,7 @@ class TrainerService:
             if thread.ident is not None:
                 thread.join(60)
         if self._connection.connected:
-            self._connection.publish(self._status("offline")).wait(2.0)
+            self._connection.publish(self._status("offline", self._refresh_counters())).wait(2.0)
         self._connection.stop()
         self.store.close()
 
@@ -128,8 +131,7 @@ class TrainerService:
         self._retrain_requested.set()
 
     # ================================================================== status and errors
-    def _status(self, state: str, *, with_counters: bool = True) -> Outbound:
-        counters = self.status_counters() if with_counters else {}
+    def _status(self, state: str, counters: Mapping[str, int]) -> Outbound:
         status = DeviceStatus(
             device_id=self._settings.instance,
             state=state,  # type: ignore[arg-type]
@@ -143,6 +145,10 @@ class TrainerService:
             1,
             True,
         )
+
+    def _refresh_counters(self) -> dict[str, int]:
+        self._last_counters = self.status_counters()
+        return self._last_counters
 
     def status_counters(self) -> dict[str, int]:
         counts = self.counters.snapshot()
@@ -352,7 +358,7 @@ class TrainerService:
         if messages:
             publish_all(self._connection, messages, self._settings.publish.ack_timeout_s)
             log.info("published model %s to the fleet", self.registry.current())
-        self._connection.publish(self._status("online"))
+        self._connection.publish(self._status("online", self._refresh_counters()))
 
     # ================================================================== upkeep
     def _upkeep_loop(self) -> None:
@@ -376,6 +382,6 @@ class TrainerService:
                     self.counters.add("retention_removed", removed)
                 if now >= next_status and self._connection.connected:
                     next_status = now + self._settings.status_interval_s
-                    self._connection.publish(self._status("online"))
+                    self._connection.publish(self._status("online", self._refresh_counters()))
             except HarError as exc:
                 self._report("upkeep_failed", str(exc))

@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from shared.codec import samples_from_bytes, samples_to_bytes
 from shared.errors import StorageError
 from shared.messages import Confirmation, DeviceStatus, Prediction, SensorBatch
 
 # Each migration takes the schema from version i to i + 1; never edit one that has shipped.
+# (``meta`` is reserved for service-wide facts; nothing uses it yet.)
 _MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE batches (
@@ -187,7 +189,7 @@ class TrainerStore:
             row = self._db.execute(
                 "SELECT samples FROM batches WHERE device_id = ? AND seq = ?", (device_id, seq)
             ).fetchone()
-        return None if row is None else _samples(row[0])
+        return None if row is None else samples_from_bytes(row[0])
 
     def confirmed_windows(self) -> list[ConfirmedWindow]:
         """Every confirmation joined to its window, oldest first."""
@@ -197,17 +199,9 @@ class TrainerStore:
                 " WHERE joined IS NOT NULL ORDER BY received, prediction_id"
             ).fetchall()
         return [
-            ConfirmedWindow(row[0], row[1], row[2], _samples(row[3]), float(row[4])) for row in rows
+            ConfirmedWindow(row[0], row[1], row[2], samples_from_bytes(row[3]), float(row[4]))
+            for row in rows
         ]
-
-    def meta(self, name: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
-        return None if row is None else str(row[0])
-
-    def set_meta(self, name: str, value: str) -> None:
-        with self.transaction() as writer:
-            writer.set_meta(name, value)
 
     # ---------------------------------------------------------------------- joining
     def join_pending(self, limit: int = 1000) -> int:
@@ -243,10 +237,6 @@ class TrainerStore:
         return removed
 
 
-def _samples(blob: bytes) -> npt.NDArray[np.float32]:
-    return np.frombuffer(blob, dtype="<f4").reshape(-1, 3).astype(np.float32)
-
-
 class Writer:
     """The writes of one transaction (only valid inside ``TrainerStore.transaction``)."""
 
@@ -262,13 +252,6 @@ class Writer:
 
     def execute(self, sql: str, args: tuple[object, ...] = ()) -> int:
         return int(self._exec(sql, args).rowcount)
-
-    def set_meta(self, name: str, value: str) -> None:
-        self._exec(
-            "INSERT INTO meta (name, value) VALUES (?, ?)"
-            " ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-            (name, value),
-        )
 
     def _seen(self, device_id: str) -> None:
         self._exec(
@@ -289,7 +272,7 @@ class Writer:
                 batch.sample_rate_hz,
                 batch.t0_ns,
                 batch.n_samples,
-                batch.samples.astype("<f4").tobytes(),
+                samples_to_bytes(batch.samples),
                 None if batch.offsets_us is None else batch.offsets_us.astype("<u4").tobytes(),
                 self._now,
             ),
@@ -369,7 +352,7 @@ class Writer:
             ).fetchone()
             if stored is None:
                 return False  # not arrived yet: ``join_pending`` tries again later
-            samples = _samples(stored[0])
+            samples = samples_from_bytes(stored[0])
             pieces.append(samples)
             have += samples.shape[0]
             seq += 1
@@ -377,7 +360,7 @@ class Writer:
         self._exec(
             "UPDATE confirmations SET window = ?, window_length = ?, joined = ?"
             " WHERE prediction_id = ?",
-            (window.astype("<f4").tobytes(), length, self._now, prediction_id),
+            (samples_to_bytes(window), length, self._now, prediction_id),
         )
         return True
 

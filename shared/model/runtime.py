@@ -125,10 +125,6 @@ class ActivityModel:
     def global_step(self) -> int:
         return int(self._signatures["metadata"]()["global_step"].numpy())
 
-    def state_fingerprint(self) -> str:
-        """Identifies which model a state file belongs to (restore refuses any other)."""
-        return f"{self._arch}:{self._model_id}"
-
     # ----------------------------------------------------------------------------- checks
     def _check_windows(self, windows: object) -> npt.NDArray[np.float32]:
         if not isinstance(windows, np.ndarray):
