@@ -7,10 +7,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from dashboard.cli import register as register_dashboard
 from device_agent.cli import register as register_agent
 from har.data_cli import register as register_data
 from har.demo import register as register_demo
 from shared.errors import HarError
+from simulator.cli import register as register_sim
 from trainer_service.cli import register as register_trainer
 from trainer_service.train_cli import register as register_train
 
@@ -32,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_train(commands)
     register_data(commands)
     register_demo(commands)
+    register_sim(commands)
+    register_dashboard(commands)
     return parser
 
 

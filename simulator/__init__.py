@@ -1,0 +1,1 @@
+"""``har sim``: many lightweight simulated devices and their users in one process."""
