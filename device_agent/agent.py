@@ -35,7 +35,7 @@ from device_agent.sensors import SensorReading, SensorSource
 from device_agent.settings import AgentSettings
 from device_agent.store import AgentStore, Priority, ReplayEntry
 from device_agent.windowing import StreamWindow, StreamWindower
-from shared import codec
+from shared import codec, homeassistant
 from shared.counters import Counters, LatencyRecorder
 from shared.errors import HarError, ModelError, PayloadError
 from shared.messages import (
@@ -221,6 +221,12 @@ class DeviceAgent:
             self._store.set_counters({"next_seq": self._next_seq})
         self._releases.remove_leftovers()
         self._load_installed_model()
+        if self._tuning.homeassistant_discovery:
+            # Through the outbox, like everything else: they reach a broker that is down now.
+            for message in homeassistant.discovery_messages(
+                self._topics, self._device, prefix=self._tuning.homeassistant_prefix
+            ):
+                self._enqueue(message, Priority.NORMAL)
         for thread in self._threads:
             thread.start()
         self._connection.start()

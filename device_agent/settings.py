@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from device_agent.sensors import SensorSettings
+from shared import homeassistant
 from shared.config import BrokerSettings
 from shared.errors import ConfigError
 from shared.topics import is_valid_id
@@ -31,6 +32,9 @@ class AgentTuning:
     work_queue_size: int = 256
     inbox_size: int = 256
     shutdown_flush_s: float = 5.0
+    # Publish retained Home Assistant MQTT discovery configs at start (docs/dashboards.md).
+    homeassistant_discovery: bool = False
+    homeassistant_prefix: str = homeassistant.DEFAULT_PREFIX
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.batch_seconds <= 60:
@@ -43,6 +47,10 @@ class AgentTuning:
             raise ConfigError("agent.accept_margin must be within 0..1")
         if not 1 <= self.publish_inflight <= 1000:
             raise ConfigError("agent.publish_inflight must be within 1..1000")
+        try:
+            homeassistant.check_prefix(self.homeassistant_prefix)
+        except ValueError as exc:
+            raise ConfigError(f"agent.homeassistant_prefix: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +71,11 @@ class AgentSettings:
                 f"device_id {self.device_id!r}: use 1-64 of A-Z a-z 0-9 _ . - "
                 "(it becomes a topic level)"
             )
+        if self.agent.homeassistant_discovery:
+            try:
+                homeassistant.check_node_id(self.device_id)
+            except ValueError as exc:
+                raise ConfigError(f"agent.homeassistant_discovery: {exc}") from exc
 
     @property
     def models_dir(self) -> Path:
