@@ -1,0 +1,316 @@
+"""The dashboard's MQTT side: receive the fleet's messages, publish confirmations.
+
+It works against any broker the settings describe. With the shipped ACL it logs in as user
+``dashboard``, which may read predictions, status, errors, confirmations and the manifest, and
+write confirmations. A confirmation is published at QoS 1 and its PUBACK's MQTT 5 reason code is
+kept, so a refused publish (0x87 Not authorized, for example) is reported, not taken for a
+success.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from dashboard.feed import feed_message, subscriptions
+from dashboard.fleet_view import FleetView
+from shared import codec
+from shared.config import BrokerSettings
+from shared.errors import BrokerError, HarError, PayloadError
+from shared.messages import Confirmation, ConfirmationSource
+from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound, content_properties
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+_KEPT_PUBACKS = 1024  # reason codes of acknowledgements nobody asked for yet
+
+
+class ConfirmError(HarError):
+    """A confirmation cannot be sent as asked (bad device id, label not of the current model)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishOutcome:
+    """The broker's answer to one QoS 1 publish."""
+
+    accepted: bool
+    reason: str  # the MQTT 5 reason string, e.g. "Success", "Not authorized"
+    code: int
+
+    def describe(self) -> str:
+        return f"{self.reason} (0x{self.code:02x})"
+
+
+class TrackedPublish:
+    """A QoS 1 publish whose PUBACK, with its reason code, is awaited."""
+
+    def __init__(self, mid: int, take_outcome: Callable[[int, float], PublishOutcome | None]):
+        self._mid = mid
+        self._take_outcome = take_outcome
+        self._outcome: PublishOutcome | None = None
+
+    def outcome(self) -> PublishOutcome | None:
+        """The broker's answer, or None while it has not come."""
+        return self.wait(0.0)
+
+    def wait(self, timeout: float) -> PublishOutcome | None:
+        """Wait up to ``timeout`` seconds for the broker's answer; None if none came."""
+        if self._outcome is None:
+            self._outcome = self._take_outcome(self._mid, timeout)
+        return self._outcome
+
+
+class PubackAwareConnection(MqttConnection):
+    """``MqttConnection`` that also keeps each PUBACK's reason code.
+
+    ``PublishHandle`` only says that the broker answered, and an MQTT 5 broker answers a publish
+    its ACL forbids too, with a failure reason code. Paho hands the code to ``on_publish`` only.
+    A message published while disconnected is sent on reconnect; its PUBACK lands here all the
+    same.
+    """
+
+    def __init__(self, settings: BrokerSettings, **kwargs: Any) -> None:
+        self._pubacks: OrderedDict[int, PublishOutcome] = OrderedDict()
+        self._pubacks_changed = threading.Condition()
+        super().__init__(settings, **kwargs)
+
+    def publish_tracked(self, message: Outbound) -> TrackedPublish:
+        """Queue ``message`` (QoS >= 1); the returned handle gives the broker's reason code."""
+        if message.qos < 1:
+            raise ValueError("only QoS 1 and 2 publishes are acknowledged")
+        info = self._client.publish(
+            message.topic,
+            message.payload,
+            qos=message.qos,
+            retain=message.retain,
+            properties=content_properties(message.content_type),
+        )
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise BrokerError(f"publish to {message.topic} failed: {paho.error_string(info.rc)}")
+        return TrackedPublish(info.mid, self._take_puback)
+
+    def _make_client(self) -> paho.Client:
+        client = super()._make_client()
+        client.on_publish = self._on_puback
+        return client
+
+    def _on_puback(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        outcome = PublishOutcome(not reason_code.is_failure, str(reason_code), reason_code.value)
+        with self._pubacks_changed:
+            self._pubacks[mid] = outcome
+            self._pubacks.move_to_end(mid)
+            # An answer nobody asks for (its handle was dropped) must not pile up, nor outlive
+            # its packet id: paho reuses an id only after 65535 other publishes.
+            if len(self._pubacks) > _KEPT_PUBACKS:
+                self._pubacks.popitem(last=False)
+            self._pubacks_changed.notify_all()
+
+    def _take_puback(self, mid: int, timeout: float) -> PublishOutcome | None:
+        with self._pubacks_changed:
+            if not self._pubacks_changed.wait_for(lambda: mid in self._pubacks, timeout):
+                return None
+            return self._pubacks.pop(mid)
+
+
+def new_client_id(settings: BrokerSettings, role: str) -> str:
+    return settings.client_id or f"har-{role}-{uuid.uuid4().hex[:8]}"
+
+
+def connect_or_fail(connection: MqttConnection, settings: BrokerSettings, timeout: float) -> None:
+    """Wait for the first connection; BrokerError, saying why, if it does not come."""
+    deadline = time.monotonic() + timeout
+    while not connection.wait_connected(min(0.1, max(0.0, deadline - time.monotonic()))):
+        if connection.fatal_error is not None:
+            raise BrokerError(
+                f"the broker at {settings.host}:{settings.port} refused the login: "
+                f"{connection.fatal_error}"
+            )
+        if time.monotonic() >= deadline:
+            raise BrokerError(
+                f"cannot reach the broker at {settings.host}:{settings.port} within {timeout:g} s"
+            )
+
+
+def build_confirmation(topics: Topics, device_id: str, confirmation: Confirmation) -> Outbound:
+    try:
+        topic = topics.confirmation(device_id)
+    except ValueError as exc:
+        raise ConfirmError(str(exc)) from exc
+    return Outbound(topic, codec.encode_confirmation(confirmation), qos=1)
+
+
+class FleetClient:
+    """Subscribes to the fleet's topics, feeds a ``FleetView``, publishes confirmations."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        inbox_size: int = 1000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.topic_root)
+        self._clock = clock
+        self._inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=inbox_size)
+        self._connection = PubackAwareConnection(
+            settings,
+            client_id=new_client_id(settings, "dashboard"),
+            subscriptions=subscriptions(self.topics),
+            inbox=self._inbox,
+            persistent_session=False,  # a dashboard wants the present, not a backlog
+        )
+
+    def start(self, timeout: float) -> None:
+        """Connect and subscribe; BrokerError if the broker cannot be reached or refuses us."""
+        self._connection.start()
+        try:
+            connect_or_fail(self._connection, self.settings, timeout)
+            subscribed = self._connection.wait_subscribed(timeout)
+        except BrokerError:
+            self._connection.stop()
+            raise
+        if not subscribed:
+            self._connection.stop()
+            raise BrokerError("the broker did not acknowledge the dashboard's subscriptions")
+
+    def stop(self) -> None:
+        self._connection.stop()
+
+    def __enter__(self) -> FleetClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._connection.connected
+
+    def pump(self, view: FleetView, timeout: float = 0.0) -> int:
+        """Feed every waiting message to ``view``, waiting up to ``timeout`` for the first."""
+        handled = 0
+        wait = timeout
+        while True:
+            try:
+                message = self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
+            except queue.Empty:
+                return handled
+            wait = 0.0
+            problem = feed_message(view, self.topics, message.topic, message.payload, self._clock())
+            if problem is not None:
+                log.warning("bad payload: %s", problem)
+            message.ack()
+            handled += 1
+
+    def confirm(
+        self, device_id: str, prediction_id: str, label: str, source: ConfirmationSource = "user"
+    ) -> TrackedPublish:
+        """Publish a confirmation of ``prediction_id``; the handle tells what the broker said."""
+        try:
+            confirmation = Confirmation(prediction_id, label, source, ts=self._clock())
+        except ValueError as exc:
+            raise ConfirmError(f"invalid confirmation: {exc}") from exc
+        return self._connection.publish_tracked(
+            build_confirmation(self.topics, device_id, confirmation)
+        )
+
+
+def check_label(label: str, manifest_payload: bytes | None, manifest_topic: str) -> None:
+    """ConfirmError unless ``label`` is one of the labels of the retained model manifest."""
+    if manifest_payload is None:
+        raise ConfirmError(
+            f"no model manifest arrived on {manifest_topic}, so the label cannot be checked; "
+            "pass --any-label to send it unchecked"
+        )
+    try:
+        manifest = codec.decode_manifest(manifest_payload)
+    except PayloadError as exc:
+        raise ConfirmError(
+            f"the retained model manifest is malformed ({exc}); pass --any-label to send "
+            "the confirmation unchecked"
+        ) from exc
+    if label not in manifest.labels:
+        raise ConfirmError(
+            f"{label!r} is not a label of model {manifest.version}: "
+            f"{', '.join(manifest.labels)} (--any-label skips this check)"
+        )
+
+
+def send_confirmation(
+    settings: BrokerSettings,
+    device_id: str,
+    confirmation: Confirmation,
+    *,
+    check_labels: bool,
+    connect_timeout_s: float,
+    manifest_wait_s: float,
+    ack_timeout_s: float,
+) -> PublishOutcome:
+    """Publish one confirmation and wait for the broker's acceptance (``har confirm``).
+
+    Raises ConfirmError for a bad device id or label, BrokerError when the broker cannot be
+    reached, does not acknowledge in time or refuses the publish.
+    """
+    topics = Topics(settings.topic_root)
+    message = build_confirmation(topics, device_id, confirmation)
+    inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=10)
+    connection = PubackAwareConnection(
+        settings,
+        client_id=new_client_id(settings, "confirm"),
+        subscriptions=[(topics.model_manifest(), 1)] if check_labels else (),
+        inbox=inbox if check_labels else None,
+        persistent_session=False,
+    )
+    connection.start()
+    try:
+        connect_or_fail(connection, settings, connect_timeout_s)
+        if check_labels:
+            check_label(
+                confirmation.label,
+                _retained_manifest(connection, inbox, manifest_wait_s),
+                topics.model_manifest(),
+            )
+        outcome = connection.publish_tracked(message).wait(ack_timeout_s)
+    finally:
+        connection.stop()
+    if outcome is None:
+        raise BrokerError(f"the broker did not acknowledge the confirmation in {ack_timeout_s:g} s")
+    if not outcome.accepted:
+        raise BrokerError(f"the broker refused the confirmation: {outcome.describe()}")
+    return outcome
+
+
+def _retained_manifest(
+    connection: MqttConnection, inbox: queue.Queue[InboundMessage], wait_s: float
+) -> bytes | None:
+    # The broker sends a retained message right after the SUBACK, or nothing if there is none.
+    deadline = time.monotonic() + wait_s
+    if not connection.wait_subscribed(wait_s):
+        return None
+    try:
+        message = inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+    except queue.Empty:
+        return None
+    message.ack()
+    return message.payload
