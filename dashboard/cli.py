@@ -132,7 +132,8 @@ def _snapshot(args: argparse.Namespace, settings: Any, view: Any) -> str:
         topic_root=broker.topic_root,
         connection=f"snapshot of {broker.host}:{broker.port} after {args.wait:g} s",
         selected=None,
-        status="--once: no keys",
+        status="",
+        interactive=False,
     )
     width = args.width or shutil.get_terminal_size(fallback=(120, 40)).columns
     return "\n".join(render(view, frame, width=width, height=None, now=time.time()))

@@ -23,6 +23,7 @@ class Frame:
     connection: str  # e.g. "connected to 127.0.0.1:1883"
     selected: str | None
     status: str
+    interactive: bool = True  # False for a printed snapshot: no selection, keys or status
 
 
 def render(
@@ -121,9 +122,12 @@ def _footer(view: FleetView, frame: Frame, now: float) -> list[str]:
     )
     waiting = f"  ({pending} waiting for their prediction)" if pending else ""
     lines = [f"accuracy of confirmed predictions: {accuracy_text}{waiting}"]
-    lines.append(_details(view.row(frame.selected) if frame.selected else None, now))
+    if frame.interactive:
+        lines.append(_details(view.row(frame.selected) if frame.selected else None, now))
     if view.last_bad_payload is not None:
         lines.append(f"last bad payload: {view.last_bad_payload}")
+    if not frame.interactive:
+        return lines
     labels = view.labels[:MAX_LABEL_KEYS]
     label_keys = (
         " ".join(f"{number} {label}" for number, label in enumerate(labels, start=1))

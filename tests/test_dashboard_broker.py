@@ -408,4 +408,7 @@ def test_har_watch_once_prints_a_snapshot_from_a_config_file(
     lines = as_text.stdout.splitlines()
     assert "model v0002 (6 labels)  devices 1 (1 online)  bad payloads 1" in lines[0]
     assert lines[2].startswith("  wrist-1 online  -")
+    assert lines[3] == "accuracy of confirmed predictions: none confirmed yet"
+    assert lines[4].startswith(f"last bad payload: {topics.status('wrist-2')}: status is not")
+    assert len(lines) == 5  # a snapshot has no keys or status line
     assert all(len(line) <= 160 for line in lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import curses
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -19,7 +20,10 @@ from dashboard.controller import (
 from dashboard.feed import feed_message
 from dashboard.fleet_view import Accuracy, FleetView, Limits
 from dashboard.render import Frame, format_age, render
+from dashboard.settings import DashboardSettings
 from shared import codec
+from shared.config import load_settings
+from shared.errors import ConfigError
 from shared.messages import (
     Confirmation,
     DeviceStatus,
@@ -403,3 +407,28 @@ def test_format_age(seconds: float | None, text: str) -> None:
 )
 def test_action_for_key(key: int, action: object) -> None:
     assert action_for_key(key) == action
+
+
+# ------------------------------------------------------------------------------------ settings
+
+
+def test_settings_example_in_docs_loads(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "watch.md").read_text()
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    config = tmp_path / "watch.toml"
+    config.write_text(example)
+    loaded = load_settings(
+        DashboardSettings,
+        config_file=config,
+        environ={"HAR_ACK_TIMEOUT_S": "4", "HAR_BROKER_PORT": "1884"},
+        overrides={"broker.host": "127.0.0.1"},
+    )
+    assert loaded.ack_timeout_s == 4.0
+    assert (loaded.broker.host, loaded.broker.port) == ("127.0.0.1", 1884)
+    assert (loaded.broker.username, loaded.broker.tls) == ("dashboard", True)
+    assert loaded.broker.password_file == Path("/etc/har/dashboard.password")
+    config.write_text('colour = "blue"\n')
+    with pytest.raises(ConfigError, match="unknown setting 'colour'"):
+        load_settings(DashboardSettings, config_file=config)
+    with pytest.raises(ConfigError, match="timeouts must be > 0"):
+        DashboardSettings(ack_timeout_s=0)
