@@ -166,7 +166,8 @@ def test_availability_template_reads_the_states_home_assistant_expects() -> None
 
 
 def test_templates_render_with_jinja2_as_home_assistant_does() -> None:
-    jinja2_sandbox = pytest.importorskip("jinja2.sandbox")  # a dev extra: see docs/dashboards.md
+    # Jinja2 is Home Assistant's template engine; it runs here when it is installed.
+    jinja2_sandbox = pytest.importorskip("jinja2.sandbox")
     environment = jinja2_sandbox.ImmutableSandboxedEnvironment()
     configs = {topic.split("/")[-2]: config for topic, config in configs_by_topic().items()}
     prediction, replayed = sample_messages()["prediction"]
