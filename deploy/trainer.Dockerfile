@@ -1,9 +1,11 @@
 # The trainer service image: `har` with the trainer extra (TensorFlow CPU, matplotlib, tqdm).
+# It also runs the central side's one-off commands: har keys, har train, har models, har data.
 #
-#   docker build -f deploy/Dockerfile -t har-trainer .        (from the repository root)
+#   docker build -f deploy/trainer.Dockerfile -t har-trainer .     (from the repository root)
 #
-# The build context is the repository root; deploy/Dockerfile.dockerignore keeps it to the
-# package sources (without it, the 1.6 GB .venv and .git would be sent to the builder).
+# The build context is the repository root; deploy/trainer.Dockerfile.dockerignore keeps it to
+# the package sources (without it, the 1.6 GB .venv and .git would be sent to the builder).
+# deploy/agent.Dockerfile is the same recipe with the agent extra.
 
 # ---- build: install into a venv, so the runtime stage copies one directory and no pip cache.
 FROM python:3.11-slim AS build

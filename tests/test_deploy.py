@@ -1,19 +1,23 @@
 """The shipped deployment files, checked against the real Mosquitto binary.
 
 The production broker config (deploy/mosquitto/mosquitto.conf) runs with only its absolute paths
-and its listener rewritten for the test, and the ACL file exactly as shipped. Users are created
-with mosquitto_passwd. Each ACL test proves a denial with a positive control: the forbidden
-message is sent first and an allowed one after it on the same connection, so once the control
-arrives the forbidden one would already have arrived (the broker delivers one publisher's
-messages in order). No sleeps.
+and its two listeners (plain and TLS) rewritten for the test, and the ACL file exactly as shipped.
+Users are created with mosquitto_passwd, the TLS certificates with deploy/make-certs.sh. Each ACL
+test proves a denial with a positive control: the forbidden message is sent first and an allowed
+one after it on the same connection, so once the control arrives the forbidden one would already
+have arrived (the broker delivers one publisher's messages in order). No sleeps.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import queue
 import re
 import shutil
+import socket
+import ssl
 import subprocess
 import threading
 import uuid
@@ -27,12 +31,19 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from shared import codec
-from shared.config import BrokerSettings, load_settings
+from shared import codec, homeassistant
+from shared.config import BrokerSettings, load_settings, read_toml
+from shared.errors import BrokerError
 from shared.messages import Confirmation, InputSpec, ModelChunk, ModelManifest
 from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound
 from shared.topics import Topics
-from tests.mosquitto import LOOPBACK, MosquittoProcess, accepts_connections, find_mosquitto
+from tests.mosquitto import (
+    LOOPBACK,
+    MosquittoProcess,
+    accepts_connections,
+    find_mosquitto,
+    free_port,
+)
 from tests.mqtt_helpers import connect, receive
 
 pytestmark = pytest.mark.broker
@@ -43,6 +54,9 @@ SHIPPED_CONF = DEPLOY / "mosquitto" / "mosquitto.conf"
 SHIPPED_ACL = DEPLOY / "mosquitto" / "acl"
 TEST_CONF = DEPLOY / "mosquitto" / "test.conf"
 COMPOSE = DEPLOY / "docker-compose.yml"
+MAKE_CERTS = DEPLOY / "make-certs.sh"
+# Where mosquitto.conf expects the TLS files (the compose file mounts them there).
+CONTAINER_CERTS = "/mosquitto/config/certs/"
 
 # The ACL names the topic root literally.
 ROOT = "har/v1"
@@ -65,33 +79,62 @@ def _passwd_binary() -> str:
     return "/usr/bin/mosquitto_passwd"
 
 
-def adapt_config(text: str, *, port: int, workdir: Path, acl_file: Path | None) -> str:
-    """The shipped config with its listener, absolute paths and log destination made local.
+def make_certs(out: Path, *names: str) -> Path:
+    """deploy/make-certs.sh into ``out`` (a CA and a server certificate for ``names``)."""
+    subprocess.run(
+        ["bash", str(MAKE_CERTS), "--out", str(out), *names],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return out
 
-    Only those lines change; everything else (limits, persistence, anonymous access) runs as
-    shipped. Any other absolute path fails the test, so a new one cannot slip by untested.
+
+def adapt_config(
+    text: str,
+    *,
+    port: int,
+    workdir: Path,
+    acl_file: Path | None,
+    tls_port: int | None = None,
+    certs_dir: Path | None = None,
+) -> str:
+    """The shipped config with its listeners, absolute paths and log destination made local.
+
+    Only those lines change; everything else (limits, persistence, anonymous access, TLS version)
+    runs as shipped. Listeners bind to loopback: 1883 becomes ``port``, the TLS listener 8883
+    ``tls_port``, and the certificate paths point into ``certs_dir``. Any other absolute path
+    fails the test, so a new one cannot slip by untested.
     """
     replaced: set[str] = set()
     lines = []
     for line in text.splitlines():
         option = line.split(maxsplit=1)[0] if line.strip() and not line.startswith("#") else ""
+        value = line.split(maxsplit=1)[1].strip() if option else ""
         local = {
-            "listener": f"listener {port} {LOOPBACK}",
             "password_file": f"password_file {workdir / 'passwd'}",
             "acl_file": f"acl_file {acl_file}",
             "persistence_location": f"persistence_location {workdir}/",
             "log_dest": f"log_dest file {workdir / 'mosquitto.log'}",
         }
-        if option in local:
-            if option == "listener":
-                assert line.strip() == "listener 1883", f"unexpected listener line {line!r}"
+        if option == "listener":
+            listeners = {"1883": port, "8883": tls_port}
+            assert listeners.get(value) is not None, f"unexpected listener line {line!r}"
+            lines.append(f"listener {listeners[value]} {LOOPBACK}")
+            replaced.add(f"listener {value}")
+        elif option in ("cafile", "certfile", "keyfile"):
+            assert value.startswith(CONTAINER_CERTS), f"certificate outside the mount: {line!r}"
+            assert certs_dir is not None
+            lines.append(f"{option} {certs_dir / value.removeprefix(CONTAINER_CERTS)}")
+            replaced.add(option)
+        elif option in local:
             assert option != "acl_file" or acl_file is not None
             lines.append(local[option])
             replaced.add(option)
         else:
             assert not (option and "/" in line), f"config line with a path not adapted: {line!r}"
             lines.append(line)
-    assert {"listener", "persistence_location", "log_dest"} <= replaced
+    assert {"listener 1883", "persistence_location", "log_dest"} <= replaced
     if os.geteuid() == 0:
         # As root, mosquitto drops to user "mosquitto", which cannot read our temp files.
         lines.append("user root")
@@ -99,7 +142,11 @@ def adapt_config(text: str, *, port: int, workdir: Path, acl_file: Path | None) 
 
 
 class ShippedMosquitto(MosquittoProcess):
-    """A mosquitto process running one of the shipped config files, adapted by ``adapt_config``."""
+    """A mosquitto process running one of the shipped config files, adapted by ``adapt_config``.
+
+    A config with the TLS listener gets it on ``tls_port``, with a CA and a server certificate
+    for 127.0.0.1 and localhost made by deploy/make-certs.sh in ``workdir/certs``.
+    """
 
     def __init__(
         self,
@@ -111,7 +158,18 @@ class ShippedMosquitto(MosquittoProcess):
         self._shipped = config
         self._passwords = passwords or {}
         self._acl_file = acl_file
+        self.tls_port = free_port()
+        self.certs_dir = workdir / "certs"
         super().__init__(workdir)
+
+    @property
+    def ca_file(self) -> Path:
+        return self.certs_dir / "ca.crt"
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "the broker is not running"
+        return self._process.pid
 
     def _write_config(self) -> None:
         password_file = self.workdir / "passwd"
@@ -122,12 +180,17 @@ class ShippedMosquitto(MosquittoProcess):
                 check=True,
                 capture_output=True,
             )
+        shipped = self._shipped.read_text()
+        if "\nlistener 8883\n" in shipped:
+            make_certs(self.certs_dir, LOOPBACK, "localhost")
         self.config_path.write_text(
             adapt_config(
-                self._shipped.read_text(),
+                shipped,
                 port=self.port,
                 workdir=self.workdir,
                 acl_file=self._acl_file,
+                tls_port=self.tls_port,
+                certs_dir=self.certs_dir,
             )
         )
 
@@ -144,13 +207,22 @@ def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShippedMosquit
     broker.stop()
 
 
-def settings_for(broker: MosquittoProcess, user: str | None) -> BrokerSettings:
+def settings_for(
+    broker: MosquittoProcess, user: str | None, *, tls: bool = False
+) -> BrokerSettings:
+    """``user``'s settings for the plain listener, or with ``tls`` the TLS one, trusting its CA."""
+    port, ca_file = broker.port, None
+    if tls:
+        assert isinstance(broker, ShippedMosquitto), "only the shipped config has TLS"
+        port, ca_file = broker.tls_port, broker.ca_file
     return BrokerSettings(
         host=broker.host,
-        port=broker.port,
+        port=port,
         topic_root=ROOT,
         username=user or "",
         password=PASSWORDS.get(user or "", ""),
+        tls=tls,
+        ca_file=ca_file,
         keepalive_s=5,
         reconnect_min_s=0.05,
         reconnect_max_s=0.5,
@@ -188,10 +260,15 @@ class Clients:
         self._opened: list[MqttConnection] = []
 
     def join(
-        self, user: str, subscriptions: list[str] | None = None, *, persistent: bool = False
+        self,
+        user: str,
+        subscriptions: list[str] | None = None,
+        *,
+        persistent: bool = False,
+        tls: bool = False,
     ) -> Client:
         connection, inbox = connect(
-            settings_for(self._broker, user),
+            settings_for(self._broker, user, tls=tls),
             [(topic, 1) for topic in subscriptions or []],
             client_id=f"{user}-{uuid.uuid4().hex[:8]}",
             persistent=persistent,
@@ -240,6 +317,15 @@ def test_shipped_config_has_the_production_settings() -> None:
     # Model chunks (256 KiB of data by default) and the decoders' JSON / batch limits must fit.
     assert int(options["max_packet_size"][0]) >= 256 * 1024 + 4096
     assert int(options["max_packet_size"][0]) >= codec.DEFAULT_LIMITS.max_batch_bytes
+    # Plain MQTT and the TLS listener, whose files make-certs.sh names and compose mounts.
+    assert options["listener"] == ["1883", "8883"]
+    for option, name in (
+        ("cafile", "ca.crt"),
+        ("certfile", "server.crt"),
+        ("keyfile", "server.key"),
+    ):
+        assert options[option] == [CONTAINER_CERTS + name]
+    assert options["tls_version"] == ["tlsv1.2"]
 
 
 def test_test_config_allows_anonymous_and_raises_queues() -> None:
@@ -282,6 +368,7 @@ def test_trainer_example_config_loads_and_its_chunks_fit_the_broker() -> None:
 def test_anonymous_and_wrong_password_are_refused(shipped: ShippedMosquitto) -> None:
     for settings in (
         settings_for(shipped, None),
+        settings_for(shipped, None, tls=True),
         BrokerSettings(host=shipped.host, port=shipped.port, username="trainer", password="nope"),
     ):
         connection = MqttConnection(settings, client_id=f"intruder-{uuid.uuid4().hex[:6]}")
@@ -469,6 +556,98 @@ def test_forbidden_publish_gets_not_authorized_reason_code(shipped: ShippedMosqu
     assert codes[allowed.mid] in (0x00, 0x10)
 
 
+def test_dashboard_reads_every_confirmation_and_the_manifest(clients: Clients) -> None:
+    """What a dashboard needs for the accuracy of confirmed predictions per model version."""
+    dashboard = clients.join("dashboard", [TOPICS.all_confirmation(), TOPICS.model_manifest()])
+    trainer = clients.join("trainer")
+    operator = clients.join("operator")
+    manifest = (TOPICS.model_manifest(), unique("manifest"))
+    trainer.publish(*manifest)  # not retained: the retained one of another test stays
+    confirmations = [(TOPICS.confirmation(device), unique("confirmed")) for device in PASSWORDS]
+    for message in confirmations[:2]:  # wrist-0001 and wrist-0002
+        operator.publish(*message)
+    for message in (manifest, *confirmations[:2]):
+        assert message in dashboard.until(*message)
+
+
+def test_device_publishes_home_assistant_discovery_under_its_own_id_only(
+    clients: Clients,
+) -> None:
+    dashboard = clients.join("dashboard", ["homeassistant/#"])  # as Home Assistant logs in
+    operator = clients.join("operator", ["homeassistant/#"])
+    device = clients.join("wrist-0001")
+    forbidden = [
+        ("homeassistant/sensor/wrist-0002/activity/config", unique("ha-other-device")),
+        ("homeassistant/binary_sensor/wrist-0001/worn/config", unique("ha-other-component")),
+        ("homeassistant/status", unique("ha-birth")),
+    ]
+    for message in forbidden:
+        device.publish(*message)
+    # What the agent publishes with agent.homeassistant_discovery on (not retained here, so
+    # nothing is left on the module's broker).
+    own = [(m.topic, m.payload) for m in homeassistant.discovery_messages(TOPICS, "wrist-0001")]
+    assert own, "no discovery configs to publish"
+    for message in own:
+        device.publish(*message)
+    seen = dashboard.until(*own[-1])
+    for message in own:
+        assert message in seen, f"the device could not publish {message[0]}"
+    for message in forbidden:
+        assert message not in seen, f"the device published on {message[0]}"
+    assert own[-1] in operator.until(*own[-1])
+
+
+def test_tls_client_with_the_ca_logs_in_and_the_acl_applies_there_too(clients: Clients) -> None:
+    trainer = clients.join("trainer", [f"{ROOT}/#", "homeassistant/#"])  # on the plain listener
+    device = clients.join("wrist-0001", tls=True)
+    forbidden = [
+        (TOPICS.sensor("wrist-0002"), unique("tls-forbidden")),
+        (TOPICS.model_manifest(), unique("tls-forbidden")),
+        (TOPICS.trainer_command(), unique("tls-forbidden")),
+    ]
+    for message in forbidden:
+        device.publish(*message)
+    allowed = (TOPICS.sensor("wrist-0001"), unique("tls-ok"))
+    device.publish(*allowed)
+    seen = trainer.until(*allowed)
+    for message in forbidden:
+        assert message not in seen, f"over TLS the device published on {message[0]}"
+
+
+def test_production_broker_refuses_to_start_without_its_tls_files(tmp_path: Path) -> None:
+    broker = ShippedMosquitto(tmp_path, SHIPPED_CONF, PASSWORDS, SHIPPED_ACL)
+    shutil.rmtree(broker.certs_dir)
+    try:
+        with pytest.raises(BrokerError, match="Unable to load CA certificates"):
+            broker.start()
+        assert not broker.running
+    finally:
+        broker.stop()  # closes the pipe of the process that exited
+
+
+@pytest.mark.parametrize("trusted", ["another CA", "the system CA store"])
+def test_tls_client_that_does_not_trust_the_ca_is_refused(
+    shipped: ShippedMosquitto, tmp_path: Path, trusted: str
+) -> None:
+    ca_file = make_certs(tmp_path, LOOPBACK) / "ca.crt" if trusted == "another CA" else None
+    # What paho's tls_set (MqttConnection) sets up: verify the chain and the host name against
+    # ca_file, or against the system's CAs without one. (A plain socket here, because paho leaves
+    # the socket of a failed handshake to the garbage collector.)
+    context = ssl.create_default_context(cafile=ca_file)
+    with (
+        socket.create_connection((shipped.host, shipped.tls_port), timeout=WAIT_S) as raw,
+        pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"),
+    ):
+        context.wrap_socket(raw, server_hostname=shipped.host)
+    # The positive control: the broker's own CA is accepted on the same port.
+    trusting = ssl.create_default_context(cafile=shipped.ca_file)
+    with (
+        socket.create_connection((shipped.host, shipped.tls_port), timeout=WAIT_S) as raw,
+        trusting.wrap_socket(raw, server_hostname=shipped.host) as tls,
+    ):
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+
+
 # ------------------------------------------------------------------------------ compose healthcheck
 
 
@@ -496,7 +675,7 @@ def test_compose_defaults_match_the_test_harness() -> None:
     assert '"${HAR_MOSQUITTO_BIND:-127.0.0.1}:${HAR_MOSQUITTO_PORT:-}:1883"' in text
     assert "${HAR_MOSQUITTO_CONF:-./mosquitto/test.conf}" in text
     for relative in re.findall(r"\./mosquitto/[\w.]+", text):
-        assert (DEPLOY / relative).is_file(), f"docker-compose.yml mounts missing {relative}"
+        assert (DEPLOY / relative).exists(), f"docker-compose.yml mounts missing {relative}"
 
 
 def test_compose_healthcheck_works_with_test_and_production_configs(
@@ -512,3 +691,131 @@ def test_compose_healthcheck_works_with_test_and_production_configs(
     assert run_healthcheck(shipped.port, "healthcheck", PASSWORDS["healthcheck"]) == 0
     # Anonymous against the production config must fail: the check is real, not "port open".
     assert run_healthcheck(shipped.port) != 0
+
+
+# ------------------------------------------------------------------------------ images and services
+
+AGENT_DOCKERFILE = DEPLOY / "agent.Dockerfile"
+TRAINER_DOCKERFILE = DEPLOY / "trainer.Dockerfile"
+
+
+def compose_services() -> dict[str, str]:
+    """Each service's block of docker-compose.yml by name (the file's own two-space layout)."""
+    text = COMPOSE.read_text()
+    services = text.split("\nservices:\n", 1)[1].split("\nvolumes:\n", 1)[0]
+    blocks = re.split(r"^  (?=[a-z][\w-]*:\n)", services, flags=re.MULTILINE)
+    return {block.split(":", 1)[0]: block for block in blocks if block.strip()}
+
+
+def compose_value(block: str, key: str) -> str:
+    match = re.search(rf"^\s+{key}: (.+)$", block, flags=re.MULTILINE)
+    assert match, f"no {key} in {block!r}"
+    return match.group(1).strip()
+
+
+def dockerfile_cmd(path: Path) -> list[str]:
+    match = re.search(r"^CMD (\[.*\])$", path.read_text(), flags=re.MULTILINE)
+    assert match, f"no exec-form CMD in {path.name}"
+    command: list[str] = json.loads(match.group(1))
+    return command
+
+
+def har_subcommands() -> set[str]:
+    from har.cli import build_parser
+
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    raise AssertionError("har has no subcommands")
+
+
+def test_compose_builds_each_service_from_an_existing_dockerfile_and_dockerignore() -> None:
+    services = compose_services()
+    assert set(services) == {"mosquitto", "trainer", "sim"}
+    built = {
+        name: compose_value(block, "dockerfile")
+        for name, block in services.items()
+        if "dockerfile:" in block
+    }
+    assert built == {"trainer": "deploy/trainer.Dockerfile", "sim": "deploy/agent.Dockerfile"}
+    packages = read_toml(REPO / "pyproject.toml")["tool"]["setuptools"]["packages"]["find"]
+    for dockerfile in built.values():
+        assert (REPO / dockerfile).is_file()
+        # BuildKit reads <dockerfile>.dockerignore; it must let every package in, because `har`
+        # imports each package's subcommands.
+        ignore = (REPO / f"{dockerfile}.dockerignore").read_text().splitlines()
+        assert ignore[ignore.index("*") :].count("*") == 1, "everything is excluded first"
+        for package in packages["include"]:
+            assert f"!{package.rstrip('*')}/" in ignore, f"{dockerfile} image lacks {package}"
+
+
+def test_images_install_their_extra_and_run_their_role_by_default() -> None:
+    assert "pip install '/src[agent]'" in AGENT_DOCKERFILE.read_text()
+    assert "pip install '/src[trainer]'" in TRAINER_DOCKERFILE.read_text()
+    assert dockerfile_cmd(AGENT_DOCKERFILE) == ["har", "agent", "--config", "/etc/har/agent.toml"]
+    assert dockerfile_cmd(TRAINER_DOCKERFILE) == [
+        *["har", "trainer", "serve", "--config", "/etc/har/trainer.toml"]
+    ]
+    # The device's systemd unit runs the same command as the agent image.
+    unit = (DEPLOY / "systemd" / "har-agent.service").read_text()
+    exec_start = re.search(r"^ExecStart=(\S+) (.*)$", unit, flags=re.MULTILINE)
+    assert exec_start
+    assert exec_start.group(1).endswith("/bin/har")
+    assert exec_start.group(2).split() == dockerfile_cmd(AGENT_DOCKERFILE)[1:]
+
+
+def test_compose_sim_service_runs_n_simulated_devices_after_a_healthy_broker() -> None:
+    sim = compose_services()["sim"]
+    assert json.loads(compose_value(sim, "command")) == [
+        *["har", "sim", "--config", "/etc/har/sim.toml"]
+    ]
+    # The device count: HAR_SIM_DEVICES, 3 by default, as the `devices` override of sim.toml.
+    assert compose_value(sim, "HAR_DEVICES") == '"${HAR_SIM_DEVICES:-3}"'
+    assert compose_value(sim, "HAR_BROKER_HOST") == "mosquitto"
+    assert re.search(r"depends_on:\n\s+mosquitto:\n\s+condition: service_healthy\n", sim)
+    # A plain `docker compose up` starts no simulated devices next to real ones.
+    assert compose_value(sim, "profiles") == '["sim"]'
+    assert '"${HAR_ETC:-/etc/har}:/etc/har:ro"' in sim
+
+
+def test_compose_and_image_commands_parse_with_the_har_cli() -> None:
+    from har.cli import build_parser
+
+    commands = [dockerfile_cmd(AGENT_DOCKERFILE), dockerfile_cmd(TRAINER_DOCKERFILE)]
+    for block in compose_services().values():
+        if "command:" in block:
+            commands.append(json.loads(compose_value(block, "command")))
+    known = har_subcommands()
+    for command in commands:
+        assert command[0] == "har"
+        if command[1] == "sim" and "sim" not in known:
+            continue  # `har sim` is being written: its parser is checked once it is registered
+        args = build_parser().parse_args(command[1:])
+        assert args.config == Path(command[-1]), command
+
+
+def test_compose_publishes_the_tls_listener_and_mounts_its_certificates() -> None:
+    broker = compose_services()["mosquitto"]
+    assert '"${HAR_MOSQUITTO_TLS_BIND:-127.0.0.1}:${HAR_MOSQUITTO_TLS_PORT:-}:8883"' in broker
+    mount = re.search(r'"\$\{HAR_MOSQUITTO_CERTS:-([^}]+)\}:([^:]+):ro"', broker)
+    assert mount, "no certificates mount"
+    assert mount.group(2) == CONTAINER_CERTS.rstrip("/")
+    assert (DEPLOY / mount.group(1)).is_dir()
+
+
+def test_sim_example_config_loads_with_the_sim_settings() -> None:
+    module = pytest.importorskip("simulator.settings", reason="har sim settings not merged")
+    example = DEPLOY / "sim.example.toml"
+    settings = load_settings(module.SimSettings, config_file=example)
+    assert settings.devices == 3, "the same default as HAR_SIM_DEVICES in docker-compose.yml"
+    assert settings.device_prefix == "sim-"
+    assert settings.broker.topic_root == ROOT
+    assert settings.public_key == Path("/etc/har/model-signing.pub")
+    # The agent image's only writable place (the sim-data volume).
+    assert settings.state_dir.is_relative_to("/var/lib/har")
+    # What docker-compose.yml does: the environment overrides the file.
+    env = {"HAR_DEVICES": "7", "HAR_BROKER_HOST": "mosquitto"}
+    overridden = load_settings(module.SimSettings, config_file=example, environ=env)
+    assert overridden.devices == 7
+    assert overridden.broker.host == "mosquitto"
