@@ -207,11 +207,14 @@ class FleetClient:
     def connected(self) -> bool:
         return self._connection.connected
 
-    def pump(self, view: FleetView, timeout: float = 0.0) -> int:
-        """Feed every waiting message to ``view``, waiting up to ``timeout`` for the first."""
+    def pump(self, view: FleetView, timeout: float = 0.0, max_messages: int = 5000) -> int:
+        """Feed waiting messages to ``view``, waiting up to ``timeout`` for the first.
+
+        At most ``max_messages`` per call, so that a busy fleet cannot starve the screen.
+        """
         handled = 0
         wait = timeout
-        while True:
+        while handled < max_messages:
             try:
                 message = self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
             except queue.Empty:
@@ -222,6 +225,7 @@ class FleetClient:
                 log.warning("bad payload: %s", problem)
             message.ack()
             handled += 1
+        return handled
 
     def confirm(
         self, device_id: str, prediction_id: str, label: str, source: ConfirmationSource = "user"
