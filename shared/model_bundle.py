@@ -1,9 +1,12 @@
 """A model version as one byte string: packing, unpacking, hashing and chunking.
 
 A bundle is a msgpack map of the SavedModel directory's regular files (relative POSIX paths,
-sorted, so the same directory always gives the same bytes and the same sha256). Unpacking trusts
-nothing: paths are checked against traversal, sizes and counts are bounded, and the files land in
-a temporary directory that is renamed into place only when complete.
+sorted, so the same directory gives the same bytes and the same sha256 with the same zlib).
+Version 2 deflates each file: a SavedModel is mostly its graph protobuf, which shrinks about
+8x, and every device of a fleet downloads every version. Version 1 bundles (files stored as
+they are) are still read. Unpacking trusts nothing: paths are checked against traversal, sizes
+and counts are bounded (also while inflating: a small entry cannot inflate into a huge one), and
+the files land in a temporary directory that is renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -22,7 +26,10 @@ from shared.errors import ModelVerificationError
 from shared.messages import ModelChunk
 
 BUNDLE_KIND = "har-model-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # what pack_model_dir writes
+_READABLE_VERSIONS = (1, 2)
+_DEFLATE = "zlib"
+_DEFLATE_LEVEL = 9  # the bundle is made once and downloaded by every device
 DEFAULT_MAX_BUNDLE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_FILES = 10_000
 _MAX_PATH = 512
@@ -50,13 +57,42 @@ def pack_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
         total += len(data)
         if total > max_bytes:
             raise ModelVerificationError(f"model directory exceeds {max_bytes} bytes")
-        files.append([relative, data])
+        files.append([relative, _DEFLATE, len(data), zlib.compress(data, _DEFLATE_LEVEL)])
     if not files:
         raise ModelVerificationError(f"{directory} holds no files")
     packed: bytes = msgpack.packb(
         {"kind": BUNDLE_KIND, "v": BUNDLE_VERSION, "files": files}, use_bin_type=True
     )
     return packed
+
+
+def _entry_data(entry: object, version: int, budget: int) -> tuple[object, bytes]:
+    """(raw path, file bytes) of one bundle entry; the bytes may not exceed ``budget``."""
+    if version == 1:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], bytes)):
+            raise ModelVerificationError("model bundle entry is not [path, bytes]")
+        if len(entry[1]) > budget:
+            raise ModelVerificationError("model bundle exceeds its size limit")
+        return entry[0], entry[1]
+    if not (
+        isinstance(entry, list)
+        and len(entry) == 4
+        and entry[1] == _DEFLATE
+        and isinstance(entry[2], int)
+        and isinstance(entry[3], bytes)
+    ):
+        raise ModelVerificationError("model bundle entry is not [path, 'zlib', size, bytes]")
+    size = entry[2]
+    if not 0 <= size <= budget:
+        raise ModelVerificationError("model bundle exceeds its size limit")
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(entry[3], size + 1)  # one byte more reveals a liar
+    except zlib.error as exc:
+        raise ModelVerificationError(f"model bundle entry does not inflate: {exc}") from exc
+    if len(data) != size or not inflater.eof or inflater.unused_data:
+        raise ModelVerificationError(f"model bundle entry {entry[0]!r} is not the size it says")
+    return entry[0], data
 
 
 def _check_relative_path(raw: object) -> PurePosixPath:
@@ -94,23 +130,21 @@ def read_bundle(
         raise ModelVerificationError(f"model bundle is not valid msgpack: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("kind") != BUNDLE_KIND:
         raise ModelVerificationError("payload is not a model bundle")
-    if doc.get("v") != BUNDLE_VERSION:
-        raise ModelVerificationError(f"unsupported model bundle version {doc.get('v')!r}")
+    version = doc.get("v")
+    if version not in _READABLE_VERSIONS:
+        raise ModelVerificationError(f"unsupported model bundle version {version!r}")
     entries = doc.get("files")
     if not isinstance(entries, list) or not entries:
         raise ModelVerificationError("model bundle lists no files")
     files: dict[PurePosixPath, bytes] = {}
     total = 0
     for entry in entries:
-        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], bytes)):
-            raise ModelVerificationError("model bundle entry is not [path, bytes]")
-        path = _check_relative_path(entry[0])
+        raw_path, data = _entry_data(entry, version, max_bytes - total)
+        path = _check_relative_path(raw_path)
         if path in files:
             raise ModelVerificationError(f"model bundle lists {path} twice")
-        total += len(entry[1])
-        if total > max_bytes:
-            raise ModelVerificationError(f"model bundle exceeds {max_bytes} bytes")
-        files[path] = entry[1]
+        total += len(data)
+        files[path] = data
     for path in files:
         for parent in path.parents:
             if parent in files:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import stat
-from pathlib import Path
+import zlib
+from pathlib import Path, PurePosixPath
 
 import msgpack
 import pytest
@@ -79,6 +81,52 @@ def test_paths_that_escape_are_refused(tmp_path: Path, bad_path: str) -> None:
 def test_malformed_bundles_are_refused(doc: dict[str, object]) -> None:
     with pytest.raises(ModelVerificationError):
         read_bundle(msgpack.packb(doc, use_bin_type=True))
+
+
+def test_bundles_are_deflated_and_version_1_bundles_still_read(tmp_path: Path) -> None:
+    model = write_model_dir(tmp_path)
+    payload = pack_model_dir(model)
+    files = read_bundle(payload)
+    assert files[PurePosixPath("saved_model.pb")] == b"graph" * 100
+    legacy = msgpack.packb(
+        {"kind": "har-model-bundle", "v": 1, "files": [[str(k), v] for k, v in files.items()]},
+        use_bin_type=True,
+    )
+    assert read_bundle(legacy) == files
+    assert len(payload) < len(legacy) - 400  # the 500-byte repetitive graph file deflates
+
+
+def _deflated(entries: list[list[object]]) -> bytes:
+    packed: bytes = msgpack.packb(
+        {"kind": "har-model-bundle", "v": 2, "files": entries}, use_bin_type=True
+    )
+    return packed
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        # A few kilobytes that inflate to 64 MiB: refused after reading one byte past the claim.
+        (["a", "zlib", 10, zlib.compress(bytes(64 * 1024 * 1024))], "not the size it says"),
+        (["a", "zlib", 100, zlib.compress(b"short")], "not the size it says"),
+        (["a", "zlib", 5, zlib.compress(b"short") + b"trailing"], "not the size it says"),
+        (["a", "zlib", 5, b"not deflate data"], "does not inflate"),
+        (["a", "zlib", 2**40, zlib.compress(b"x")], "size limit"),
+        (["a", "lzma", 1, b"x"], "is not [path, 'zlib', size, bytes]"),
+    ],
+)
+def test_deflated_entries_that_lie_are_refused(entry: list[object], why: str) -> None:
+    with pytest.raises(ModelVerificationError, match=re.escape(why)):
+        read_bundle(_deflated([entry]), max_bytes=1024 * 1024)
+
+
+def test_inflated_total_is_bounded(tmp_path: Path) -> None:
+    chunk = bytes(600 * 1024)
+    entries: list[list[object]] = [
+        [name, "zlib", len(chunk), zlib.compress(chunk)] for name in ("a", "b")
+    ]
+    with pytest.raises(ModelVerificationError, match="size limit"):
+        read_bundle(_deflated(entries), max_bytes=1024 * 1024)
 
 
 def test_size_limit_and_symlinks(tmp_path: Path) -> None:
