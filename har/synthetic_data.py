@@ -28,21 +28,18 @@ def rotation_about_x(degrees: float) -> npt.NDArray[np.float64]:
     return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
 
 
-def user_lines(
-    user: int,
+def user_recording(
     activities: Sequence[str],
     seconds_per_activity: float,
     *,
     seed: int,
     rotation: npt.NDArray[np.float64] | None = None,
-    start_ns: int = 1_000_000_000_000,
-) -> list[str]:
-    """WISDM raw lines (``user,Activity,timestamp,x,y,z;``) for one synthetic user."""
-    lines: list[str] = []
-    period_ns = round(1e9 / SAMPLE_RATE_HZ)
+) -> tuple[npt.NDArray[np.float64], list[str]]:
+    """(samples of shape (n, 3), the activity of each) of one synthetic person, in order."""
     per_activity = round(seconds_per_activity * SAMPLE_RATE_HZ)
-    t_ns = start_ns
     never = threading.Event()
+    parts: list[npt.NDArray[np.float64]] = []
+    labels: list[str] = []
     for rank, activity in enumerate(activities):
         source = SyntheticAccelerometer(
             SAMPLE_RATE_HZ,
@@ -55,12 +52,31 @@ def user_lines(
         while len(readings) < per_activity:
             readings += source.read(never, per_activity - len(readings))
         xyz = np.array([r.xyz for r in readings])
-        if rotation is not None:
-            xyz = xyz @ rotation.T
-        for x, y, z in xyz:
-            lines.append(f"{user},{activity},{t_ns},{x:.6f},{y:.6f},{z:.6f};")
-            t_ns += period_ns
-        t_ns += _SEGMENT_GAP_NS
+        parts.append(xyz if rotation is None else xyz @ rotation.T)
+        labels.extend([activity] * per_activity)
+    return np.concatenate(parts), labels
+
+
+def user_lines(
+    user: int,
+    activities: Sequence[str],
+    seconds_per_activity: float,
+    *,
+    seed: int,
+    rotation: npt.NDArray[np.float64] | None = None,
+    start_ns: int = 1_000_000_000_000,
+) -> list[str]:
+    """WISDM raw lines (``user,Activity,timestamp,x,y,z;``) for one synthetic user."""
+    xyz, labels = user_recording(activities, seconds_per_activity, seed=seed, rotation=rotation)
+    period_ns = round(1e9 / SAMPLE_RATE_HZ)
+    per_activity = round(seconds_per_activity * SAMPLE_RATE_HZ)
+    lines: list[str] = []
+    t_ns = start_ns
+    for i, ((x, y, z), activity) in enumerate(zip(xyz, labels, strict=True)):
+        if i and i % per_activity == 0:
+            t_ns += _SEGMENT_GAP_NS  # each activity is a contiguous segment of its own
+        lines.append(f"{user},{activity},{t_ns},{x:.6f},{y:.6f},{z:.6f};")
+        t_ns += period_ns
     return lines
 
 

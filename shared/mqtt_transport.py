@@ -110,6 +110,16 @@ def content_properties(content_type: str, packet_type: int = PacketTypes.PUBLISH
     return props
 
 
+def apply_tls(client: paho.Client, settings: BrokerSettings) -> None:
+    """Turn on TLS for ``client`` as ``settings`` say (the system's CAs without a ca_file)."""
+    if settings.tls:
+        client.tls_set(
+            ca_certs=str(settings.ca_file) if settings.ca_file else None,
+            certfile=str(settings.cert_file) if settings.cert_file else None,
+            keyfile=str(settings.key_file) if settings.key_file else None,
+        )
+
+
 class MqttConnection:
     """A long-lived MQTT 5 connection for one role (device agent, trainer, tool)."""
 
@@ -238,12 +248,7 @@ class MqttConnection:
         client.max_queued_messages_set(0)
         if settings.username:
             client.username_pw_set(settings.username, settings.resolved_password() or None)
-        if settings.tls:
-            client.tls_set(
-                ca_certs=str(settings.ca_file) if settings.ca_file else None,
-                certfile=str(settings.cert_file) if settings.cert_file else None,
-                keyfile=str(settings.key_file) if settings.key_file else None,
-            )
+        apply_tls(client, settings)
         if self._will is not None:
             client.will_set(
                 self._will.topic,

@@ -96,7 +96,7 @@ def inbox() -> queue.Queue[object]:
     return queue.Queue(maxsize=1000)
 
 
-_OUR_THREADS = ("agent-", "trainer-", "paho-", "sensor-")
+_OUR_THREADS = ("agent-", "trainer-", "paho-", "sensor-", "sim-")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,477 @@
+"""Many simulated devices in one process: one event-loop thread, one MQTT connection each.
+
+Each device logs in as itself (client id and username = device id, so the shipped broker ACL
+applies to it as to a real device), publishes sensor batches, predictions and its retained
+status, and downloads, verifies and installs signed model versions on its own connection. What
+makes a device lightweight is shared: one model runtime per version for the whole process (the
+windows of every device are predicted together, on a worker thread), and one verified copy of
+each release on disk. The simulated people confirm predictions through one separate "app"
+connection, because with the shipped ACL only people (the dashboard user) may confirm.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from device_agent.releases import ReleaseStore
+from device_agent.windowing import StreamWindow
+from shared import codec
+from shared.errors import HarError, ModelError, PayloadError
+from shared.messages import Confirmation, ModelManifest
+from shared.model.runtime import MAX_WINDOWS_PER_CALL, ActivityModel
+from shared.mqtt_transport import Outbound
+from shared.signing import verify_payload
+from shared.topics import Topics
+from simulator.device import SimDevice
+from simulator.event_loop import EventLoop
+from simulator.link import Link, PropertiesCache
+from simulator.people import SimulatedPerson
+from simulator.recordings import Recording, cursor_for
+from simulator.settings import SimSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FLUSH_TIMEOUT_S = 5.0  # at exit, for what is still queued
+MAX_PENDING_WINDOWS = 4 * MAX_WINDOWS_PER_CALL
+# New connections per second: a thousand devices starting at once would otherwise all wait on
+# the broker's accept queue together and time out together.
+CONNECTS_PER_SECOND = 500
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    manifest: ModelManifest
+    model: ActivityModel
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    device: SimDevice
+    window: StreamWindow
+    runtime: LoadedModel
+
+
+class FleetSimulator:
+    def __init__(
+        self,
+        settings: SimSettings,
+        recordings: list[Recording],
+        releases: ReleaseStore,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._topics = Topics(settings.broker.topic_root)
+        self._clock = clock
+        self._releases = releases
+        self._rng = random.Random(settings.seed)
+        self.loop = EventLoop()
+        self._properties = PropertiesCache()
+        self.counters: Counter[str] = Counter()
+        self.devices = [
+            SimDevice(
+                device_id,
+                cursor_for(recordings, index),
+                self._topics,
+                sample_rate_hz=settings.sample_rate_hz,
+                batch_samples=settings.batch_samples,
+                window_hop=settings.window_hop,
+                clock=clock,
+            )
+            for index, device_id in enumerate(settings.device_ids)
+        ]
+        self._people = {
+            device.device_id: SimulatedPerson(
+                settings.confirm_share, settings.mistake_rate, random.Random(self._rng.random())
+            )
+            for device in self.devices
+        }
+        self._links: dict[str, Link] = {}
+        self._runtimes: dict[str, LoadedModel] = {}  # device id -> the model it runs
+        self._loaded: dict[str, LoadedModel] = {}  # manifest sha256 -> runtime
+        self._loading: dict[str, list[Callable[[LoadedModel | None], None]]] = {}
+        self._pending: list[_Job] = []
+        self._predicting = False
+        # One thread runs the model, one loads new versions, two hash downloads: none of them
+        # may hold up the event loop.
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="sim-model")
+        self._load_thread = ThreadPoolExecutor(1, thread_name_prefix="sim-load")
+        self._hash_threads = ThreadPoolExecutor(2, thread_name_prefix="sim-hash")
+        self._stop_requested = threading.Event()
+        self._stopping = False
+        self._stop_deadline = 0.0
+        self._password = settings.broker.resolved_password()
+        self._app_password = (
+            settings.app_password_file.read_text(encoding="utf-8").strip()
+            if settings.app_password_file
+            else ""
+        )
+        self._app: Link | None = None
+
+    # ================================================================== running
+    def request_stop(self) -> None:
+        """Ask the fleet to stop; safe from any thread and from a signal handler."""
+        self._stop_requested.set()
+        self.loop.wake()
+
+    def run(self) -> dict[str, Any]:
+        """Simulate until ``request_stop``; flush what was produced; return the fleet's report."""
+        started = self._clock()
+        try:
+            self._start_app()
+            period = self._settings.batch_seconds / self._settings.speed
+            for index, device in enumerate(self.devices):
+                self.loop.call_later(index / CONNECTS_PER_SECOND, self._starter(device))
+                # Devices start spread over one period: the broker sees a stream, not bursts.
+                first_tick = index / CONNECTS_PER_SECOND + self._rng.random() * period
+                self.loop.call_later(first_tick, self._ticker(device))
+            self.loop.call_later(self._monitor_interval(), self._monitor)
+            self.loop.run(until=self._finished)
+        finally:
+            for pool in (self._model_thread, self._load_thread, self._hash_threads):
+                pool.shutdown(wait=True, cancel_futures=True)
+            self.loop.close()
+        return self.report(self._clock() - started)
+
+    def _finished(self) -> bool:
+        if not self._stop_requested.is_set():
+            return False
+        if not self._stopping:
+            self._begin_stop()
+        links = [*self._links.values(), *([self._app] if self._app else [])]
+        if all(link.closed for link in links):
+            return True
+        if self.loop.time() > self._stop_deadline:
+            for link in links:
+                if not link.closed:
+                    link.abort()
+            return self.loop.time() > self._stop_deadline + 2.0
+        return False
+
+    def _begin_stop(self) -> None:
+        self._stopping = True
+        self._stop_deadline = self.loop.time() + FLUSH_TIMEOUT_S
+        # Tickers and the monitor see _stopping and do not run again.
+        for device in self.devices:
+            link = self._links.get(device.device_id)
+            if link is not None:
+                link.close(final=device.status_message("offline"))
+        if self._app is not None:
+            self._app.close()
+        # Wake the loop again before the deadline so a stuck flush is cut short in time.
+        self.loop.call_later(FLUSH_TIMEOUT_S + 0.1, lambda: None)
+
+    def report(self, seconds: float) -> dict[str, Any]:
+        totals: Counter[str] = Counter(self.counters)
+        per_device = {}
+        for device in self.devices:
+            totals.update(device.counters)
+            per_device[device.device_id] = {
+                "model_version": device.model_version,
+                "first_seq": device.first_seq,
+                "next_seq": device.next_seq,
+                **dict(sorted(device.counters.items())),
+            }
+        return {
+            "seconds": round(seconds, 1),
+            "devices": len(self.devices),
+            "totals": dict(sorted(totals.items())),
+            "per_device": per_device,
+        }
+
+    def _monitor_interval(self) -> float:
+        return max(5.0, self._settings.status_interval_s / self._settings.speed)
+
+    def _monitor(self) -> None:
+        """A line in the log now and then: is the fleet up, and is it flowing?"""
+        connected = sum(link.connected for link in self._links.values())
+        versions = Counter(device.model_version for device in self.devices)
+        sent = sum(device.counters["batches_sent"] for device in self.devices)
+        log.info(
+            "%d/%d devices connected, %d batches sent, models %s",
+            connected,
+            len(self.devices),
+            sent,
+            dict(versions),
+        )
+        if not self._stopping:
+            self.loop.call_later(self._monitor_interval(), self._monitor)
+
+    def _in_thread(
+        self, pool: ThreadPoolExecutor, work: Callable[[], T], done: Callable[[Future[T]], None]
+    ) -> None:
+        """Run ``work`` on ``pool``; call ``done(future)`` back on the loop's thread."""
+        future = pool.submit(work)
+        future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(lambda: done(f)))
+
+    # ================================================================== one device's link
+    def _starter(self, device: SimDevice) -> Callable[[], None]:
+        def start() -> None:
+            if self._stopping:
+                return
+            # With a password configured each device logs in as itself (the ACL's %u patterns).
+            username = device.device_id if self._password else self._settings.broker.username
+            link = Link(
+                self.loop,
+                self._settings.broker,
+                self._properties,
+                client_id=device.device_id,
+                username=username,
+                password=self._password,
+                counters=device.counters,
+                will=device.status_message("offline"),
+                on_connected=lambda link: self._on_connected(device, link),
+                on_message=lambda topic, payload: self._on_message(device, topic, payload),
+                on_acked=lambda message: self._on_acked(device, message),
+                inflight=min(20, self._settings.broker.max_inflight),
+                outbox_max=self._settings.outbox_max_messages,
+            )
+            self._links[device.device_id] = link
+            link.start()
+
+        return start
+
+    def _on_connected(self, device: SimDevice, link: Link) -> None:
+        link.publish(device.status_message("online"))
+        link.subscribe(self._topics.model_manifest(), 1)
+        if device.download is not None:  # resume a download a reconnect cut short
+            link.subscribe(device.download.topic, 1)
+
+    def _on_acked(self, device: SimDevice, message: Outbound) -> None:
+        if message.content_type == codec.CONTENT_TYPE_MSGPACK:
+            device.counters["batches_sent"] += 1
+
+    def _ticker(self, device: SimDevice) -> Callable[[], None]:
+        period = self._settings.batch_seconds / self._settings.speed
+        next_tick = self.loop.time()
+
+        def tick() -> None:
+            nonlocal next_tick
+            if self._stopping:
+                return
+            link = self._links.get(device.device_id)
+            batch, windows = device.next_batch()
+            if link is not None:
+                link.publish(batch)
+            else:
+                device.counters["batches_before_start"] += 1
+            self._submit(device, windows)
+            # Absolute deadlines: a late tick does not shift every later one.
+            next_tick = max(next_tick + period, self.loop.time() - period)
+            self.loop.call_later(next_tick - self.loop.time(), tick)
+
+        return tick
+
+    def _publish(self, device: SimDevice, message: Outbound) -> None:
+        link = self._links.get(device.device_id)
+        if link is not None:
+            link.publish(message)
+
+    # ================================================================== predictions
+    def _submit(self, device: SimDevice, windows: list[StreamWindow]) -> None:
+        runtime = self._runtimes.get(device.device_id)
+        for window in windows:
+            if runtime is None or window.samples.shape[0] != runtime.manifest.input.window:
+                device.counters["windows_without_model"] += 1
+            elif len(self._pending) >= MAX_PENDING_WINDOWS:
+                device.counters["windows_dropped"] += 1  # the model cannot keep up
+            else:
+                self._pending.append(_Job(device, window, runtime))
+        self._predict_next()
+
+    def _predict_next(self) -> None:
+        if self._predicting or not self._pending:
+            return
+        runtime = self._pending[0].runtime
+        batch = [job for job in self._pending if job.runtime is runtime][:MAX_WINDOWS_PER_CALL]
+        taken = {id(job) for job in batch}
+        self._pending = [job for job in self._pending if id(job) not in taken]
+        self._predicting = True
+        windows = np.stack([job.window.samples for job in batch])
+        self._in_thread(
+            self._model_thread,
+            lambda: runtime.model.predict(windows).probabilities,
+            lambda future: self._predicted(batch, future),
+        )
+
+    def _predicted(self, batch: list[_Job], future: Future[Any]) -> None:
+        self._predicting = False
+        try:
+            probabilities = future.result()
+        except HarError as exc:
+            log.warning("prediction failed: %s", exc)
+            self.counters["prediction_failures"] += len(batch)
+        else:
+            for job, row in zip(batch, probabilities, strict=True):
+                self._deliver(job, row.astype(np.float64))
+        self._predict_next()
+
+    def _deliver(self, job: _Job, probabilities: Any) -> None:
+        device = job.device
+        if device.manifest is None or device.manifest.sha256 != job.runtime.manifest.sha256:
+            device.counters["windows_outdated"] += 1  # the device moved on to another model
+            return
+        labels = job.runtime.manifest.labels
+        prediction, message = device.prediction(job.window, probabilities, labels)
+        self._publish(device, message)
+        answer = self._people[device.device_id].answer(prediction.truth, labels)
+        if answer is not None and self._app is not None:
+            confirmation = Confirmation(prediction.prediction_id, answer, "user", self._clock())
+            self._app.publish(
+                Outbound(
+                    self._topics.confirmation(device.device_id),
+                    codec.encode_confirmation(confirmation),
+                )
+            )
+            device.counters["confirmations"] += 1
+            if answer != prediction.truth:
+                device.counters["confirmations_mistaken"] += 1
+
+    # ================================================================== model updates
+    def _on_message(self, device: SimDevice, topic: str, payload: bytes) -> None:
+        try:
+            if topic == self._topics.model_manifest():
+                self._on_manifest(device, payload)
+            elif self._topics.chunk_of(topic) is not None:
+                self._on_chunk(device, payload)
+        except HarError as exc:
+            self._reject(device, str(exc), topic)
+
+    def _reject(self, device: SimDevice, reason: str, topic: str = "") -> None:
+        device.counters["model_rejections"] += 1
+        log.debug("%s: model rejected: %s", device.device_id, reason)
+        self._publish(device, device.error_message("model_rejected", reason, topic))
+
+    def _on_manifest(self, device: SimDevice, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained manifest
+        manifest = codec.decode_manifest(payload)
+        try:
+            self._releases.verify_manifest(manifest)
+        except HarError:
+            device.rejected.add(manifest.sha256)
+            raise
+        if not device.wants(manifest):
+            return
+        link = self._links[device.device_id]
+        if device.download is not None:
+            link.unsubscribe(device.download.topic)
+        link.subscribe(device.start_download(manifest).topic, 1)
+
+    def _on_chunk(self, device: SimDevice, payload: bytes) -> None:
+        if not payload:
+            return
+        download = device.download
+        link = self._links[device.device_id]
+        try:
+            whole = device.add_chunk(codec.decode_model_chunk(payload))
+        except (HarError, PayloadError):
+            if download is not None:
+                device.download = None
+                link.unsubscribe(download.topic)
+            raise
+        if whole is None or download is None:
+            return
+        device.download = None
+        link.unsubscribe(download.topic)
+        manifest = download.manifest
+        # Every device checks its own bytes, as a real one would; hashing runs off the loop.
+        self._in_thread(
+            self._hash_threads,
+            lambda: verify_payload(manifest, whole),
+            lambda future: self._verified(device, manifest, whole, future),
+        )
+
+    def _verified(
+        self, device: SimDevice, manifest: ModelManifest, payload: bytes, future: Future[None]
+    ) -> None:
+        try:
+            future.result()
+        except HarError as exc:
+            device.rejected.add(manifest.sha256)
+            self._reject(device, str(exc))
+            return
+        self._with_runtime(manifest, payload, lambda runtime: self._install(device, runtime))
+
+    def _with_runtime(
+        self,
+        manifest: ModelManifest,
+        payload: bytes,
+        then: Callable[[LoadedModel | None], None],
+    ) -> None:
+        """Call ``then`` with the loaded model of ``manifest`` (loaded once for the fleet)."""
+        key = manifest.sha256
+        if key in self._loaded:
+            then(self._loaded[key])
+            return
+        waiting = self._loading.setdefault(key, [])
+        waiting.append(then)
+        if len(waiting) > 1:
+            return  # another device started the load
+        self._in_thread(
+            self._load_thread,
+            lambda: self._load(manifest, payload),
+            lambda future: self._loaded_runtime(key, future),
+        )
+
+    def _load(self, manifest: ModelManifest, payload: bytes) -> LoadedModel:
+        self._releases.store(manifest, payload)  # verifies signature, size and sha256 again
+        release = self._releases.open(manifest.version)
+        model = ActivityModel.load(release.saved_model_dir)
+        if model.labels != manifest.labels:
+            raise ModelError(f"model {manifest.version}: labels differ from its manifest's")
+        if model.input_spec.window != manifest.input.window:
+            raise ModelError(f"model {manifest.version}: window differs from its manifest's")
+        log.info("model %s loaded for the fleet", manifest.version)
+        return LoadedModel(manifest, model)
+
+    def _loaded_runtime(self, key: str, future: Future[LoadedModel]) -> None:
+        waiting = self._loading.pop(key, [])
+        try:
+            runtime: LoadedModel | None = future.result()
+        except HarError as exc:
+            log.warning("model could not be loaded: %s", exc)
+            runtime = None
+        if runtime is not None:
+            self._loaded[key] = runtime
+            while len(self._loaded) > 3:  # keep the newest few versions only
+                del self._loaded[next(iter(self._loaded))]
+        for then in waiting:
+            then(runtime)
+
+    def _install(self, device: SimDevice, runtime: LoadedModel | None) -> None:
+        if runtime is None:
+            self._reject(device, "the verified model could not be loaded")
+            return
+        device.install(runtime.manifest, runtime.manifest.input.window)
+        self._runtimes[device.device_id] = runtime
+        self._publish(device, device.status_message("online"))
+
+    # ================================================================== the people's app
+    def _start_app(self) -> None:
+        identifier = f"{self._settings.device_prefix}people-{self._rng.getrandbits(32):08x}"
+        self._app = Link(
+            self.loop,
+            self._settings.broker,
+            self._properties,
+            client_id=identifier,
+            username=self._settings.app_username,
+            password=self._app_password,
+            counters=self.counters,
+            on_acked=lambda message: self.counters.update(["confirmations_sent"]),
+            inflight=self._settings.broker.max_inflight,
+            outbox_max=100_000,
+        )
+        self._app.start()

@@ -1,0 +1,417 @@
+"""``har sim``: simulated people, recordings and devices, and a small fleet on a real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import subprocess
+import sys
+import threading
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from device_agent.releases import ReleaseStore
+from shared import codec
+from shared.config import BrokerSettings
+from shared.errors import ConfigError, ModelError
+from shared.mqtt_transport import InboundMessage
+from shared.signing import generate_keypair, load_private_key, load_public_key, sign_manifest
+from shared.topics import Topics
+from simulator.device import SimDevice
+from simulator.fleet import FleetSimulator
+from simulator.people import SimulatedPerson
+from simulator.recordings import Cursor, Recording, cursor_for, synthetic_recordings
+from simulator.settings import SimSettings
+from tests.mqtt_helpers import connect
+from tests.release_helpers import CHUNK_SIZE, Release, Releases, make_releases
+from trainer_service.distribution import publish_all, release_messages
+
+LABELS = ("Walking", "Sitting", "Laying")
+WAIT_S = 30.0
+
+
+# ---------------------------------------------------------------------------------- people
+@given(
+    truth=st.one_of(st.none(), st.sampled_from([*LABELS, "Flying"])),
+    share=st.floats(0, 1),
+    mistakes=st.floats(0, 1),
+    seed=st.integers(0, 2**32),
+)
+def test_a_person_answers_only_known_truths_with_a_label(
+    truth: str | None, share: float, mistakes: float, seed: int
+) -> None:
+    answer = SimulatedPerson(share, mistakes, random.Random(seed)).answer(truth, LABELS)
+    if truth is None or truth not in LABELS:
+        assert answer is None
+    else:
+        assert answer is None or answer in LABELS
+
+
+@given(seed=st.integers(0, 2**32), truth=st.sampled_from(LABELS))
+def test_mistakes_name_another_activity_and_no_mistakes_name_the_truth(
+    seed: int, truth: str
+) -> None:
+    assert SimulatedPerson(1.0, 1.0, random.Random(seed)).answer(truth, LABELS) != truth
+    assert SimulatedPerson(1.0, 0.0, random.Random(seed)).answer(truth, LABELS) == truth
+
+
+def test_shares_of_answers_and_mistakes_follow_the_settings() -> None:
+    person = SimulatedPerson(0.3, 0.1, random.Random(7))
+    answers = [person.answer("Walking", LABELS) for _ in range(20_000)]
+    given_answers = [a for a in answers if a is not None]
+    assert 0.28 < len(given_answers) / len(answers) < 0.32
+    wrong = sum(a != "Walking" for a in given_answers)
+    assert 0.08 < wrong / len(given_answers) < 0.12
+
+
+# ------------------------------------------------------------------------------ recordings
+def _recording(n: int) -> Recording:
+    xyz = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
+    return Recording("p", xyz, tuple(LABELS[i % 3] for i in range(n)))
+
+
+@given(n=st.integers(1, 50), start=st.integers(0, 200), takes=st.lists(st.integers(1, 40)))
+def test_a_cursor_replays_the_recording_in_a_loop(n: int, start: int, takes: list[int]) -> None:
+    recording = _recording(n)
+    cursor = Cursor(recording, start)
+    got = [cursor.take(k) for k in takes]
+    total = sum(takes)
+    expected = (start + np.arange(total)) % n
+    if total:
+        assert np.array_equal(np.concatenate([xyz for xyz, _ in got]), recording.xyz[expected])
+        assert [label for _, labels in got for label in labels] == [
+            recording.labels[i] for i in expected
+        ]
+
+
+def test_devices_sharing_a_person_start_at_different_moments() -> None:
+    recordings = [_recording(1000), _recording(1000)]
+    starts = {cursor_for(recordings, i).take(1)[0][0, 0] for i in range(0, 40, 2)}
+    assert len(starts) == 20
+
+
+def test_synthetic_people_do_every_activity_and_differ() -> None:
+    people = synthetic_recordings(2, seed=0)
+    assert set(people[0].labels) == {
+        "Walking",
+        "Jogging",
+        "Upstairs",
+        "Downstairs",
+        "Sitting",
+        "Standing",
+    }
+    assert not np.array_equal(people[0].xyz, people[1].xyz)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"devices": 0},
+        {"device_prefix": "bad/prefix-"},
+        {"confirm_share": 1.5},
+        {"mistake_rate": -0.1},
+        {"speed": 0},
+        {"users": ("seven",)},
+    ],
+)
+def test_bad_settings_are_refused(changes: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        SimSettings(**changes)
+
+
+# ---------------------------------------------------------------------------------- device
+def test_a_device_numbers_batches_and_windows_them_once_it_has_a_model(
+    session_releases: Releases,
+) -> None:
+    clock = iter(range(1_800_000_000, 1_900_000_000)).__next__
+    device = SimDevice(
+        "sim-0001",
+        Cursor(_recording(500)),
+        Topics(),
+        sample_rate_hz=20.0,
+        batch_samples=20,
+        window_hop=0,
+        clock=lambda: float(clock()),
+    )
+    message, windows = device.next_batch()
+    assert windows == []  # no model yet: nothing to window for
+    first = codec.decode_sensor_batch(message.payload)
+    assert first.seq == device.first_seq
+    assert first.samples.shape == (20, 3)
+    manifest = session_releases.first.manifest
+    device.install(manifest, manifest.input.window)
+    seqs, count = [], 0
+    for _ in range(5):
+        message, windows = device.next_batch()
+        seqs.append(codec.decode_sensor_batch(message.payload).seq)
+        count += len(windows)
+        assert all(w.samples.shape == (manifest.input.window, 3) for w in windows)
+    assert seqs == list(range(first.seq + 1, first.seq + 6))
+    assert count == (5 * 20 - manifest.input.window) // (manifest.input.window // 2) + 1
+    older = session_releases.first.manifest
+    newer = session_releases.second.manifest
+    device.install(newer, newer.input.window)
+    with pytest.raises(ModelError, match="older"):
+        device.wants(older)
+    assert not device.wants(older)  # refused once, not retried
+
+
+# ---------------------------------------------------------------------------- on a broker
+@pytest.fixture(scope="session")
+def session_releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
+    return make_releases(tmp_path_factory.mktemp("sim-releases"))
+
+
+class RunningFleet:
+    """A FleetSimulator on a thread of its own, stopped (and checked) at the end."""
+
+    def __init__(self, settings: SimSettings) -> None:
+        assert settings.public_key is not None
+        releases = ReleaseStore(settings.state_dir / "models", load_public_key(settings.public_key))
+        self.fleet = FleetSimulator(settings, synthetic_recordings(3, 0), releases)
+        self.report: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, name="sim-test-fleet")
+
+    def _run(self) -> None:
+        self.report = self.fleet.run()
+
+    def __enter__(self) -> RunningFleet:
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        self.fleet.request_stop()
+        self._thread.join(timeout=WAIT_S)
+        assert not self._thread.is_alive(), "the fleet did not stop"
+        return self.report
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread.is_alive():
+            self.stop()
+
+
+def publish_release(settings: BrokerSettings, release: Release) -> None:
+    connection, _ = connect(settings)
+    try:
+        messages = release_messages(
+            Topics(settings.topic_root), release.manifest, release.payload, CHUNK_SIZE
+        )
+        publish_all(connection, messages, 10.0)
+    finally:
+        connection.stop()
+
+
+class Observer:
+    """Everything the fleet publishes, sorted by kind and device."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        topics = Topics(settings.topic_root)
+        self.topics = topics
+        self.connection, self.inbox = connect(
+            settings,
+            [
+                (topics.all_sensor(), 1),
+                (topics.all_prediction(), 1),
+                (topics.all_status(), 1),
+                (topics.all_confirmation(), 1),
+                (topics.all_error(), 1),
+            ],
+        )
+        self.batches: dict[str, list[int]] = defaultdict(list)
+        self.predictions: dict[str, list[Any]] = defaultdict(list)
+        self.confirmations: dict[str, list[Any]] = defaultdict(list)
+        self.statuses: dict[str, list[Any]] = defaultdict(list)
+        self.errors: dict[str, list[Any]] = defaultdict(list)
+
+    def take(self, message: InboundMessage) -> None:
+        device = self.topics.device_of(message.topic)
+        kind = self.topics.kind_of(message.topic)
+        assert device is not None
+        if kind == "sensor":
+            self.batches[device].append(codec.decode_sensor_batch(message.payload).seq)
+        elif kind == "prediction":
+            self.predictions[device].append(codec.decode_prediction(message.payload))
+        elif kind == "confirmation":
+            self.confirmations[device].append(codec.decode_confirmation(message.payload))
+        elif kind == "status":
+            self.statuses[device].append(codec.decode_status(message.payload))
+        elif kind == "error":
+            self.errors[device].append(codec.decode_error(message.payload))
+
+    def until(self, done: Any, what: str) -> None:
+        while not done():
+            try:
+                self.take(self.inbox.get(timeout=WAIT_S))
+            except queue.Empty:
+                pytest.fail(f"timed out waiting for {what}")
+
+    def drain(self) -> None:
+        while True:
+            try:
+                self.take(self.inbox.get(timeout=1.0))
+            except queue.Empty:
+                return
+
+    def latest_version(self, device: str) -> str | None:
+        statuses = self.statuses.get(device)
+        return statuses[-1].model_version if statuses else None
+
+    def stop(self) -> None:
+        self.connection.stop()
+
+
+def sim_settings(
+    tmp_path: Path, broker_settings: BrokerSettings, public_key: Path, **changes: Any
+) -> SimSettings:
+    values: dict[str, Any] = {
+        "devices": 3,
+        "public_key": public_key,
+        "state_dir": tmp_path / "sim",
+        "speed": 20.0,
+        "confirm_share": 1.0,
+        "mistake_rate": 0.0,
+        "broker": broker_settings,
+        **changes,
+    }
+    return SimSettings(**values)
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_a_fleet_streams_predicts_confirms_installs_updates_and_says_goodbye(
+    tmp_path: Path, broker_settings: BrokerSettings, session_releases: Releases
+) -> None:
+    settings = sim_settings(tmp_path, broker_settings, session_releases.public_key_path)
+    devices = settings.device_ids
+    publish_release(broker_settings, session_releases.first)
+    observer = Observer(broker_settings)
+    try:
+        with RunningFleet(settings) as running:
+            first = session_releases.first.manifest.version
+            observer.until(
+                lambda: (
+                    all(observer.latest_version(d) == first for d in devices)
+                    and all(len(observer.confirmations[d]) >= 3 for d in devices)
+                ),
+                "every device to run the first version and its person to confirm",
+            )
+            publish_release(broker_settings, session_releases.second)
+            second = session_releases.second.manifest.version
+            observer.until(
+                lambda: (
+                    all(observer.latest_version(d) == second for d in devices)
+                    and all(p[-1].model_version == second for p in observer.predictions.values())
+                ),
+                "every device to install and predict with the second version",
+            )
+            report = running.stop()
+        observer.until(
+            lambda: all(observer.statuses[d][-1].state == "offline" for d in devices),
+            "an offline status from every device",
+        )
+        observer.drain()
+    finally:
+        observer.stop()
+    for device in devices:
+        seqs = observer.batches[device]
+        row = report["per_device"][device]
+        # Every batch made was acknowledged, arrived, in order, with no gap.
+        assert seqs == list(range(row["first_seq"], row["next_seq"]))
+        assert row["batches_sent"] == len(seqs)
+        predicted = {p.prediction_id: p for p in observer.predictions[device]}
+        assert len(predicted) == row["predictions"]
+        for confirmation in observer.confirmations[device]:
+            # mistake_rate 0: each answer is the truth of the prediction it confirms.
+            assert confirmation.label == predicted[confirmation.prediction_id].truth
+        assert row["model_version"] == second
+        assert not observer.errors[device]
+    assert report["totals"]["unsent_at_exit"] == 0
+    assert report["totals"]["confirmations_sent"] == sum(
+        len(c) for c in observer.confirmations.values()
+    )
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_a_manifest_signed_by_another_key_is_refused_and_streaming_goes_on(
+    tmp_path: Path, broker_settings: BrokerSettings, session_releases: Releases
+) -> None:
+    settings = sim_settings(tmp_path, broker_settings, session_releases.public_key_path, devices=1)
+    device = settings.device_ids[0]
+    foreign_key = load_private_key(generate_keypair(tmp_path / "foreign")[0])
+    forged = Release(
+        sign_manifest(session_releases.first.manifest, foreign_key),
+        session_releases.first.payload,
+    )
+    publish_release(broker_settings, forged)
+    observer = Observer(broker_settings)
+    try:
+        with RunningFleet(settings) as running:
+            observer.until(lambda: bool(observer.errors[device]), "an error event")
+            seen = len(observer.batches[device])
+            observer.until(
+                lambda: len(observer.batches[device]) > seen + 2, "batches after the refusal"
+            )
+            report = running.stop()
+    finally:
+        observer.stop()
+    assert observer.errors[device][0].code == "model_rejected"
+    assert "signed by key" in observer.errors[device][0].message
+    assert report["per_device"][device]["model_version"] is None
+    assert report["per_device"][device]["model_rejections"] == 1
+    assert not observer.predictions[device]
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_har_sim_runs_for_a_duration_and_prints_its_report(
+    tmp_path: Path, broker_settings: BrokerSettings, session_releases: Releases
+) -> None:
+    publish_release(broker_settings, session_releases.first)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "HAR_DEVICES": "2"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "har",
+            "sim",
+            "--public-key",
+            str(session_releases.public_key_path),
+            "--broker-port",
+            str(broker_settings.port),
+            "--topic-root",
+            broker_settings.topic_root,
+            "--state-dir",
+            str(tmp_path / "sim"),
+            "--speed",
+            "10",
+            "--duration",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["devices"] == 2
+    assert set(report["per_device"]) == {"sim-0000", "sim-0001"}
+    assert report["totals"]["batches_sent"] > 0
+    assert report["totals"]["unsent_at_exit"] == 0
+
+
+def test_the_fleet_needs_a_public_key(tmp_path: Path) -> None:
+    from simulator.runner import run_fleet
+
+    with pytest.raises(ConfigError, match="public_key"):
+        run_fleet(SimSettings(state_dir=tmp_path))
