@@ -1,9 +1,10 @@
-"""A Mosquitto broker as a child process on a free loopback port (for the demo and the tests).
+"""A Mosquitto broker as a child process on free loopback ports (for the demo and the tests).
 
-It writes its own config (persistence on, queues raised, optional password file and ACL), waits
-until the port accepts connections, and can be stopped and restarted on the same port, keeping
-its persistence file, as a real broker restart would. Production brokers use
-``deploy/mosquitto/mosquitto.conf`` instead.
+``MosquittoProcess`` writes its own config (persistence on, queues raised, optional password file
+and ACL). ``ShippedMosquitto`` runs one of the shipped files instead (``deploy/mosquitto/``), with
+only its paths and listeners rewritten by ``adapt_config``, and the TLS certificates made by
+``deploy/make-certs.sh``. Both wait until the port accepts connections, and can be stopped and
+restarted on the same ports, keeping their persistence file, as a real broker restart would.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from pathlib import Path
 from shared.errors import BrokerError
 
 LOOPBACK = "127.0.0.1"
+DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy"
+SHIPPED_CONF = DEPLOY_DIR / "mosquitto" / "mosquitto.conf"
+SHIPPED_ACL = DEPLOY_DIR / "mosquitto" / "acl"
+MAKE_CERTS = DEPLOY_DIR / "make-certs.sh"
+# Where mosquitto.conf expects the TLS files (the compose file mounts them there).
+CONTAINER_CERTS = "/mosquitto/config/certs/"
 
 
 def find_mosquitto() -> str | None:
@@ -139,7 +146,10 @@ class MosquittoProcess:
             except subprocess.TimeoutExpired:
                 code = None
             if code is not None:
-                stderr = self._process.stderr.read().decode() if self._process.stderr else ""
+                stderr = ""
+                if self._process.stderr is not None:
+                    stderr = self._process.stderr.read().decode(errors="replace")
+                    self._process.stderr.close()
                 raise BrokerError(f"mosquitto exited with {code}: {stderr}\n{self.log_text()}")
             if time.monotonic() > deadline:
                 self.stop()
@@ -177,3 +187,135 @@ class MosquittoProcess:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+
+def make_certs(out: Path, *names: str) -> Path:
+    """deploy/make-certs.sh into ``out``: a CA and a server certificate for ``names``."""
+    if not MAKE_CERTS.is_file():
+        raise BrokerError(f"{MAKE_CERTS} is missing: run from a checkout of the repository")
+    result = subprocess.run(
+        ["bash", str(MAKE_CERTS), "--out", str(out), *names],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise BrokerError(f"make-certs.sh failed ({result.returncode}): {result.stderr.strip()}")
+    return out
+
+
+def adapt_config(
+    text: str,
+    *,
+    port: int,
+    workdir: Path,
+    acl_file: Path | None,
+    tls_port: int | None = None,
+    certs_dir: Path | None = None,
+) -> str:
+    """A shipped config with its listeners, absolute paths and log destination made local.
+
+    Only those lines change; everything else (limits, persistence, anonymous access, TLS version)
+    runs as shipped. Listeners bind to loopback: 1883 becomes ``port``, the TLS listener 8883
+    ``tls_port``, and the certificate paths point into ``certs_dir``. Any other absolute path is
+    an error, so a new one cannot slip through unadapted.
+    """
+    local = {
+        "password_file": f"password_file {workdir / 'passwd'}",
+        "acl_file": f"acl_file {acl_file}",
+        "persistence_location": f"persistence_location {workdir}/",
+        "log_dest": f"log_dest file {workdir / 'mosquitto.log'}",
+    }
+    listeners = {"1883": port, "8883": tls_port}
+    replaced: set[str] = set()
+    lines = []
+    for line in text.splitlines():
+        option = line.split(maxsplit=1)[0] if line.strip() and not line.startswith("#") else ""
+        value = line.split(maxsplit=1)[1].strip() if option and " " in line.strip() else ""
+        if option == "listener":
+            if listeners.get(value) is None:
+                raise BrokerError(f"no local port for the config line {line!r}")
+            lines.append(f"listener {listeners[value]} {LOOPBACK}")
+            replaced.add(f"listener {value}")
+        elif option in ("cafile", "certfile", "keyfile"):
+            if certs_dir is None or not value.startswith(CONTAINER_CERTS):
+                raise BrokerError(f"no certs_dir, or a certificate outside it: {line}")
+            lines.append(f"{option} {certs_dir / value.removeprefix(CONTAINER_CERTS)}")
+            replaced.add(option)
+        elif option in local:
+            if option == "acl_file" and acl_file is None:
+                raise BrokerError("the config names an acl_file: pass one")
+            lines.append(local[option])
+            replaced.add(option)
+        elif option and "/" in line:
+            raise BrokerError(f"config line with a path that is not adapted: {line!r}")
+        else:
+            lines.append(line)
+    missing = {"listener 1883", "persistence_location", "log_dest"} - replaced
+    if missing:
+        raise BrokerError(f"the config lacks {sorted(missing)}")
+    if os.geteuid() == 0:
+        # As root, mosquitto drops to user "mosquitto", which cannot read our temp files.
+        lines.append("user root")
+    return "\n".join(lines) + "\n"
+
+
+class ShippedMosquitto(MosquittoProcess):
+    """A mosquitto process running one of the shipped config files, adapted by ``adapt_config``.
+
+    ``passwords`` become users of a fresh password file (``workdir/passwd``, made with
+    mosquitto_passwd; more can be added before ``start``). A config with the TLS listener gets it
+    on ``tls_port``, with a CA and a server certificate for 127.0.0.1 and localhost made by
+    deploy/make-certs.sh in ``workdir/certs``.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        config: Path = SHIPPED_CONF,
+        passwords: Mapping[str, str] | None = None,
+        acl_file: Path | None = SHIPPED_ACL,
+    ) -> None:
+        self._shipped = config
+        self._passwords = dict(passwords or {})
+        self._acl_file = acl_file
+        self.tls_port = free_port()
+        self.certs_dir = workdir / "certs"
+        super().__init__(workdir)
+
+    @property
+    def ca_file(self) -> Path:
+        return self.certs_dir / "ca.crt"
+
+    @property
+    def password_file(self) -> Path:
+        return self.workdir / "passwd"
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise BrokerError("the broker is not running")
+        return self._process.pid
+
+    def _write_config(self) -> None:
+        self.password_file.write_text("")
+        for user, password in self._passwords.items():
+            subprocess.run(
+                [self._passwd_binary(), "-b", str(self.password_file), user, password],
+                check=True,
+                capture_output=True,
+            )
+        shipped = self._shipped.read_text()
+        if "\nlistener 8883\n" in shipped:
+            make_certs(self.certs_dir, LOOPBACK, "localhost")
+        self.config_path.write_text(
+            adapt_config(
+                shipped,
+                port=self.port,
+                workdir=self.workdir,
+                acl_file=self._acl_file,
+                tls_port=self.tls_port,
+                certs_dir=self.certs_dir,
+            )
+        )

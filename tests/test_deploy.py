@@ -31,32 +31,31 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from har.local_broker import (
+    CONTAINER_CERTS,
+    LOOPBACK,
+    SHIPPED_ACL,
+    SHIPPED_CONF,
+    MosquittoProcess,
+    ShippedMosquitto,
+    accepts_connections,
+    find_mosquitto,
+    make_certs,
+)
 from shared import codec, homeassistant
 from shared.config import BrokerSettings, load_settings, read_toml
 from shared.errors import BrokerError
 from shared.messages import Confirmation, InputSpec, ModelChunk, ModelManifest
 from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound
 from shared.topics import Topics
-from tests.mosquitto import (
-    LOOPBACK,
-    MosquittoProcess,
-    accepts_connections,
-    find_mosquitto,
-    free_port,
-)
 from tests.mqtt_helpers import connect, receive
 
 pytestmark = pytest.mark.broker
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
-SHIPPED_CONF = DEPLOY / "mosquitto" / "mosquitto.conf"
-SHIPPED_ACL = DEPLOY / "mosquitto" / "acl"
 TEST_CONF = DEPLOY / "mosquitto" / "test.conf"
 COMPOSE = DEPLOY / "docker-compose.yml"
-MAKE_CERTS = DEPLOY / "make-certs.sh"
-# Where mosquitto.conf expects the TLS files (the compose file mounts them there).
-CONTAINER_CERTS = "/mosquitto/config/certs/"
 
 # The ACL names the topic root literally.
 ROOT = "har/v1"
@@ -70,129 +69,6 @@ PASSWORDS = {
     "healthcheck": "pw-health",
 }
 WAIT_S = 10.0
-
-
-def _passwd_binary() -> str:
-    found = shutil.which("mosquitto_passwd")
-    if found:
-        return found
-    return "/usr/bin/mosquitto_passwd"
-
-
-def make_certs(out: Path, *names: str) -> Path:
-    """deploy/make-certs.sh into ``out`` (a CA and a server certificate for ``names``)."""
-    subprocess.run(
-        ["bash", str(MAKE_CERTS), "--out", str(out), *names],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return out
-
-
-def adapt_config(
-    text: str,
-    *,
-    port: int,
-    workdir: Path,
-    acl_file: Path | None,
-    tls_port: int | None = None,
-    certs_dir: Path | None = None,
-) -> str:
-    """The shipped config with its listeners, absolute paths and log destination made local.
-
-    Only those lines change; everything else (limits, persistence, anonymous access, TLS version)
-    runs as shipped. Listeners bind to loopback: 1883 becomes ``port``, the TLS listener 8883
-    ``tls_port``, and the certificate paths point into ``certs_dir``. Any other absolute path
-    fails the test, so a new one cannot slip by untested.
-    """
-    replaced: set[str] = set()
-    lines = []
-    for line in text.splitlines():
-        option = line.split(maxsplit=1)[0] if line.strip() and not line.startswith("#") else ""
-        value = line.split(maxsplit=1)[1].strip() if option else ""
-        local = {
-            "password_file": f"password_file {workdir / 'passwd'}",
-            "acl_file": f"acl_file {acl_file}",
-            "persistence_location": f"persistence_location {workdir}/",
-            "log_dest": f"log_dest file {workdir / 'mosquitto.log'}",
-        }
-        if option == "listener":
-            listeners = {"1883": port, "8883": tls_port}
-            assert listeners.get(value) is not None, f"unexpected listener line {line!r}"
-            lines.append(f"listener {listeners[value]} {LOOPBACK}")
-            replaced.add(f"listener {value}")
-        elif option in ("cafile", "certfile", "keyfile"):
-            assert value.startswith(CONTAINER_CERTS), f"certificate outside the mount: {line!r}"
-            assert certs_dir is not None
-            lines.append(f"{option} {certs_dir / value.removeprefix(CONTAINER_CERTS)}")
-            replaced.add(option)
-        elif option in local:
-            assert option != "acl_file" or acl_file is not None
-            lines.append(local[option])
-            replaced.add(option)
-        else:
-            assert not (option and "/" in line), f"config line with a path not adapted: {line!r}"
-            lines.append(line)
-    assert {"listener 1883", "persistence_location", "log_dest"} <= replaced
-    if os.geteuid() == 0:
-        # As root, mosquitto drops to user "mosquitto", which cannot read our temp files.
-        lines.append("user root")
-    return "\n".join(lines) + "\n"
-
-
-class ShippedMosquitto(MosquittoProcess):
-    """A mosquitto process running one of the shipped config files, adapted by ``adapt_config``.
-
-    A config with the TLS listener gets it on ``tls_port``, with a CA and a server certificate
-    for 127.0.0.1 and localhost made by deploy/make-certs.sh in ``workdir/certs``.
-    """
-
-    def __init__(
-        self,
-        workdir: Path,
-        config: Path,
-        passwords: dict[str, str] | None = None,
-        acl_file: Path | None = None,
-    ) -> None:
-        self._shipped = config
-        self._passwords = passwords or {}
-        self._acl_file = acl_file
-        self.tls_port = free_port()
-        self.certs_dir = workdir / "certs"
-        super().__init__(workdir)
-
-    @property
-    def ca_file(self) -> Path:
-        return self.certs_dir / "ca.crt"
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None, "the broker is not running"
-        return self._process.pid
-
-    def _write_config(self) -> None:
-        password_file = self.workdir / "passwd"
-        password_file.write_text("")
-        for user, password in self._passwords.items():
-            subprocess.run(
-                [_passwd_binary(), "-b", str(password_file), user, password],
-                check=True,
-                capture_output=True,
-            )
-        shipped = self._shipped.read_text()
-        if "\nlistener 8883\n" in shipped:
-            make_certs(self.certs_dir, LOOPBACK, "localhost")
-        self.config_path.write_text(
-            adapt_config(
-                shipped,
-                port=self.port,
-                workdir=self.workdir,
-                acl_file=self._acl_file,
-                tls_port=self.tls_port,
-                certs_dir=self.certs_dir,
-            )
-        )
 
 
 @pytest.fixture(scope="module")
