@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up this checkout on a fresh Debian/Ubuntu machine; safe to run again.
-#  - installs Mosquitto (broker + clients) with apt when the binary is missing
+#  - installs Mosquitto (broker + clients) and jq with apt when they are missing
 #  - creates .venv with the interpreter in $PYTHON (default python3, >= 3.10)
 #  - installs this project editable with every extra (agent, trainer, dev)
 set -euo pipefail
@@ -14,12 +14,15 @@ have_mosquitto() {
 have_clients() {
   command -v mosquitto_sub >/dev/null 2>&1 || [ -x /usr/bin/mosquitto_sub ]
 }
-if ! have_mosquitto || ! have_clients; then
-  echo ">> installing mosquitto and mosquitto-clients with apt" >&2
+have_jq() {
+  command -v jq >/dev/null 2>&1
+}
+if ! have_mosquitto || ! have_clients || ! have_jq; then
+  echo ">> installing mosquitto, mosquitto-clients and jq with apt" >&2
   SUDO=""
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
   $SUDO apt-get update
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y mosquitto mosquitto-clients
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y mosquitto mosquitto-clients jq
 fi
 
 if [ ! -x .venv/bin/python ]; then
