@@ -38,6 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--broker-host", help="MQTT broker host (default 127.0.0.1)")
     parser.add_argument("--broker-port", type=int, help="MQTT broker port (default 1883)")
     parser.add_argument("--topic-root", help="topic root (default har/v1)")
+    parser.add_argument(
+        "--homeassistant",
+        action="store_true",
+        default=None,
+        help="publish retained Home Assistant discovery configs for every device",
+    )
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument("--report", type=Path, help="also write the JSON report here")
     parser.set_defaults(func=run)
@@ -60,6 +66,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         "broker.host": args.broker_host,
         "broker.port": args.broker_port,
         "broker.topic_root": args.topic_root,
+        "homeassistant_discovery": args.homeassistant,
     }
     return load_settings(
         SimSettings, config_file=args.config, environ=os.environ, overrides=overrides

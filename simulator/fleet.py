@@ -25,7 +25,7 @@ import numpy as np
 
 from device_agent.releases import ReleaseStore
 from device_agent.windowing import StreamWindow
-from shared import codec
+from shared import codec, homeassistant
 from shared.errors import HarError, ModelError, PayloadError
 from shared.messages import Confirmation, ModelManifest
 from shared.model.runtime import MAX_WINDOWS_PER_CALL, ActivityModel
@@ -244,6 +244,11 @@ class FleetSimulator:
         return start
 
     def _on_connected(self, device: SimDevice, link: Link) -> None:
+        if self._settings.homeassistant_discovery and device.counters["connects"] == 1:
+            for message in homeassistant.discovery_messages(
+                self._topics, device.device_id, prefix=self._settings.homeassistant_prefix
+            ):
+                link.publish(message)
         link.publish(device.status_message("online"))
         link.subscribe(self._topics.model_manifest(), 1)
         if device.download is not None:  # resume a download a reconnect cut short

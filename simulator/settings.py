@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared import homeassistant
 from shared.config import BrokerSettings
 from shared.errors import ConfigError
 from shared.topics import is_valid_id
@@ -40,6 +41,9 @@ class SimSettings:
     # broker ACL only the "dashboard" (or "operator") user may confirm.
     app_username: str = ""
     app_password_file: Path | None = None
+    # Retained Home Assistant discovery configs for every simulated device (docs/dashboards.md).
+    homeassistant_discovery: bool = False
+    homeassistant_prefix: str = homeassistant.DEFAULT_PREFIX
     broker: BrokerSettings = field(default_factory=BrokerSettings)
 
     def __post_init__(self) -> None:
@@ -63,6 +67,16 @@ class SimSettings:
         for user in self.users:
             if not user.strip().isdigit():
                 raise ConfigError(f"users: {user!r} is not a WISDM user id")
+        self._check_homeassistant()
+
+    def _check_homeassistant(self) -> None:
+        if not self.homeassistant_discovery:
+            return
+        try:
+            homeassistant.check_prefix(self.homeassistant_prefix)
+            homeassistant.check_node_id(self.device_id(self.first_index))
+        except ValueError as exc:
+            raise ConfigError(f"homeassistant_discovery: {exc}") from exc
 
     def device_id(self, index: int) -> str:
         return f"{self.device_prefix}{index:04d}"

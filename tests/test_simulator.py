@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import threading
+import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from device_agent.releases import ReleaseStore
-from shared import codec
+from shared import codec, homeassistant
 from shared.config import BrokerSettings
 from shared.errors import ConfigError, ModelError
 from shared.mqtt_transport import InboundMessage
@@ -415,3 +416,40 @@ def test_the_fleet_needs_a_public_key(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="public_key"):
         run_fleet(SimSettings(state_dir=tmp_path))
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_the_fleet_can_announce_its_devices_to_home_assistant(
+    tmp_path: Path, broker_settings: BrokerSettings, session_releases: Releases
+) -> None:
+    prefix = f"ha{uuid.uuid4().hex[:8]}"
+    settings = sim_settings(
+        tmp_path,
+        broker_settings,
+        session_releases.public_key_path,
+        devices=2,
+        homeassistant_discovery=True,
+        homeassistant_prefix=prefix,
+    )
+    configs, inbox = connect(broker_settings, [(f"{prefix}/sensor/+/+/config", 1)])
+    try:
+        with RunningFleet(settings) as running:
+            seen: dict[str, Any] = {}
+            while len(seen) < 2 * len(homeassistant.OBJECT_IDS):
+                message = inbox.get(timeout=WAIT_S)
+                seen[message.topic] = json.loads(message.payload)
+            running.stop()
+    finally:
+        configs.stop()
+    for device in settings.device_ids:
+        expected = homeassistant.discovery_messages(
+            Topics(broker_settings.topic_root), device, prefix=prefix
+        )
+        for message in expected:
+            assert seen[message.topic] == json.loads(message.payload)
+
+
+def test_home_assistant_discovery_needs_ids_it_accepts() -> None:
+    with pytest.raises(ConfigError, match="Home Assistant"):
+        SimSettings(device_prefix="sim.", homeassistant_discovery=True)
