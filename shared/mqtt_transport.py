@@ -158,6 +158,7 @@ class MqttConnection:
         self.connect_count = 0
 
         self._stopped = threading.Event()
+        self._stop_requested = threading.Event()
         self._attempt = 0
         self._client = self._make_client()
 
@@ -197,6 +198,7 @@ class MqttConnection:
 
     def stop(self) -> None:
         """Disconnect cleanly (the broker does not publish our last will) and stop retrying."""
+        self._stop_requested.set()  # so that our own disconnect is not reported as a problem
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
@@ -343,8 +345,11 @@ class MqttConnection:
         self._connected.clear()
         self._subscribed.clear()
         if was_connected:
-            log.warning("disconnected from broker: %s", reason_code)
-            self._schedule_retry()
+            if self._stop_requested.is_set():
+                log.info("disconnected from broker as asked: %s", reason_code)
+            else:
+                log.warning("disconnected from broker: %s", reason_code)
+                self._schedule_retry()
             if self._on_connection_change is not None:
                 self._on_connection_change(False)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import random
 import subprocess
@@ -199,3 +200,49 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
     assert medians[3] > medians[1] > medians[0]
     assert max(max(run) for run in delays) <= 30.0
     assert len({round(run[6], 6) for run in delays}) > 150  # jitter: no two devices in step
+
+
+# ------------------------------------------------------------------------------ disconnect logs
+
+
+def disconnect_records(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    return [
+        (record.levelno, record.getMessage())
+        for record in caplog.records
+        if record.name == "shared.mqtt_transport" and "disconnected" in record.getMessage()
+    ]
+
+
+def test_a_requested_stop_is_no_warning(
+    broker_settings: BrokerSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="shared.mqtt_transport")
+    changes: queue.Queue[bool] = queue.Queue()
+    connection = MqttConnection(
+        broker_settings, client_id="quiet", on_connection_change=changes.put
+    )
+    connection.start()
+    assert changes.get(timeout=10) is True
+    connection.stop()
+    assert changes.get(timeout=10) is False  # still told, but it is no news
+    assert disconnect_records(caplog) == [
+        (logging.INFO, "disconnected from broker as asked: Normal disconnection")
+    ]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_losing_the_broker_is_a_warning(
+    broker: MosquittoProcess, broker_settings: BrokerSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="shared.mqtt_transport")
+    changes: queue.Queue[bool] = queue.Queue()
+    connection = MqttConnection(broker_settings, client_id="loud", on_connection_change=changes.put)
+    connection.start()
+    try:
+        assert changes.get(timeout=10) is True
+        broker.stop()
+        assert changes.get(timeout=10) is False
+        warnings = [level for level, _ in disconnect_records(caplog) if level == logging.WARNING]
+    finally:
+        connection.stop()
+    assert warnings == [logging.WARNING]
