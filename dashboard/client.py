@@ -2,27 +2,18 @@
 
 It works against any broker the settings describe. With the shipped ACL it logs in as user
 ``dashboard``, which may read predictions, status, errors, confirmations and the manifest, and
-write confirmations. A confirmation is published at QoS 1 and its PUBACK's MQTT 5 reason code is
-kept, so a refused publish (0x87 Not authorized, for example) is reported, not taken for a
-success.
+write confirmations. A confirmation is published at QoS 1 and its PUBACK's MQTT 5 reason code
+(``PublishHandle.outcome``) is reported, so a refused publish (0x87 Not authorized, for example) is
+not taken for a success.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
-import paho.mqtt.client as paho
-from paho.mqtt.enums import MQTTErrorCode
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from dashboard.feed import feed_message, subscriptions
 from dashboard.fleet_view import FleetView
@@ -30,106 +21,20 @@ from shared import codec
 from shared.config import BrokerSettings
 from shared.errors import BrokerError, HarError, PayloadError
 from shared.messages import Confirmation, ConfirmationSource
-from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound, content_properties
+from shared.mqtt_transport import (
+    InboundMessage,
+    MqttConnection,
+    Outbound,
+    PublishHandle,
+    PublishOutcome,
+)
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
-_KEPT_PUBACKS = 1024  # reason codes of acknowledgements nobody asked for yet
-
 
 class ConfirmError(HarError):
     """A confirmation cannot be sent as asked (bad device id, label not of the current model)."""
-
-
-@dataclass(frozen=True, slots=True)
-class PublishOutcome:
-    """The broker's answer to one QoS 1 publish."""
-
-    accepted: bool
-    reason: str  # the MQTT 5 reason string, e.g. "Success", "Not authorized"
-    code: int
-
-    def describe(self) -> str:
-        return f"{self.reason} (0x{self.code:02x})"
-
-
-class TrackedPublish:
-    """A QoS 1 publish whose PUBACK, with its reason code, is awaited."""
-
-    def __init__(self, mid: int, take_outcome: Callable[[int, float], PublishOutcome | None]):
-        self._mid = mid
-        self._take_outcome = take_outcome
-        self._outcome: PublishOutcome | None = None
-
-    def outcome(self) -> PublishOutcome | None:
-        """The broker's answer, or None while it has not come."""
-        return self.wait(0.0)
-
-    def wait(self, timeout: float) -> PublishOutcome | None:
-        """Wait up to ``timeout`` seconds for the broker's answer; None if none came."""
-        if self._outcome is None:
-            self._outcome = self._take_outcome(self._mid, timeout)
-        return self._outcome
-
-
-class PubackAwareConnection(MqttConnection):
-    """``MqttConnection`` that also keeps each PUBACK's reason code.
-
-    ``PublishHandle`` only says that the broker answered, and an MQTT 5 broker answers a publish
-    its ACL forbids too, with a failure reason code. Paho hands the code to ``on_publish`` only.
-    A message published while disconnected is sent on reconnect; its PUBACK lands here all the
-    same.
-    """
-
-    def __init__(self, settings: BrokerSettings, **kwargs: Any) -> None:
-        self._pubacks: OrderedDict[int, PublishOutcome] = OrderedDict()
-        self._pubacks_changed = threading.Condition()
-        super().__init__(settings, **kwargs)
-
-    def publish_tracked(self, message: Outbound) -> TrackedPublish:
-        """Queue ``message`` (QoS >= 1); the returned handle gives the broker's reason code."""
-        if message.qos < 1:
-            raise ValueError("only QoS 1 and 2 publishes are acknowledged")
-        info = self._client.publish(
-            message.topic,
-            message.payload,
-            qos=message.qos,
-            retain=message.retain,
-            properties=content_properties(message.content_type),
-        )
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            raise BrokerError(f"publish to {message.topic} failed: {paho.error_string(info.rc)}")
-        return TrackedPublish(info.mid, self._take_puback)
-
-    def _make_client(self) -> paho.Client:
-        client = super()._make_client()
-        client.on_publish = self._on_puback
-        return client
-
-    def _on_puback(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        mid: int,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        outcome = PublishOutcome(not reason_code.is_failure, str(reason_code), reason_code.value)
-        with self._pubacks_changed:
-            self._pubacks[mid] = outcome
-            self._pubacks.move_to_end(mid)
-            # An answer nobody asks for (its handle was dropped) must not pile up, nor outlive
-            # its packet id: paho reuses an id only after 65535 other publishes.
-            if len(self._pubacks) > _KEPT_PUBACKS:
-                self._pubacks.popitem(last=False)
-            self._pubacks_changed.notify_all()
-
-    def _take_puback(self, mid: int, timeout: float) -> PublishOutcome | None:
-        with self._pubacks_changed:
-            if not self._pubacks_changed.wait_for(lambda: mid in self._pubacks, timeout):
-                return None
-            return self._pubacks.pop(mid)
 
 
 def new_client_id(settings: BrokerSettings, role: str) -> str:
@@ -173,7 +78,7 @@ class FleetClient:
         self.topics = Topics(settings.topic_root)
         self._clock = clock
         self._inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=inbox_size)
-        self._connection = PubackAwareConnection(
+        self._connection = MqttConnection(
             settings,
             client_id=new_client_id(settings, "dashboard"),
             subscriptions=subscriptions(self.topics),
@@ -229,15 +134,13 @@ class FleetClient:
 
     def confirm(
         self, device_id: str, prediction_id: str, label: str, source: ConfirmationSource = "user"
-    ) -> TrackedPublish:
+    ) -> PublishHandle:
         """Publish a confirmation of ``prediction_id``; the handle tells what the broker said."""
         try:
             confirmation = Confirmation(prediction_id, label, source, ts=self._clock())
         except ValueError as exc:
             raise ConfirmError(f"invalid confirmation: {exc}") from exc
-        return self._connection.publish_tracked(
-            build_confirmation(self.topics, device_id, confirmation)
-        )
+        return self._connection.publish(build_confirmation(self.topics, device_id, confirmation))
 
 
 def check_label(label: str, manifest_payload: bytes | None, manifest_topic: str) -> None:
@@ -279,7 +182,7 @@ def send_confirmation(
     topics = Topics(settings.topic_root)
     message = build_confirmation(topics, device_id, confirmation)
     inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=10)
-    connection = PubackAwareConnection(
+    connection = MqttConnection(
         settings,
         client_id=new_client_id(settings, "confirm"),
         subscriptions=[(topics.model_manifest(), 1)] if check_labels else (),
@@ -295,9 +198,11 @@ def send_confirmation(
                 _retained_manifest(connection, inbox, manifest_wait_s),
                 topics.model_manifest(),
             )
-        outcome = connection.publish_tracked(message).wait(ack_timeout_s)
+        handle = connection.publish(message)
+        handle.wait(ack_timeout_s)
     finally:
         connection.stop()
+    outcome = handle.outcome()
     if outcome is None:
         raise BrokerError(f"the broker did not acknowledge the confirmation in {ack_timeout_s:g} s")
     if not outcome.accepted:

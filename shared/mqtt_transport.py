@@ -10,6 +10,10 @@ Inbound QoS 1 messages are acknowledged manually, by the worker, once it has han
 the broker never has more unacknowledged messages in flight to us than the queue holds, so a
 QoS 1 message is never dropped here; and a message a crashed worker did not acknowledge is
 redelivered by the broker.
+
+Outbound messages are QoS 1 (QoS 2 works too). ``publish`` returns a ``PublishHandle`` that
+completes when the broker answers, with the MQTT 5 reason code of its PUBACK: a broker answers a
+publish its ACL forbids too (0x87 Not authorized), so "answered" is not "accepted".
 """
 
 from __future__ import annotations
@@ -70,25 +74,89 @@ class InboundMessage:
             ack()
 
 
+@dataclass(frozen=True, slots=True)
+class PublishOutcome:
+    """The broker's answer to one publish: the MQTT 5 reason code of its PUBACK (QoS 2: PUBCOMP)."""
+
+    code: int
+    reason: str  # e.g. "Success", "No matching subscribers", "Not authorized"
+
+    @classmethod
+    def of(cls, reason_code: ReasonCode) -> PublishOutcome:
+        return cls(reason_code.value, str(reason_code))
+
+    @property
+    def accepted(self) -> bool:
+        # MQTT 5: every code below 0x80 is a success, 0x10 "No matching subscribers" included.
+        return self.code < 0x80
+
+    def describe(self) -> str:
+        return f"{self.reason} (0x{self.code:02x})"
+
+
+class PublishRefusedError(BrokerError):
+    """The broker answered a publish with a failure reason code: sending it again cannot help."""
+
+    def __init__(self, topic: str, outcome: PublishOutcome) -> None:
+        super().__init__(f"the broker refused the publish to {topic}: {outcome.describe()}")
+        self.topic = topic
+        self.outcome = outcome
+
+
 class PublishHandle:
-    """Tracks one QoS >= 1 publish until the broker acknowledges it."""
+    """One publish, until the broker answers it (accepting or refusing it).
 
-    __slots__ = ("_info",)
+    The connection completes it from paho's ``on_publish`` callback, by packet id. Paho keeps a
+    message published while disconnected and sends it after reconnecting; its handle completes
+    when the broker answers it then.
+    """
 
-    def __init__(self, info: paho.MQTTMessageInfo) -> None:
-        self._info = info
+    __slots__ = ("_answered", "_outcome", "topic")
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self._answered = threading.Event()
+        self._outcome: PublishOutcome | None = None
 
     @property
     def done(self) -> bool:
-        return bool(self._info.is_published())
+        """True once the broker answered, whatever it said."""
+        return self._answered.is_set()
+
+    @property
+    def refused(self) -> bool:
+        """True once the broker answered with a failure reason code (retrying cannot help)."""
+        outcome = self._outcome
+        return outcome is not None and not outcome.accepted
+
+    def outcome(self) -> PublishOutcome | None:
+        """The broker's answer, or None while it has not come."""
+        return self._outcome
 
     def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for the broker's acknowledgement."""
-        try:
-            self._info.wait_for_publish(timeout)
-        except (RuntimeError, ValueError):
-            return False
-        return bool(self._info.is_published())
+        """Wait up to ``timeout`` seconds for the broker's answer; True once it came.
+
+        An answer may be a refusal: look at ``outcome()``, or use ``wait_accepted``.
+        """
+        return self._answered.wait(timeout)
+
+    def wait_accepted(self, timeout: float) -> PublishOutcome:
+        """The broker's acceptance.
+
+        Raises PublishRefusedError if the broker refused the message, BrokerError if it did not
+        answer within ``timeout`` seconds.
+        """
+        if not self.wait(timeout):
+            raise BrokerError(f"the broker did not acknowledge {self.topic} within {timeout:g} s")
+        outcome = self._outcome
+        assert outcome is not None  # set before _answered
+        if not outcome.accepted:
+            raise PublishRefusedError(self.topic, outcome)
+        return outcome
+
+    def _complete(self, outcome: PublishOutcome) -> None:
+        self._outcome = outcome
+        self._answered.set()
 
 
 def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) -> float:
@@ -160,6 +228,14 @@ class MqttConnection:
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
         self._attempt = 0
+
+        # Handles of sent publishes by packet id until on_publish brings the broker's answer, and
+        # the answers that came before publish() could file their handle (paho's network thread
+        # can be that quick).
+        self._answers_lock = threading.Lock()
+        self._awaiting_answer: dict[int, PublishHandle] = {}
+        self._early_answers: dict[int, PublishOutcome] = {}
+
         self._client = self._make_client()
 
     # ---------------------------------------------------------------- lifecycle
@@ -197,7 +273,10 @@ class MqttConnection:
         return self._fatal
 
     def stop(self) -> None:
-        """Disconnect cleanly (the broker does not publish our last will) and stop retrying."""
+        """Disconnect cleanly (the broker does not publish our last will) and stop retrying.
+
+        Handles of publishes the broker has not answered yet never complete.
+        """
         self._stop_requested.set()  # so that our own disconnect is not reported as a problem
         self._client.disconnect()
         self._client.loop_stop()
@@ -207,6 +286,9 @@ class MqttConnection:
         # paho's loop_stop() leaves its wake-up socket pair open until garbage collection;
         # reinitialise() is its public way to close every socket. This client is not used again.
         self._client.reinitialise()
+        with self._answers_lock:
+            self._awaiting_answer.clear()
+            self._early_answers.clear()
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         """Add a subscription now and on every later reconnect."""
@@ -225,7 +307,14 @@ class MqttConnection:
 
     # ---------------------------------------------------------------- publishing
     def publish(self, message: Outbound) -> PublishHandle:
-        """Queue ``message`` for sending; wait on the handle for the broker's acknowledgement."""
+        """Queue ``message`` for sending; the handle gives the broker's answer when it comes.
+
+        While disconnected, paho keeps the message (its rc is NO_CONN) and sends it after
+        reconnecting; the handle completes when the broker answers it then.
+        """
+        if message.qos < 1:
+            # The protocol is QoS 1 throughout, and a QoS 0 publish is never answered.
+            raise ValueError(f"cannot publish {message.topic} at QoS {message.qos}: use 1 or 2")
         info = self._client.publish(
             message.topic,
             message.payload,
@@ -235,7 +324,14 @@ class MqttConnection:
         )
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise BrokerError(f"publish to {message.topic} failed: {paho.error_string(info.rc)}")
-        return PublishHandle(info)
+        handle = PublishHandle(message.topic)
+        with self._answers_lock:
+            early = self._early_answers.pop(info.mid, None)
+            if early is None:
+                self._awaiting_answer[info.mid] = handle
+        if early is not None:
+            handle._complete(early)
+        return handle
 
     # ---------------------------------------------------------------- paho plumbing
     def _make_client(self) -> paho.Client:
@@ -264,6 +360,7 @@ class MqttConnection:
         client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
         return client
 
     def _connect_properties(self) -> Properties:
@@ -365,6 +462,24 @@ class MqttConnection:
         if refused:
             log.error("broker refused subscriptions of %s: %s", self._client_id, refused)
         self._subscribed.set()
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        # paho calls this once per QoS >= 1 message, when the broker answered it: after the
+        # reconnect, too, for a message published while disconnected.
+        outcome = PublishOutcome.of(reason_code)
+        with self._answers_lock:
+            handle = self._awaiting_answer.pop(mid, None)
+            if handle is None:
+                self._early_answers[mid] = outcome
+        if handle is not None:
+            handle._complete(outcome)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         # Runs on paho's network thread: convert, enqueue, return. Nothing slow here.

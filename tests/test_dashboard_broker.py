@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dashboard.client import FleetClient, TrackedPublish
+from dashboard.client import FleetClient
 from dashboard.controller import ConfirmAsPredicted, CorrectTo, Dashboard, Move
 from dashboard.fleet_view import Accuracy, FleetView
 from shared import codec
@@ -20,7 +20,7 @@ from shared.config import BrokerSettings
 from shared.messages import (
     DeviceStatus,
 )
-from shared.mqtt_transport import MqttConnection, Outbound
+from shared.mqtt_transport import MqttConnection, Outbound, PublishHandle
 from shared.topics import Topics
 from tests.mosquitto import BrokerUsers, MosquittoProcess, free_port
 from tests.mqtt_helpers import connect, receive
@@ -74,14 +74,21 @@ def publisher(broker_settings: BrokerSettings) -> Iterator[MqttConnection]:
     connection.stop()
 
 
+def show_prediction(publisher: MqttConnection, client: FleetClient, view: FleetView) -> None:
+    """Publish prediction p-1 (Sitting) of wrist-1 and feed the view until it shows it."""
+    payload = codec.encode_prediction(prediction("p-1", "Sitting", VERSION, "wrist-1"))
+    publish(publisher, client.topics.prediction("wrist-1"), payload)
+    pump_until(client, view, lambda: view.row("wrist-1") is not None, "the prediction")
+
+
 class KeptHandles:
     """The real client, keeping the handles it returns so a test can wait for the broker."""
 
     def __init__(self, client: FleetClient) -> None:
         self.client = client
-        self.handles: list[TrackedPublish] = []
+        self.handles: list[PublishHandle] = []
 
-    def confirm(self, device_id: str, prediction_id: str, label: str) -> TrackedPublish:
+    def confirm(self, device_id: str, prediction_id: str, label: str) -> PublishHandle:
         handle = self.client.confirm(device_id, prediction_id, label)
         self.handles.append(handle)
         return handle
@@ -131,10 +138,12 @@ def test_confirm_reaches_a_subscriber_and_counts_in_the_accuracy(
             codec.encode_prediction(prediction("p-7", "Walking", "v0003", "wrist-1")),
         )
         pump_until(fleet_client, view, lambda: view.row("wrist-1") is not None, "the prediction")
-        outcome = fleet_client.confirm("wrist-1", "p-7", "Jogging").wait(WAIT_S)
+        handle = fleet_client.confirm("wrist-1", "p-7", "Jogging")
+        assert handle.wait(WAIT_S)
         message = receive(inbox)
     finally:
         subscriber.stop()
+    outcome = handle.outcome()
     assert outcome is not None
     assert outcome.accepted
     assert message.topic == topics.confirmation("wrist-1")
@@ -167,7 +176,7 @@ def test_keys_confirm_and_correct_the_selected_device_through_the_broker(
         dashboard.handle(CorrectTo(4), now)  # the 4th label: Standing
         received = [receive(inbox), receive(inbox)]
         for handle in confirmer.handles:
-            assert handle.wait(WAIT_S) is not None
+            assert handle.wait(WAIT_S)
     finally:
         subscriber.stop()
     dashboard.poll(time.time())
@@ -187,17 +196,11 @@ def test_keys_confirm_and_correct_the_selected_device_through_the_broker(
 def test_unanswered_confirmation_is_reported_after_the_timeout(
     broker: MosquittoProcess, broker_settings: BrokerSettings, publisher: MqttConnection
 ) -> None:
-    topics = Topics(broker_settings.topic_root)
     view = FleetView()
     client = FleetClient(broker_settings)
     client.start(WAIT_S)
     try:
-        publish(
-            publisher,
-            topics.prediction("wrist-1"),
-            codec.encode_prediction(prediction("p-1", "Sitting", VERSION, "wrist-1")),
-        )
-        pump_until(client, view, lambda: view.row("wrist-1") is not None, "the prediction")
+        show_prediction(publisher, client, view)
         broker.stop()
         dashboard = Dashboard(view, client, ack_timeout_s=2.0)
         sent_at = time.time()
@@ -211,6 +214,24 @@ def test_unanswered_confirmation_is_reported_after_the_timeout(
     assert dashboard.status == (
         "wrist-1 p-1 as Sitting: no acknowledgement in 2 s (is the broker reachable?)"
     )
+
+
+def test_confirmation_sent_while_the_broker_is_down_is_accepted_after_it_returns(
+    broker: MosquittoProcess, publisher: MqttConnection, fleet_client: FleetClient
+) -> None:
+    view = FleetView()
+    confirmer = KeptHandles(fleet_client)
+    dashboard = Dashboard(view, confirmer, ack_timeout_s=WAIT_S)
+    show_prediction(publisher, fleet_client, view)
+    broker.stop()
+    dashboard.handle(ConfirmAsPredicted(), time.time())
+    (handle,) = confirmer.handles
+    assert not handle.done
+    broker.start()  # the client reconnects and paho sends the confirmation it kept
+    assert handle.wait(WAIT_S)
+    dashboard.poll(time.time())
+    assert dashboard.in_flight == 0
+    assert dashboard.status == "wrist-1 p-1 as Sitting: accepted by the broker, Success (0x00)"
 
 
 # ------------------------------------------------------------------------------- access control
@@ -257,12 +278,14 @@ def test_shipped_acl_lets_the_dashboard_watch_and_confirm(
             lambda: (row := view.row("wrist-0001")) is not None and row.latest is not None,
             "the prediction",
         )
-        outcome = client.confirm("wrist-0001", "p-1", "Upstairs").wait(WAIT_S)
+        handle = client.confirm("wrist-0001", "p-1", "Upstairs")
+        assert handle.wait(WAIT_S)
         pump_until(client, view, lambda: bool(view.accuracy()), "the confirmation read back")
     finally:
         client.stop()
         device.stop()
         trainer.stop()
+    outcome = handle.outcome()
     assert outcome is not None
     assert outcome.accepted
     assert view.accuracy() == {"v0002": Accuracy(right=1)}
@@ -287,10 +310,11 @@ def test_refused_publish_is_reported_with_its_reason_code(
         )
         dashboard = Dashboard(view, confirmer, ack_timeout_s=WAIT_S)
         dashboard.handle(ConfirmAsPredicted(), time.time())
-        outcome = confirmer.handles[0].wait(WAIT_S)
+        assert confirmer.handles[0].wait(WAIT_S)
         dashboard.poll(time.time())
     finally:
         client.stop()
+    outcome = confirmer.handles[0].outcome()
     assert outcome is not None
     assert not outcome.accepted
     assert outcome.code == 0x87
@@ -350,6 +374,7 @@ def test_har_confirm_checks_the_label_and_publishes(
     assert "invalid device id 'wrist/1'" in bad_device.stderr
     assert good.returncode == 0, good.stderr
     assert "the broker accepted it" in good.stdout
+    assert "WARNING" not in good.stderr, good.stderr  # its own clean stop is no warning
     assert unchecked.returncode == 0, unchecked.stderr
     assert first.topic == topics.confirmation("wrist-1")
     confirmed = codec.decode_confirmation(first.payload)

@@ -10,11 +10,22 @@ import subprocess
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from shared import codec
 from shared.config import BrokerSettings
 from shared.messages import Prediction, SensorBatch, WindowRef
-from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound, backoff_delay
+from shared.mqtt_transport import (
+    InboundMessage,
+    MqttConnection,
+    Outbound,
+    PublishOutcome,
+    PublishRefusedError,
+    backoff_delay,
+)
 from shared.topics import Topics
 from tests.mosquitto import BrokerUsers, MosquittoProcess, find_mosquitto
 from tests.mqtt_helpers import connect, receive
@@ -161,29 +172,24 @@ def test_an_unacknowledged_message_is_redelivered(broker_settings: BrokerSetting
         publisher.stop()
 
 
+def login(broker: MosquittoProcess, topic_root: str, user: str, password: str) -> BrokerSettings:
+    return BrokerSettings(
+        host=broker.host,
+        port=broker.port,
+        topic_root=topic_root,
+        username=user,
+        password=password,
+        reconnect_min_s=0.05,
+        reconnect_max_s=0.2,
+    )
+
+
 def test_bad_credentials_stop_reconnecting(broker_factory: object, topic_root: str) -> None:
     users = BrokerUsers(passwords={"agent": "right"}, acl="user agent\ntopic readwrite #\n")
     broker = broker_factory(users=users)  # type: ignore[operator]
-    good = BrokerSettings(
-        host=broker.host,
-        port=broker.port,
-        topic_root=topic_root,
-        username="agent",
-        password="right",
-        reconnect_min_s=0.05,
-        reconnect_max_s=0.2,
-    )
-    ok, _ = connect(good)
+    ok, _ = connect(login(broker, topic_root, "agent", "right"))
     ok.stop()
-    bad = BrokerSettings(
-        host=broker.host,
-        port=broker.port,
-        topic_root=topic_root,
-        username="agent",
-        password="wrong",
-        reconnect_min_s=0.05,
-        reconnect_max_s=0.2,
-    )
+    bad = login(broker, topic_root, "agent", "wrong")
     connection = MqttConnection(bad, client_id="bad-creds")
     connection.start()
     assert connection.wait_stopped(10)  # gives up by itself instead of hammering the broker
@@ -200,6 +206,110 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
     assert medians[3] > medians[1] > medians[0]
     assert max(max(run) for run in delays) <= 30.0
     assert len({round(run[6], 6) for run in delays}) > 150  # jitter: no two devices in step
+
+
+# ------------------------------------------------------------------ publish answers (reason codes)
+
+# Every reason code MQTT 5 allows in a PUBACK, as paho knows them.
+PUBACK_CODES = sorted(
+    code
+    for code, names in ReasonCode(PacketTypes.PUBACK).names.items()
+    if any(PacketTypes.PUBACK in packets for packets in names.values())
+)
+
+
+@given(code=st.sampled_from(PUBACK_CODES))
+def test_an_outcome_is_accepted_exactly_when_paho_says_the_code_is_no_failure(code: int) -> None:
+    reason_code = ReasonCode(PacketTypes.PUBACK, identifier=code)
+    outcome = PublishOutcome.of(reason_code)
+    assert outcome.accepted is not reason_code.is_failure
+    assert outcome.describe() == f"{reason_code} (0x{code:02x})"
+
+
+def test_the_brokers_reason_code_reaches_the_handle(
+    broker_factory: object, topic_root: str
+) -> None:
+    acl = f"user writer\ntopic readwrite {topic_root}/allowed/#\n"
+    broker = broker_factory(users=BrokerUsers(passwords={"writer": "pw"}, acl=acl))  # type: ignore[operator]
+    settings = login(broker, topic_root, "writer", "pw")
+    heard_topic, unheard_topic = f"{topic_root}/allowed/heard", f"{topic_root}/allowed/unheard"
+    forbidden_topic = f"{topic_root}/forbidden"
+    subscriber, inbox = connect(settings, [(heard_topic, 1)])
+    publisher, _ = connect(settings)
+    try:
+        heard = publisher.publish(Outbound(heard_topic, b"1"))
+        unheard = publisher.publish(Outbound(unheard_topic, b"2"))
+        forbidden = publisher.publish(Outbound(forbidden_topic, b"3"))
+        assert all(handle.wait(10.0) for handle in (heard, unheard, forbidden))
+        delivered = receive(inbox)
+    finally:
+        publisher.stop()
+        subscriber.stop()
+    assert heard.outcome() == PublishOutcome(0x00, "Success")
+    assert unheard.outcome() == PublishOutcome(0x10, "No matching subscribers")
+    assert forbidden.outcome() == PublishOutcome(0x87, "Not authorized")
+    assert (heard.refused, unheard.refused, forbidden.refused) == (False, False, True)
+    assert unheard.wait_accepted(0.0).accepted  # nobody listening is still a success
+    with pytest.raises(PublishRefusedError, match=rf"{forbidden_topic}: Not authorized \(0x87\)"):
+        forbidden.wait_accepted(0.0)
+    assert delivered.topic == heard_topic
+
+
+def test_every_one_of_many_publishes_gets_its_own_answer(broker_settings: BrokerSettings) -> None:
+    # More publishes than paho keeps in flight at once, all waited on only at the end.
+    topic = Topics(broker_settings.topic_root).status("many")
+    publisher, _ = connect(broker_settings)
+    try:
+        handles = [publisher.publish(Outbound(topic, b"%d" % n)) for n in range(3000)]
+        outcomes = [handle.wait_accepted(30.0) for handle in handles]
+    finally:
+        publisher.stop()
+    assert {outcome.code for outcome in outcomes} == {0x10}
+
+
+def test_a_qos_0_publish_is_refused_here(broker_settings: BrokerSettings) -> None:
+    publisher, _ = connect(broker_settings)
+    try:
+        with pytest.raises(ValueError, match="QoS 0"):
+            publisher.publish(Outbound(Topics(broker_settings.topic_root).status("d1"), b"", 0))
+    finally:
+        publisher.stop()
+
+
+def test_a_message_published_while_disconnected_is_answered_after_the_reconnect(
+    broker: MosquittoProcess, broker_settings: BrokerSettings
+) -> None:
+    topics = Topics(broker_settings.topic_root)
+    subscription = [(topics.all_status(), 1)]
+    subscriber, inbox = connect(
+        broker_settings, subscription, client_id="late-sub", persistent=True
+    )
+    changes: queue.Queue[bool] = queue.Queue()
+    publisher = MqttConnection(
+        broker_settings,
+        client_id="late-pub",
+        on_connection_change=changes.put,
+        persistent_session=False,
+    )
+    publisher.start()
+    try:
+        assert changes.get(timeout=10) is True
+        broker.stop()
+        assert changes.get(timeout=10) is False
+        # paho has no socket now: it keeps the message (rc NO_CONN) and sends it on reconnect.
+        handle = publisher.publish(Outbound(topics.status("d1"), b"sent-offline"))
+        assert not handle.done
+        broker.start()  # same port; the subscriber's session comes back from persistence
+        assert changes.get(timeout=10) is True
+        assert handle.wait(10.0)
+        received = receive(inbox)
+    finally:
+        publisher.stop()
+        subscriber.stop()
+    outcome = handle.outcome()
+    assert outcome is not None
+    assert outcome.accepted
+    assert received.payload == b"sent-offline"
 
 
 # ------------------------------------------------------------------------------ disconnect logs
