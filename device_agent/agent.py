@@ -723,7 +723,11 @@ class DeviceAgent:
 
     # ================================================================== sender thread
     def _sender_loop(self) -> None:
-        """Publish the outbox in order; delete a message only once the broker acknowledged it."""
+        """Publish the outbox in order; delete a message only once the broker answered it.
+
+        A message the broker refuses (its ACL, say) is reported and deleted too: it would be
+        refused again.
+        """
         in_flight: list[tuple[int, PublishHandle]] = []
         last_sent = 0
         flush_deadline: float | None = None
@@ -738,11 +742,14 @@ class DeviceAgent:
                 self._connection.wait_connected(0.5)
                 continue
             if in_flight:
-                done = self._await_acks(in_flight)
-                self._store.outbox_remove(done)
-                self.counters.add("messages_sent", len(done))
-                in_flight = in_flight[len(done) :]
-                if done:
+                answered = self._await_answers(in_flight)
+                self._store.outbox_remove([entry_id for entry_id, _ in answered])
+                refused = [handle for _, handle in answered if handle.refused]
+                for handle in refused:
+                    self._report_refused(handle)
+                self.counters.add("messages_sent", len(answered) - len(refused))
+                in_flight = in_flight[len(answered) :]
+                if answered:
                     oldest_in_flight_since = time.monotonic()
                 elif time.monotonic() - oldest_in_flight_since > 60.0:
                     # paho resends unacknowledged messages after a reconnect; if that never
@@ -763,14 +770,28 @@ class DeviceAgent:
                 last_sent = entry.id
 
     @staticmethod
-    def _await_acks(in_flight: list[tuple[int, PublishHandle]]) -> list[int]:
-        """Ids of the leading acknowledged messages (order kept: stop at the first pending)."""
-        done = []
+    def _await_answers(
+        in_flight: list[tuple[int, PublishHandle]],
+    ) -> list[tuple[int, PublishHandle]]:
+        """The leading messages the broker answered (order kept: stop at the first pending)."""
+        answered = []
         for entry_id, handle in in_flight:
             if not handle.wait(1.0):
                 break
-            done.append(entry_id)
-        return done
+            answered.append((entry_id, handle))
+        return answered
+
+    def _report_refused(self, handle: PublishHandle) -> None:
+        """Log, count and publish a refusal: the message is not sent again, it would be refused."""
+        outcome = handle.outcome()
+        reason = outcome.describe() if outcome is not None else "no reason code"
+        text = f"the broker refused {handle.topic}: {reason}; dropped from the outbox"
+        if handle.topic == self._topics.error(self._device):
+            # Reporting it on the error topic would be refused in turn, again and again.
+            log.error("%s", text)
+            self.counters.add("error_publish_refused")
+        else:
+            self._report("publish_refused", text, handle.topic)
 
     def _worker_alive(self) -> bool:
         return self._threads[1].is_alive()

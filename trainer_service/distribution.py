@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from shared import codec
-from shared.errors import BrokerError, HarError
+from shared.errors import HarError
 from shared.messages import ModelManifest
 from shared.model_bundle import split_chunks
 from shared.mqtt_transport import MqttConnection, Outbound, PublishHandle
@@ -56,11 +56,14 @@ def clearing_messages(topics: Topics, version: str, chunks: int) -> list[Outboun
 
 
 def publish_all(connection: MqttConnection, messages: list[Outbound], timeout: float) -> None:
-    """Publish and wait until the broker acknowledged every message."""
+    """Publish and wait until the broker accepted every message.
+
+    BrokerError names the first topic the broker refused (its ACL, say) with the reason, or did
+    not acknowledge within ``timeout`` seconds.
+    """
     handles: list[PublishHandle] = [connection.publish(message) for message in messages]
-    for message, handle in zip(messages, handles, strict=True):
-        if not handle.wait(timeout):
-            raise BrokerError(f"broker did not acknowledge {message.topic} within {timeout} s")
+    for handle in handles:
+        handle.wait_accepted(timeout)
     log.info("published %d retained model messages", len(messages))
 
 
