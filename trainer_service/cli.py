@@ -135,8 +135,8 @@ def run_retrain_command(args: argparse.Namespace) -> int:
     connection = _connect(settings)
     try:
         topic = Topics(settings.broker.topic_root).trainer_command()
-        if not connection.publish(Outbound(topic, codec.encode_command(command))).wait(10.0):
-            raise BrokerError("the broker did not acknowledge the retrain command")
+        # Raises BrokerError when unacknowledged, PublishRefusedError when the ACL refused it.
+        connection.publish(Outbound(topic, codec.encode_command(command))).wait_accepted(10.0)
     finally:
         connection.stop()
     print(f"retrain requested ({command.request_id}); watch the trainer's status and errors")

@@ -24,7 +24,7 @@ from shared import codec
 from shared.counters import Counters
 from shared.errors import HarError, PayloadError, StorageError
 from shared.messages import DeviceStatus, ErrorEvent
-from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound
+from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound, PublishRefusedError
 from shared.signing import load_private_key
 from shared.topics import Topics
 from trainer_service.distribution import current_release_messages, publish_all
@@ -370,8 +370,12 @@ class TrainerService:
             now = time.monotonic()
             try:
                 if not published and self._connection.connected:
-                    self.publish_current()  # a restarted trainer re-asserts the current model
-                    published = True
+                    try:
+                        self.publish_current()  # a restarted trainer re-asserts the current model
+                        published = True
+                    except PublishRefusedError as exc:
+                        published = True  # refused now, refused on every retry: say it once
+                        self._report("publish_refused", str(exc))
                 self.store.join_pending()
                 if now >= next_retention:
                     next_retention = now + retention.interval_s
