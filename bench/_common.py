@@ -10,3 +10,32 @@ DEFAULT_DATA = REPO.parent / "shared/data/hapt-wisdm-format/hapt_users01-24_raw.
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+
+def har_train(data: Path, out_dir: Path, version: str, *, epochs: int = 2, seed: int = 0) -> Path:
+    """A version folder of the production architecture, made by ``har train`` in a child
+    process (so the caller's RSS stays its own)."""
+    import subprocess
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "har",
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(out_dir),
+            "--version",
+            version,
+            "--epochs",
+            str(epochs),
+            "--seed",
+            str(seed),
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return out_dir / version

@@ -16,8 +16,6 @@ import json
 import os
 import queue
 import resource
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,9 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from _common import har_train  # also puts the repository on sys.path
 
 
 def rss_mb() -> float:
@@ -63,26 +59,7 @@ def make_release(workdir: Path, model: Path | None) -> tuple[Path, Any]:
         base = write_dataset(
             workdir / "base.txt", range(1, 5), ("Walking", "Jogging", "Sitting", "Standing"), 40.0
         )
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "har",
-                "train",
-                "--data",
-                str(base),
-                "--out",
-                str(workdir / "staging"),
-                "--version",
-                "bench",
-                "--epochs",
-                "2",
-                "--no-progress",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        model = workdir / "staging" / "bench"
+        model = har_train(base, workdir / "staging", "bench")
     info = registry.add(model, parent=None)
     registry.promote(info.version, load_private_key(private), chunk_size=256 * 1024)
     return public, registry
