@@ -1,0 +1,159 @@
+"""The demo's summary: a JSON document (``summary.json``) and the same facts as text."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from har.demo.people import DeviceView, PeopleApp, Score
+
+PHASES = ("before", "while_confirming", "after")
+PHASE_TITLES = {
+    "before": "first model, before any confirmation",
+    "while_confirming": "first model + on-device learning, while people confirm",
+    "after": "retrained model, confirmations re-applied on the device",
+}
+
+
+def _phase(device: DeviceView, phase: str) -> Score:
+    score: Score = getattr(device, phase)
+    return score
+
+
+def _total(app: PeopleApp, *names: str, source: str = "devices") -> int:
+    """The sum of counters ``names`` over every device's last status (or the trainer's)."""
+    if source == "trainer":
+        statuses = [app.trainer_status]
+    else:
+        statuses = [device.status for device in app.devices.values()]
+    return sum(
+        status.counters.get(name, 0) for status in statuses if status is not None for name in names
+    )
+
+
+def build(
+    app: PeopleApp,
+    *,
+    data: str,
+    wearers: Mapping[str, str],
+    first_model: Mapping[str, Any],
+    seconds: float,
+    exit_codes: Mapping[str, int],
+    outcome: str,
+) -> dict[str, Any]:
+    devices = {}
+    for device_id, device in app.devices.items():
+        status = device.status
+        devices[device_id] = {
+            "wearer": wearers.get(device_id, ""),
+            "accuracy": {phase: _phase(device, phase).to_dict() for phase in PHASES},
+            "model_version": status.model_version if status else None,
+            "state": status.state if status else None,
+            "confirmations_sent": device.confirmations_sent,
+            "wrong_answers": device.wrong_answers,
+            "counters": dict(status.counters) if status else {},
+        }
+    overall = {}
+    for phase in PHASES:
+        total = Score()
+        for device in app.devices.values():
+            score = _phase(device, phase)
+            total.windows += score.windows
+            total.correct += score.correct
+            total.versions |= score.versions
+        overall[phase] = total.to_dict()
+    trainer = app.trainer_status
+    messages = {
+        "sensor_batches": {
+            "queued_by_devices": _total(app, "batches_queued"),
+            "stored_by_trainer": _total(app, "stored_batches", source="trainer"),
+        },
+        "predictions": {
+            "made_by_devices": _total(app, "predictions"),
+            "received_by_people_app": app.received["predictions"],
+            "stored_by_trainer": _total(app, "stored_predictions", source="trainer"),
+        },
+        "confirmations": {
+            "sent_by_people_app": app.confirmations_sent,
+            "seen_on_the_broker_by_people_app": app.received["confirmations"],
+            "received_by_devices": _total(app, "confirmations_received"),
+            "applied_by_devices": _total(app, "confirmations_applied"),
+            "stored_by_trainer": _total(app, "stored_confirmations", source="trainer"),
+        },
+        "statuses": {
+            "device_statuses_received": app.received["statuses"],
+            "trainer_statuses_received": app.received["trainer_statuses"],
+        },
+        "model": {
+            "manifests_received_by_people_app": app.received["model_manifests"],
+            "installs_on_devices": _total(app, "model_installs"),
+            "refused_by_devices": _total(app, "model_rejections"),
+            "retrain_rounds": _total(app, "retrain_rounds", source="trainer"),
+            "promoted_by_trainer": _total(app, "models_promoted", source="trainer"),
+        },
+        "all_kinds": {
+            "sent_by_devices": _total(app, "messages_sent"),
+            "ingested_by_trainer": _total(app, "messages_ingested", source="trainer"),
+            "received_by_people_app": sum(app.received.values()),
+        },
+    }
+    return {
+        "outcome": outcome,
+        "data": data,
+        "first_model": dict(first_model),
+        "new_model": app.new_version,
+        "devices": devices,
+        "overall": overall,
+        "messages": messages,
+        "trainer_counters": dict(trainer.counters) if trainer else {},
+        "error_events": app.errors,
+        "seconds": round(seconds, 1),
+        "exit_codes": dict(exit_codes),
+    }
+
+
+def _percent(score: Mapping[str, Any]) -> str:
+    accuracy = score["accuracy"]
+    return "   -  " if accuracy is None else f"{100 * accuracy:5.1f}%"
+
+
+def render(summary: Mapping[str, Any]) -> str:
+    """The summary as a person reads it."""
+    lines = [
+        f"outcome: {summary['outcome']}",
+        f"data: {summary['data']}",
+        f"first model: {summary['first_model'].get('version')} "
+        f"(held-out-user accuracy {summary['first_model'].get('test_accuracy')})",
+        f"new model:   {summary['new_model'] or 'none'}",
+        "",
+        "accuracy per device, each phase scored over one pass of its wearer's recording:",
+        f"  {'device':<14} {'before':>7} {'learning':>9} {'after':>7}  "
+        f"{'model on device':<22} confirmed (wrong)  wearer",
+    ]
+    rows = [*summary["devices"].items(), ("overall", summary["overall"])]
+    for name, row in rows:
+        accuracy = row.get("accuracy", row)
+        version = row.get("model_version") or ("" if name == "overall" else "unknown")
+        confirmed = (
+            f"{row['confirmations_sent']} ({row['wrong_answers']})" if "wearer" in row else ""
+        )
+        lines.append(
+            f"  {name:<14} {_percent(accuracy['before']):>7} "
+            f"{_percent(accuracy['while_confirming']):>9} {_percent(accuracy['after']):>7}  "
+            f"{version:<22} {confirmed:<17}  {row.get('wearer', '')}".rstrip()
+        )
+    lines += ["", "phases: " + "; ".join(f"{k}: {v}" for k, v in PHASE_TITLES.items()), ""]
+    lines.append("messages:")
+    for kind, counts in summary["messages"].items():
+        lines.append(
+            f"  {kind.replace('_', ' ')}: "
+            + ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in counts.items())
+        )
+    codes = ", ".join(f"{name} {code}" for name, code in summary["exit_codes"].items())
+    lines += [
+        "",
+        f"time: {summary['seconds']} s; exit codes: {codes or 'none'}",
+        f"error events: {len(summary['error_events'])}",
+    ]
+    lines += [f"  {event}" for event in summary["error_events"][:10]]
+    return "\n".join(lines)
