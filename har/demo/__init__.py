@@ -6,7 +6,7 @@
    deploy/add-device.sh.
 2. Data: --data FILE, else $HAR_WISDM_FILE, else ./WISDM_ar_latest.tar.gz (where `har data
    download` puts it), else synthetic people (the embedded default). Each device replays a user
-   held out of the base data; synthetic wearers wear their device turned by 90, 180 or 270
+   held out of the base data; synthetic wearers wear their device turned by 75, 90 or 105
    degrees, which no one in the base data does.
 3. A first model is trained on the base data, registered, signed and promoted.
 4. `har trainer serve` (plain listener, user trainer) and three `har agent` processes (TLS, each
