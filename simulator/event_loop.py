@@ -53,6 +53,8 @@ class EventLoop:
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._clients: set[paho.Client] = set()
+        self._to_write: set[paho.Client] = set()  # queued packets, not yet tried
+        self._watching_write: set[paho.Client] = set()  # the socket was full: wait for room
         self._running = False
 
     def time(self) -> float:
@@ -90,17 +92,38 @@ class EventLoop:
         self._selector.register(sock, selectors.EVENT_READ, client)
 
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._to_write.discard(client)
+        self._watching_write.discard(client)
         # Never registered when the connect itself failed.
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(sock)
 
     def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        with contextlib.suppress(KeyError, ValueError):  # closed meanwhile
-            self._selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
+        # Not written from inside paho's call: flushed once per round, and the selector is asked
+        # to watch for writability only when the socket could not take everything at once.
+        self._to_write.add(client)
 
     def _on_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.modify(sock, selectors.EVENT_READ, client)
+        self._to_write.discard(client)
+        if client in self._watching_write:
+            self._watching_write.discard(client)
+            with contextlib.suppress(KeyError, ValueError):  # closed meanwhile
+                self._selector.modify(sock, selectors.EVENT_READ, client)
+
+    def _flush_writes(self) -> None:
+        while self._to_write:
+            clients, self._to_write = self._to_write, set()
+            for client in clients:
+                sock = client.socket()
+                if sock is None:
+                    continue
+                client.loop_write()
+                if client.want_write() and client not in self._watching_write:
+                    self._watching_write.add(client)
+                    with contextlib.suppress(KeyError, ValueError):
+                        self._selector.modify(
+                            sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client
+                        )
 
     # ------------------------------------------------------------------ running
     def run(self, until: Callable[[], bool]) -> None:
@@ -114,6 +137,7 @@ class EventLoop:
                     next_misc = now + MISC_INTERVAL_S
                     for client in list(self._clients):
                         client.loop_misc()
+                self._flush_writes()
                 deadline = min(next_misc, self._timers[0][0] if self._timers else next_misc)
                 for key, mask in self._selector.select(max(0.0, deadline - self._clock())):
                     self._dispatch(key, mask)

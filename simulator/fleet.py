@@ -26,6 +26,7 @@ import numpy as np
 from device_agent.releases import ReleaseStore
 from device_agent.windowing import StreamWindow
 from shared import codec, homeassistant
+from shared.counters import LatencyRecorder
 from shared.errors import HarError, ModelError, PayloadError
 from shared.messages import Confirmation, ModelManifest
 from shared.model.runtime import MAX_WINDOWS_PER_CALL, ActivityModel
@@ -45,6 +46,8 @@ T = TypeVar("T")
 
 FLUSH_TIMEOUT_S = 5.0  # at exit, for what is still queued
 MAX_PENDING_WINDOWS = 4 * MAX_WINDOWS_PER_CALL
+# Windows completed within this long are predicted together: one model call for many devices.
+PREDICT_EVERY_S = 0.02
 # New connections per second: a thousand devices starting at once would otherwise all wait on
 # the broker's accept queue together and time out together.
 CONNECTS_PER_SECOND = 500
@@ -61,6 +64,7 @@ class _Job:
     device: SimDevice
     window: StreamWindow
     runtime: LoadedModel
+    made: float  # loop time the window was completed
 
 
 class FleetSimulator:
@@ -80,6 +84,7 @@ class FleetSimulator:
         self.loop = EventLoop()
         self._properties = PropertiesCache()
         self.counters: Counter[str] = Counter()
+        self.latencies = LatencyRecorder(keep=100_000)
         self.devices = [
             SimDevice(
                 device_id,
@@ -103,10 +108,8 @@ class FleetSimulator:
         self._loaded: dict[str, LoadedModel] = {}  # manifest sha256 -> runtime
         self._loading: dict[str, list[Callable[[LoadedModel | None], None]]] = {}
         self._pending: list[_Job] = []
-        self._predicting = False
-        # One thread runs the model, one loads new versions, two hash downloads: none of them
-        # may hold up the event loop.
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="sim-model")
+        self._predict_scheduled = False
+        # One thread loads new versions, two hash downloads: neither may hold up the event loop.
         self._load_thread = ThreadPoolExecutor(1, thread_name_prefix="sim-load")
         self._hash_threads = ThreadPoolExecutor(2, thread_name_prefix="sim-hash")
         self._stop_requested = threading.Event()
@@ -140,7 +143,7 @@ class FleetSimulator:
             self.loop.call_later(self._monitor_interval(), self._monitor)
             self.loop.run(until=self._finished)
         finally:
-            for pool in (self._model_thread, self._load_thread, self._hash_threads):
+            for pool in (self._load_thread, self._hash_threads):
                 pool.shutdown(wait=True, cancel_futures=True)
             self.loop.close()
         return self.report(self._clock() - started)
@@ -184,9 +187,22 @@ class FleetSimulator:
                 "next_seq": device.next_seq,
                 **dict(sorted(device.counters.items())),
             }
+        waits = np.asarray(self.latencies.samples("window_to_prediction")) * 1000
         return {
             "seconds": round(seconds, 1),
             "devices": len(self.devices),
+            # From the batch that completes a window to its prediction handed to the connection.
+            "window_to_prediction_ms": {
+                "n": int(waits.size),
+                **(
+                    {
+                        "p50": round(float(np.percentile(waits, 50)), 1),
+                        "p99": round(float(np.percentile(waits, 99)), 1),
+                    }
+                    if waits.size
+                    else {}
+                ),
+            },
             "totals": dict(sorted(totals.items())),
             "per_device": per_device,
         }
@@ -293,35 +309,38 @@ class FleetSimulator:
             elif len(self._pending) >= MAX_PENDING_WINDOWS:
                 device.counters["windows_dropped"] += 1  # the model cannot keep up
             else:
-                self._pending.append(_Job(device, window, runtime))
-        self._predict_next()
+                self._pending.append(_Job(device, window, runtime, self.loop.time()))
+        if self._pending and not self._predict_scheduled:
+            self._predict_scheduled = True
+            self.loop.call_later(PREDICT_EVERY_S, self._predict_pending)
 
-    def _predict_next(self) -> None:
-        if self._predicting or not self._pending:
-            return
-        runtime = self._pending[0].runtime
-        batch = [job for job in self._pending if job.runtime is runtime][:MAX_WINDOWS_PER_CALL]
-        taken = {id(job) for job in batch}
-        self._pending = [job for job in self._pending if id(job) not in taken]
-        self._predicting = True
-        windows = np.stack([job.window.samples for job in batch])
-        self._in_thread(
-            self._model_thread,
-            lambda: runtime.model.predict(windows).probabilities,
-            lambda future: self._predicted(batch, future),
-        )
+    def _predict_pending(self) -> None:
+        """Predict the windows the fleet completed lately, a model call per model version.
 
-    def _predicted(self, batch: list[_Job], future: Future[Any]) -> None:
-        self._predicting = False
-        try:
-            probabilities = future.result()
-        except HarError as exc:
-            log.warning("prediction failed: %s", exc)
-            self.counters["prediction_failures"] += len(batch)
-        else:
-            for job, row in zip(batch, probabilities, strict=True):
-                self._deliver(job, row.astype(np.float64))
-        self._predict_next()
+        On the loop's own thread: a model thread would wait for the interpreter lock behind the
+        loop at every step, and its predictions came out seconds late with a thousand devices.
+        """
+        self._predict_scheduled = False
+        pending, self._pending = self._pending, []
+        if self._stopping:
+            return  # the links are flushing and closing: no new predictions after that
+        by_model: dict[int, list[_Job]] = {}
+        for job in pending:
+            by_model.setdefault(id(job.runtime), []).append(job)
+        for jobs in by_model.values():
+            runtime = jobs[0].runtime
+            for start in range(0, len(jobs), MAX_WINDOWS_PER_CALL):
+                batch = jobs[start : start + MAX_WINDOWS_PER_CALL]
+                try:
+                    probabilities = runtime.model.predict(
+                        np.stack([job.window.samples for job in batch])
+                    ).probabilities
+                except HarError as exc:
+                    log.warning("prediction failed: %s", exc)
+                    self.counters["prediction_failures"] += len(batch)
+                    continue
+                for job, row in zip(batch, probabilities, strict=True):
+                    self._deliver(job, row.astype(np.float64))
 
     def _deliver(self, job: _Job, probabilities: Any) -> None:
         device = job.device
@@ -331,6 +350,7 @@ class FleetSimulator:
         labels = job.runtime.manifest.labels
         prediction, message = device.prediction(job.window, probabilities, labels)
         self._publish(device, message)
+        self.latencies.record("window_to_prediction", self.loop.time() - job.made)
         answer = self._people[device.device_id].answer(prediction.truth, labels)
         if answer is not None and self._app is not None:
             confirmation = Confirmation(prediction.prediction_id, answer, "user", self._clock())
