@@ -345,6 +345,17 @@ def run_fleet(n: int, args: argparse.Namespace, versions: tuple[Path, Path], roo
     return result
 
 
+def medians(runs: list[Any]) -> Any:
+    """Field by field, the median of the runs' numbers (the runs share one structure)."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {key: medians([run[key] for run in runs]) for key in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        values = [run for run in runs if run is not None]
+        return round(float(np.median(values)), 3) if values else None
+    return first
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--devices", type=int, nargs="+", default=[10, 100, 1000])
@@ -354,13 +365,17 @@ def main() -> int:
     parser.add_argument(
         "--latency-sample", type=int, default=50, help="devices whose latency is measured"
     )
+    parser.add_argument("--repeat", type=int, default=3, help="runs per fleet size (medians)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     root = Path(tempfile.mkdtemp(prefix="har-bench-fleet-"))
     try:
         versions = train_versions(root)
-        runs = [run_fleet(n, args, versions, root) for n in args.devices]
+        by_size = {
+            n: [run_fleet(n, args, versions, root / f"run-{i}") for i in range(args.repeat)]
+            for n in args.devices
+        }
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -372,7 +387,18 @@ def main() -> int:
                 "sample_rate_hz": 20.0,
                 "batch_seconds": args.batch_seconds,
                 "confirm_share": args.confirm_share,
-                "runs": runs,
+                "repeat": args.repeat,
+                # Medians over the repeats; "lost" sums every repeat (it must be 0 in each).
+                "medians": [
+                    {
+                        **medians(runs),
+                        "lost": {
+                            kind: sum(run["lost"][kind] for run in runs) for kind in runs[0]["lost"]
+                        },
+                    }
+                    for runs in by_size.values()
+                ],
+                "runs": [run for runs in by_size.values() for run in runs],
             },
             indent=2,
         )

@@ -243,6 +243,7 @@ class Writer:
     def __init__(self, db: sqlite3.Connection, now: float) -> None:
         self._db = db
         self._now = now
+        self._seen_devices: set[str] = set()  # one transaction has one "now": write it once
 
     def _exec(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
         try:
@@ -254,6 +255,9 @@ class Writer:
         return int(self._exec(sql, args).rowcount)
 
     def _seen(self, device_id: str) -> None:
+        if device_id in self._seen_devices:
+            return
+        self._seen_devices.add(device_id)
         self._exec(
             "INSERT INTO devices (device_id, first_seen, last_seen) VALUES (?, ?, ?)"
             " ON CONFLICT(device_id) DO UPDATE SET last_seen = excluded.last_seen",
