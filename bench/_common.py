@@ -39,3 +39,18 @@ def har_train(data: Path, out_dir: Path, version: str, *, epochs: int = 2, seed:
         capture_output=True,
     )
     return out_dir / version
+
+
+def percentiles(seconds: list[float], digits: int = 3) -> dict[str, float | int]:
+    """Count, p50, p99 and max of durations given in seconds, in milliseconds."""
+    import numpy as np
+
+    if not seconds:
+        return {"n": 0}
+    ms = np.asarray(seconds) * 1000
+    return {
+        "n": len(seconds),
+        "p50_ms": round(float(np.percentile(ms, 50)), digits),
+        "p99_ms": round(float(np.percentile(ms, 99)), digits),
+        "max_ms": round(float(ms.max()), digits),
+    }

@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from _common import har_train  # also puts the repository on sys.path
+from _common import har_train, percentiles  # also puts the repository on sys.path
 
 
 def rss_mb() -> float:
@@ -31,18 +30,6 @@ def rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def percentiles(samples: list[float]) -> dict[str, float | int]:
-    if not samples:
-        return {"n": 0}
-    ms = np.asarray(samples) * 1000
-    return {
-        "n": len(samples),
-        "p50_ms": round(float(np.percentile(ms, 50)), 3),
-        "p99_ms": round(float(np.percentile(ms, 99)), 3),
-        "max_ms": round(float(ms.max()), 3),
-    }
 
 
 def make_release(workdir: Path, model: Path | None) -> tuple[Path, Any]:

@@ -44,22 +44,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import har_train  # also puts the repository on sys.path
+from _common import har_train, percentiles  # also puts the repository on sys.path
 
 ACTIVITIES = ("Walking", "Jogging", "Upstairs", "Downstairs", "Sitting", "Standing")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def percentiles(seconds: list[float]) -> dict[str, float | int]:
-    if not seconds:
-        return {"n": 0}
-    ms = np.asarray(seconds) * 1000
-    return {
-        "n": len(seconds),
-        "p50_ms": round(float(np.percentile(ms, 50)), 1),
-        "p99_ms": round(float(np.percentile(ms, 99)), 1),
-        "max_ms": round(float(ms.max()), 1),
-    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -285,7 +273,7 @@ def run_fleet(n: int, args: argparse.Namespace, versions: tuple[Path, Path], roo
             for name, pid in pids.items()
         }
         result["rss_mb"] = {name: rss_mb(pid) for name, pid in pids.items()}
-        result["sensor_to_prediction"] = percentiles(observer.latencies)
+        result["sensor_to_prediction"] = percentiles(observer.latencies, 1)
         result["latency_measured_on_devices"] = len(sampled)
 
         registry.promote(second, key, chunk_size=256 * 1024)
