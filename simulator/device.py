@@ -20,6 +20,7 @@ from device_agent.windowing import StreamWindow, StreamWindower
 from shared import codec
 from shared.errors import ModelError
 from shared.messages import (
+    DeviceState,
     DeviceStatus,
     ErrorEvent,
     ModelChunk,
@@ -121,14 +122,14 @@ class SimDevice:
         return prediction, message
 
     # ------------------------------------------------------------------ status and errors
-    def status(self, state: str) -> DeviceStatus:
+    def status(self, state: DeviceState) -> DeviceStatus:
         counters = {
             name: self.counters[name]
             for name in ("batches_sent", "predictions", "models_installed", "model_rejections")
         }
-        return DeviceStatus(self.device_id, state, self.model_version, self._clock(), counters)  # type: ignore[arg-type]
+        return DeviceStatus(self.device_id, state, self.model_version, self._clock(), counters)
 
-    def status_message(self, state: str) -> Outbound:
+    def status_message(self, state: DeviceState) -> Outbound:
         return Outbound(
             self._topics.status(self.device_id),
             codec.encode_status(self.status(state)),

@@ -55,7 +55,6 @@ class EventLoop:
         self._clients: set[paho.Client] = set()
         self._to_write: set[paho.Client] = set()  # queued packets, not yet tried
         self._watching_write: set[paho.Client] = set()  # the socket was full: wait for room
-        self._running = False
 
     def time(self) -> float:
         return self._clock()
@@ -128,23 +127,19 @@ class EventLoop:
     # ------------------------------------------------------------------ running
     def run(self, until: Callable[[], bool]) -> None:
         """Dispatch events until ``until()`` is true (checked after every round)."""
-        self._running = True
         next_misc = self._clock() + MISC_INTERVAL_S
-        try:
-            while not until():
-                now = self._clock()
-                if now >= next_misc:
-                    next_misc = now + MISC_INTERVAL_S
-                    for client in list(self._clients):
-                        client.loop_misc()
-                self._flush_writes()
-                deadline = min(next_misc, self._timers[0][0] if self._timers else next_misc)
-                for key, mask in self._selector.select(max(0.0, deadline - self._clock())):
-                    self._dispatch(key, mask)
-                self._run_calls()
-                self._run_timers()
-        finally:
-            self._running = False
+        while not until():
+            now = self._clock()
+            if now >= next_misc:
+                next_misc = now + MISC_INTERVAL_S
+                for client in list(self._clients):
+                    client.loop_misc()
+            self._flush_writes()
+            deadline = min(next_misc, self._timers[0][0] if self._timers else next_misc)
+            for key, mask in self._selector.select(max(0.0, deadline - self._clock())):
+                self._dispatch(key, mask)
+            self._run_calls()
+            self._run_timers()
 
     def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
         client = key.data
