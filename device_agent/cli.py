@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shared.config import load_settings
+from shared.config import add_broker_flags, broker_overrides, load_settings
 from shared.lifecycle import run_until_signalled
 
 
@@ -25,9 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--device-id", help="this device's id (a topic level)")
     parser.add_argument("--state-dir", type=Path, help="outbox, learned state, models")
     parser.add_argument("--public-key", type=Path, help="Ed25519 key models must be signed with")
-    parser.add_argument("--broker-host", help="MQTT broker host (default 127.0.0.1)")
-    parser.add_argument("--broker-port", type=int, help="MQTT broker port (default 1883)")
-    parser.add_argument("--topic-root", help="topic root (default har/v1)")
+    add_broker_flags(parser)
     parser.add_argument(
         "--sensor", choices=("iio", "replay", "synthetic", "stdin"), help="sensor source"
     )
@@ -52,9 +50,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         "device_id": args.device_id,
         "state_dir": args.state_dir,
         "public_key": args.public_key,
-        "broker.host": args.broker_host,
-        "broker.port": args.broker_port,
-        "broker.topic_root": args.topic_root,
+        **broker_overrides(args),
         "sensor.kind": args.sensor,
         "sensor.replay_file": args.replay_file,
         "sensor.replay_user": args.replay_user,

@@ -8,6 +8,7 @@ a typo in a config file must not silently fall back to a default.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 import types
@@ -256,3 +257,19 @@ def _coerce(name: str, value: Any, field_type: Any) -> Any:
         return converter(value)
     except (ConfigError, ValueError) as exc:
         raise ConfigError(f"setting {name}: {exc}") from exc
+
+
+def add_broker_flags(parser: argparse.ArgumentParser) -> None:
+    """The broker flags every long-running command shares; ``broker_overrides`` reads them."""
+    parser.add_argument("--broker-host", help="MQTT broker host (default 127.0.0.1)")
+    parser.add_argument("--broker-port", type=int, help="MQTT broker port (default 1883)")
+    parser.add_argument("--topic-root", help=f"topic root (default {DEFAULT_ROOT})")
+
+
+def broker_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``load_settings`` overrides of ``add_broker_flags`` (absent flags count as unset)."""
+    return {
+        "broker.host": getattr(args, "broker_host", None),
+        "broker.port": getattr(args, "broker_port", None),
+        "broker.topic_root": getattr(args, "topic_root", None),
+    }

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shared.config import load_settings
+from shared.config import add_broker_flags, broker_overrides, load_settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -35,9 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--speed", type=float, help="1 = real time, 10 = ten times faster")
     parser.add_argument("--batch-seconds", type=float, help="sensor seconds per batch")
     parser.add_argument("--state-dir", type=Path, help="verified model releases")
-    parser.add_argument("--broker-host", help="MQTT broker host (default 127.0.0.1)")
-    parser.add_argument("--broker-port", type=int, help="MQTT broker port (default 1883)")
-    parser.add_argument("--topic-root", help="topic root (default har/v1)")
+    add_broker_flags(parser)
     parser.add_argument(
         "--homeassistant",
         action="store_true",
@@ -63,9 +61,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         "speed": args.speed,
         "batch_seconds": args.batch_seconds,
         "state_dir": args.state_dir,
-        "broker.host": args.broker_host,
-        "broker.port": args.broker_port,
-        "broker.topic_root": args.topic_root,
+        **broker_overrides(args),
         "homeassistant_discovery": args.homeassistant,
     }
     return load_settings(

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from shared.config import load_settings
+from shared.config import add_broker_flags, broker_overrides, load_settings
 from shared.errors import BrokerError, ConfigError
 from shared.lifecycle import run_until_signalled
 
@@ -18,9 +18,7 @@ from shared.lifecycle import run_until_signalled
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="trainer TOML file")
     parser.add_argument("--registry-dir", type=Path, help="model registry folder")
-    parser.add_argument("--broker-host", help="MQTT broker host (default 127.0.0.1)")
-    parser.add_argument("--broker-port", type=int, help="MQTT broker port (default 1883)")
-    parser.add_argument("--topic-root", help="topic root (default har/v1)")
+    add_broker_flags(parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -94,9 +92,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         "private_key": getattr(args, "private_key", None),
         "base_data": getattr(args, "base_data", None),
         "instance": getattr(args, "instance", None),
-        "broker.host": getattr(args, "broker_host", None),
-        "broker.port": getattr(args, "broker_port", None),
-        "broker.topic_root": getattr(args, "topic_root", None),
+        **broker_overrides(args),
     }
     return load_settings(
         TrainerSettings, config_file=args.config, environ=os.environ, overrides=overrides
