@@ -1,4 +1,4 @@
-"""Shared bits of the bench scripts: the default data path and importing the project."""
+"""Shared bits of the bench scripts: the default data path, importing the project, measuring."""
 
 from __future__ import annotations
 
@@ -39,6 +39,14 @@ def har_train(data: Path, out_dir: Path, version: str, *, epochs: int = 2, seed:
         capture_output=True,
     )
     return out_dir / version
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident memory of process ``pid`` (this one by default) in MB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def percentiles(seconds: list[float], digits: int = 3) -> dict[str, float | int]:

@@ -22,14 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import har_train, percentiles  # also puts the repository on sys.path
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from _common import har_train, percentiles, rss_mb  # also puts the repository on sys.path
 
 
 def make_release(workdir: Path, model: Path | None) -> tuple[Path, Any]:

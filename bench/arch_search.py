@@ -9,19 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import DEFAULT_DATA  # also puts the repository on sys.path
 
 from shared.wisdm import load_wisdm
 from trainer_service.evaluation import evaluate
 from trainer_service.training import TrainConfig, split_by_user, train_model
-
-DEFAULT_DATA = (
-    Path(__file__).resolve().parents[2] / "shared/data/hapt-wisdm-format/hapt_users01-24_raw.txt"
-)
 
 
 def main() -> int:

@@ -44,9 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import har_train, percentiles  # also puts the repository on sys.path
+from _common import har_train, percentiles, rss_mb  # also puts the repository on sys.path
 
-ACTIVITIES = ("Walking", "Jogging", "Upstairs", "Downstairs", "Sitting", "Standing")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -55,18 +54,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
-
-
 def train_versions(workdir: Path) -> tuple[Path, Path]:
     """Two versions of the production architecture (different seeds), made by ``har train``."""
     from har.synthetic_data import write_dataset
+    from shared.wisdm import WISDM_ACTIVITIES
 
-    base = write_dataset(workdir / "base.txt", range(1, 5), ACTIVITIES, 40.0)
+    base = write_dataset(workdir / "base.txt", range(1, 5), WISDM_ACTIVITIES, 40.0)
     first, second = (
         har_train(base, workdir / "staging", version, seed=seed)
         for version, seed in (("v-bench-1", 1), ("v-bench-2", 2))
@@ -272,7 +265,7 @@ def run_fleet(n: int, args: argparse.Namespace, versions: tuple[Path, Path], roo
             name: round((cpu_seconds(pid) - cpu_before[name]) / elapsed, 3)
             for name, pid in pids.items()
         }
-        result["rss_mb"] = {name: rss_mb(pid) for name, pid in pids.items()}
+        result["rss_mb"] = {name: round(rss_mb(pid), 1) for name, pid in pids.items()}
         result["sensor_to_prediction"] = percentiles(observer.latencies, 1)
         result["latency_measured_on_devices"] = len(sampled)
 

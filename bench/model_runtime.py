@@ -21,23 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import REPO
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _percentiles_ms(samples: list[float]) -> dict[str, float]:
-    values = np.asarray(samples) * 1000
-    return {
-        "p50_ms": round(float(np.percentile(values, 50)), 3),
-        "p99_ms": round(float(np.percentile(values, 99)), 3),
-    }
+from _common import REPO, percentiles, rss_mb
 
 
 def _timed(call: Any, repeat: int) -> list[float]:
@@ -53,18 +37,18 @@ def _timed(call: Any, repeat: int) -> list[float]:
 
 def measure(saved_model: Path) -> dict[str, Any]:
     """Runs in a fresh process: everything a device pays for this model."""
-    rss_start = _rss_mb()
+    rss_start = rss_mb()
     started = time.perf_counter()
     import tensorflow as tf  # noqa: F401 - the import is part of what a device pays
 
     import_s = time.perf_counter() - started
-    rss_import = _rss_mb()
+    rss_import = rss_mb()
     from shared.model.runtime import ActivityModel
 
     started = time.perf_counter()
     model = ActivityModel.load(saved_model)
     load_s = time.perf_counter() - started
-    rss_load = _rss_mb()
+    rss_load = rss_mb()
     rng = np.random.default_rng(0)
     t = model.input_spec.window
     one = rng.normal(0, 3, (1, t, 3)).astype(np.float32)
@@ -82,16 +66,16 @@ def measure(saved_model: Path) -> dict[str, Any]:
         "window": t,
         "import_tensorflow_s": round(import_s, 2),
         "load_s": round(load_s, 3),
-        "predict_1_window": _percentiles_ms(predict_one),
-        "predict_32_windows": _percentiles_ms(predict_32),
-        "learn_32_windows": _percentiles_ms(learn_32),
-        "persist_state": _percentiles_ms(persist),
-        "restore_state": _percentiles_ms(restore),
+        "predict_1_window": percentiles(predict_one),
+        "predict_32_windows": percentiles(predict_32),
+        "learn_32_windows": percentiles(learn_32),
+        "persist_state": percentiles(persist),
+        "restore_state": percentiles(restore),
         "rss_mb": {
             "start": round(rss_start, 1),
             "after_import": round(rss_import, 1),
             "after_load": round(rss_load, 1),
-            "after_run": round(_rss_mb(), 1),
+            "after_run": round(rss_mb(), 1),
         },
         "saved_model_bytes": size,
         "state_file_bytes": state.stat().st_size,
