@@ -316,13 +316,12 @@ class AgentStore:
         with self._lock, self._transaction():
             self._db.execute("UPDATE replay SET applied = 0")
 
-    def replay_entries(self, *, only_pending: bool = False) -> list[ReplayEntry]:
-        """Confirmed windows, oldest first; ``only_pending``: those not yet learned from."""
-        query = "SELECT prediction_id, label, window, applied FROM replay"
-        if only_pending:
-            query += " WHERE applied = 0"
+    def replay_entries(self) -> list[ReplayEntry]:
+        """Confirmed windows, oldest first."""
         with self._lock:
-            rows = self._db.execute(query + " ORDER BY created, rowid").fetchall()
+            rows = self._db.execute(
+                "SELECT prediction_id, label, window, applied FROM replay ORDER BY created, rowid"
+            ).fetchall()
         return [
             ReplayEntry(row[0], row[1], samples_from_bytes(row[2]), bool(row[3])) for row in rows
         ]

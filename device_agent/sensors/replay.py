@@ -101,7 +101,6 @@ class WisdmReplay(PacedSource):
         self._pass_offset = 0  # data time at which the current pass started
         self._loops = 0
         self._timestamp_fixes = 0
-        self.user = user
         logger.info(
             "replaying %d records of user %d from %s (%s) at speed %g%s",
             len(self._xyz),

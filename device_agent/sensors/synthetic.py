@@ -97,10 +97,6 @@ class SyntheticAccelerometer(PacedSource):
         self._segment: list[Xyz] = []
         self._segments = 0
 
-    @property
-    def activities(self) -> tuple[str, ...]:
-        return self._activities
-
     def activity_of_segment(self, k: int) -> str:
         return self._activities[k % len(self._activities)]
 
