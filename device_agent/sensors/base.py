@@ -8,7 +8,6 @@ plain int, perhaps one step stale).
 from __future__ import annotations
 
 import math
-import random
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -105,25 +104,6 @@ class WallAnchoredClock:
 
     def now_ns(self) -> int:
         return self._wall0 + (time.monotonic_ns() - self._mono0)
-
-
-class Backoff:
-    """Exponential delays with jitter and a cap, for retrying a failing device."""
-
-    def __init__(self, initial_s: float, max_s: float, rng: random.Random) -> None:
-        self._initial = initial_s
-        self._max = max(max_s, initial_s)
-        self._rng = rng
-        self._attempt = 0
-
-    def next_delay(self) -> float:
-        delay = min(self._max, self._initial * (2.0**self._attempt))
-        self._attempt = min(self._attempt + 1, 32)
-        # Jitter keeps several agents that lost the same bus from retrying in lockstep.
-        return delay * self._rng.uniform(0.8, 1.0)
-
-    def reset(self) -> None:
-        self._attempt = 0
 
 
 class DataTimePacer:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device_agent.sensors.base import (
-    Backoff,
     ClosesOnExit,
     SensorReading,
     WallAnchoredClock,
@@ -26,6 +25,7 @@ from device_agent.sensors.base import (
     is_plausible,
 )
 from shared.errors import ConfigError
+from shared.mqtt_transport import backoff_delay
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,9 @@ class IioAccelerometer(ClosesOnExit):
         self.device_dir = device_dir
         self._period_s = 1.0 / sample_rate_hz
         self._clock = WallAnchoredClock()
-        self._backoff = Backoff(self._period_s, max_backoff_s, random.Random())
+        self._max_backoff_s = max_backoff_s
+        # Jitter keeps several agents that lost the same bus from retrying in lockstep.
+        self._rng = random.Random()
         self._calibration: _Calibration | None = None
         self._warned_no_scale = False
         self._next_due: float | None = None  # time.monotonic() of the next poll
@@ -161,12 +163,6 @@ class IioAccelerometer(ClosesOnExit):
         except (OSError, ValueError) as exc:
             # Not fatal: the first poll reads it again and counts the failure.
             logger.warning("cannot read scale/offset of %s yet: %s", device_dir, exc)
-
-    @classmethod
-    def discover(
-        cls, sysfs_root: Path = DEFAULT_SYSFS_ROOT, sample_rate_hz: float = 20.0
-    ) -> IioAccelerometer:
-        return cls(find_iio_accelerometer(sysfs_root), sample_rate_hz)
 
     @property
     def sample_rate_hz(self) -> float:
@@ -292,7 +288,6 @@ class IioAccelerometer(ClosesOnExit):
                 "IIO reads from %s recovered after %d failures", self.device_dir, self._failing
             )
             self._failing = 0
-            self._backoff.reset()
 
     def read(self, stop: threading.Event, max_samples: int) -> list[SensorReading]:
         """Waits for the next poll time and returns one reading (``max_samples`` >= 1)."""
@@ -313,7 +308,10 @@ class IioAccelerometer(ClosesOnExit):
                 self._next_due += skipped * self._period_s
             reading = self.poll_once()
             if self._failing:
-                self._next_due = time.monotonic() + self._backoff.next_delay()
+                # Capped: backoff_delay's 2 ** attempt overflows past attempt 1025.
+                attempt = min(self._failing, 32)
+                delay = backoff_delay(attempt, self._period_s, self._max_backoff_s, self._rng)
+                self._next_due = time.monotonic() + delay
                 continue
             self._next_due += self._period_s
             if reading is not None:
