@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from device_agent.sensors.base import SensorSource
+from device_agent.sensors.base import SensorSource, check_rate, check_speed
 from device_agent.sensors.iio import DEFAULT_SYSFS_ROOT, IioAccelerometer, find_iio_accelerometer
 from device_agent.sensors.replay import WisdmReplay
 from device_agent.sensors.stdin import StdinCsv
@@ -18,7 +18,6 @@ from device_agent.sensors.synthetic import (
     parse_activities,
 )
 from shared.errors import ConfigError
-from shared.messages import MAX_SAMPLE_RATE_HZ
 
 SENSOR_KINDS = ("iio", "replay", "synthetic", "stdin")
 
@@ -53,17 +52,11 @@ class SensorSettings:
         if kind not in SENSOR_KINDS:
             raise ConfigError(f"sensor.kind {self.kind!r} is not one of {', '.join(SENSOR_KINDS)}")
         object.__setattr__(self, "kind", kind)
-        if not (
-            math.isfinite(self.sample_rate_hz) and 0 < self.sample_rate_hz <= MAX_SAMPLE_RATE_HZ
-        ):
-            raise ConfigError(
-                f"sensor.sample_rate_hz must be in (0, {MAX_SAMPLE_RATE_HZ:g}], "
-                f"got {self.sample_rate_hz}"
-            )
-        if math.isnan(self.speed) or self.speed < 0:
-            raise ConfigError(
-                f"sensor.speed must be >= 0 (0 = as fast as possible), got {self.speed}"
-            )
+        try:
+            check_rate(self.sample_rate_hz)
+            check_speed(self.speed)
+        except ValueError as exc:
+            raise ConfigError(f"sensor.{exc}") from exc
         if self.replay_user < 0:
             raise ConfigError(f"sensor.replay_user must be >= 0, got {self.replay_user}")
         if self.seed < 0:
