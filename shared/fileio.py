@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -15,17 +17,29 @@ def fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory."""
+@contextmanager
+def replacing(path: Path, *, suffix: str = "") -> Iterator[Path]:
+    """A temporary file beside ``path`` for the caller to write.
+
+    When the block succeeds the file is fsynced, renamed over ``path`` and the directory fsynced;
+    when it raises, the file is removed and ``path`` stays as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(handle, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
+        yield tmp
+        with tmp.open("rb+") as written:
+            os.fsync(written.fileno())
+        tmp.replace(path)
         fsync_directory(path.parent)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory."""
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)

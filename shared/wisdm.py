@@ -16,9 +16,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
-import os
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -32,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.errors import DataError
-from shared.fileio import fsync_directory
+from shared.fileio import replacing
 
 logger = logging.getLogger(__name__)
 
@@ -491,13 +489,10 @@ def download_wisdm(
             "no sha256 given for the download: the WISDM lab publishes none, so pass the digest "
             "you trust (--sha256), or explicitly allow an unverified download to learn it"
         )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
     digest = hashlib.sha256()
     size = 0
-    try:
-        with os.fdopen(handle, "wb") as out:
+    with replacing(dest, suffix=".part") as tmp:
+        with tmp.open("wb") as out:
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
                     while block := response.read(1 << 16):
@@ -509,17 +504,10 @@ def download_wisdm(
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 reason = getattr(exc, "reason", exc)
                 raise DataError(f"download of {url} failed: {reason}") from exc
-            out.flush()
-            os.fsync(out.fileno())
         actual = digest.hexdigest()
         _check_digest(url, expected, actual, size)
         if expected is None:
             logger.warning("downloaded %s unverified: sha256 %s (%d bytes)", url, actual, size)
-        tmp.replace(dest)
-        fsync_directory(dest.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     logger.info("downloaded %s to %s (%d bytes, sha256 %s)", url, dest, size, actual)
     return dest
 

@@ -12,8 +12,6 @@ refused rather than cast, so a unit or format mistake upstream is noticed where 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.errors import ModelError, ModelInputError
-from shared.fileio import fsync_directory
+from shared.fileio import replacing
 from shared.messages import InputSpec
 
 logger = logging.getLogger(__name__)
@@ -251,23 +249,11 @@ class ActivityModel:
         import tensorflow as tf
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        tmp = Path(tmp_name)
-        try:
-            with self._lock:
-                try:
-                    self._signatures["save_state"](path=tf.constant(str(tmp)))
-                except tf.errors.OpError as exc:
-                    raise ModelError(f"cannot write model state to {path}: {exc.message}") from exc
-            with tmp.open("rb+") as written:
-                os.fsync(written.fileno())
-            tmp.replace(path)
-            fsync_directory(path.parent)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with replacing(path, suffix=".tmp") as tmp, self._lock:
+            try:
+                self._signatures["save_state"](path=tf.constant(str(tmp)))
+            except tf.errors.OpError as exc:
+                raise ModelError(f"cannot write model state to {path}: {exc.message}") from exc
 
     def restore_state(self, path: Path) -> bool:
         """Loads state written by :meth:`save_state`; False if there is none.
