@@ -220,7 +220,3 @@ class ChunkAssembler:
         if len(self._parts) < self.count:
             return None
         return b"".join(self._parts[i] for i in range(self.count))
-
-    @property
-    def missing(self) -> int:
-        return self.count - len(self._parts)

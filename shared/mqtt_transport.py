@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # CONNACK reason codes after which retrying cannot help: stop and say so (bad credentials,
 # not authorised, banned, bad client id).
 _FATAL_CONNACK = frozenset({133, 134, 135, 138, 140})
-_MAX_SESSION_EXPIRY_S = 0xFFFFFFFF
+_SESSION_EXPIRY_S = 7 * 24 * 3600  # how long the broker keeps a persistent session of ours
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,9 +201,7 @@ class MqttConnection:
         will: Outbound | None = None,
         birth: Callable[[], Sequence[Outbound]] | None = None,
         persistent_session: bool = True,
-        session_expiry_s: int = 7 * 24 * 3600,
         on_connection_change: Callable[[bool], None] | None = None,
-        rng: random.Random | None = None,
     ) -> None:
         if subscriptions and inbox is None:
             raise ValueError("subscriptions need an inbox queue")
@@ -215,9 +213,8 @@ class MqttConnection:
         self._will = will
         self._birth = birth
         self._persistent_session = persistent_session
-        self._session_expiry_s = min(session_expiry_s, _MAX_SESSION_EXPIRY_S)
         self._on_connection_change = on_connection_change
-        self._rng = rng or random.Random()
+        self._rng = random.Random()
 
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -366,7 +363,7 @@ class MqttConnection:
     def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if self._persistent_session:
-            props.SessionExpiryInterval = self._session_expiry_s
+            props.SessionExpiryInterval = _SESSION_EXPIRY_S
         if self._inbox is not None and self._inbox.maxsize > 0:
             # Flow control: never more unacknowledged QoS 1 messages in flight than we can queue.
             props.ReceiveMaximum = min(self._inbox.maxsize, 65535)
