@@ -8,9 +8,9 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.errors import ConfigError
+from shared.wisdm import WISDM_ACTIVITIES, load_wisdm
 from simulator.settings import SimSettings
 
-SYNTHETIC_ACTIVITIES = ("Walking", "Jogging", "Upstairs", "Downstairs", "Sitting", "Standing")
 SYNTHETIC_SECONDS_PER_ACTIVITY = 60.0
 
 
@@ -50,8 +50,6 @@ def load_recordings(settings: SimSettings) -> list[Recording]:
     """The people the fleet replays: every (chosen) user of the data file, or synthetic people."""
     if settings.data_file is None:
         return synthetic_recordings(settings.synthetic_people, settings.seed)
-    from shared.wisdm import load_wisdm
-
     data = load_wisdm(settings.data_file)
     present = sorted({int(u) for u in data.users.tolist()})
     wanted = [int(u) for u in settings.users] or present
@@ -72,7 +70,7 @@ def synthetic_recordings(people: int, seed: int) -> list[Recording]:
     recordings = []
     for person in range(people):
         xyz, labels = user_recording(
-            SYNTHETIC_ACTIVITIES, SYNTHETIC_SECONDS_PER_ACTIVITY, seed=seed * 1000 + 100 + person
+            WISDM_ACTIVITIES, SYNTHETIC_SECONDS_PER_ACTIVITY, seed=seed * 1000 + 100 + person
         )
         recordings.append(Recording(f"synthetic-{person}", xyz.astype(np.float32), tuple(labels)))
     return recordings

@@ -17,16 +17,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 import numpy as np
 
 from shared.errors import HarError
+from shared.wisdm import WISDM_ACTIVITIES, WisdmData, load_wisdm
 
-if TYPE_CHECKING:
-    from shared.wisdm import WisdmData
-
-ACTIVITIES = ("Walking", "Jogging", "Upstairs", "Downstairs", "Sitting", "Standing")
 WISDM_ENV = "HAR_WISDM_FILE"
 DOWNLOADED = Path("WISDM_ar_latest.tar.gz")  # `har data download`'s default destination
 SAMPLE_RATE_HZ = 20.0
@@ -91,7 +88,7 @@ def prepare(
 def _synthetic(workdir: Path, device_ids: Sequence[str], base_seconds: float) -> DemoData:
     from har.synthetic_data import rotation_about_x, write_dataset
 
-    base = write_dataset(workdir / "base.txt", range(1, 7), ACTIVITIES, base_seconds, seed=10)
+    base = write_dataset(workdir / "base.txt", range(1, 7), WISDM_ACTIVITIES, base_seconds, seed=10)
     wearers = []
     for rank, device_id in enumerate(device_ids):
         user = 101 + rank
@@ -99,15 +96,15 @@ def _synthetic(workdir: Path, device_ids: Sequence[str], base_seconds: float) ->
         recording = write_dataset(
             workdir / f"{device_id}.txt",
             [user],
-            ACTIVITIES,
+            WISDM_ACTIVITIES,
             DEVICE_SECONDS,
             seed=500 + 7 * rank,
             rotation=rotation_about_x(degrees),
         )
-        samples = round(DEVICE_SECONDS * SAMPLE_RATE_HZ) * len(ACTIVITIES)
+        samples = round(DEVICE_SECONDS * SAMPLE_RATE_HZ) * len(WISDM_ACTIVITIES)
         description = f"synthetic person {user}, worn turned {degrees:.0f} degrees"
         wearers.append(Wearer(device_id, user, recording, samples, description))
-    people = f"6 synthetic people x {len(ACTIVITIES)} activities x {base_seconds:g} s"
+    people = f"6 synthetic people x {len(WISDM_ACTIVITIES)} activities x {base_seconds:g} s"
     return DemoData(base, tuple(wearers), f"synthetic (embedded default): base {people}")
 
 
@@ -118,8 +115,6 @@ def _from_wisdm(
     base_seconds: float,
     device_users: Sequence[int],
 ) -> DemoData:
-    from shared.wisdm import load_wisdm
-
     data = load_wisdm(data_file)
     users = sorted({int(u) for u in data.users.tolist()})
     chosen = list(device_users) or users[-len(device_ids) :]
