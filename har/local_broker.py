@@ -106,13 +106,7 @@ class MosquittoProcess:
             lines.append("allow_anonymous true")
         else:
             password_file = self.workdir / "passwd"
-            password_file.write_text("")
-            for user, password in self.users.passwords.items():
-                subprocess.run(
-                    [self._passwd_binary(), "-b", str(password_file), user, password],
-                    check=True,
-                    capture_output=True,
-                )
+            self._write_passwords(password_file, self.users.passwords)
             acl_file = self.workdir / "acl"
             acl_file.write_text(self.users.acl)
             lines += [
@@ -122,9 +116,17 @@ class MosquittoProcess:
             ]
         self.config_path.write_text("\n".join(lines) + "\n")
 
-    def _passwd_binary(self) -> str:
+    def _write_passwords(self, password_file: Path, passwords: Mapping[str, str]) -> None:
+        """A fresh password file holding ``passwords``, made with mosquitto_passwd."""
         sibling = Path(self.binary).parent.parent / "bin" / "mosquitto_passwd"
-        return shutil.which("mosquitto_passwd") or str(sibling)
+        passwd_binary = shutil.which("mosquitto_passwd") or str(sibling)
+        password_file.write_text("")
+        for user, password in passwords.items():
+            subprocess.run(
+                [passwd_binary, "-b", str(password_file), user, password],
+                check=True,
+                capture_output=True,
+            )
 
     @property
     def running(self) -> bool:
@@ -299,13 +301,7 @@ class ShippedMosquitto(MosquittoProcess):
         return self._process.pid
 
     def _write_config(self) -> None:
-        self.password_file.write_text("")
-        for user, password in self._passwords.items():
-            subprocess.run(
-                [self._passwd_binary(), "-b", str(self.password_file), user, password],
-                check=True,
-                capture_output=True,
-            )
+        self._write_passwords(self.password_file, self._passwords)
         shipped = self._shipped.read_text()
         if "\nlistener 8883\n" in shipped:
             make_certs(self.certs_dir, LOOPBACK, "localhost")
