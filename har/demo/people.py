@@ -13,7 +13,6 @@ activity):
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections import Counter
@@ -192,8 +191,8 @@ class PeopleApp:
             device.status = codec.decode_status(payload)
             device.statuses_received += 1
         elif kind == "error":
-            event = json.loads(payload)
-            self.errors.append(f"{device.device_id}: {event.get('code')}: {event.get('message')}")
+            event = codec.decode_error(payload)
+            self.errors.append(f"{device.device_id}: {event.code}: {event.message}")
         elif kind == "prediction":
             prediction = codec.decode_prediction(payload)
             confirmation = device.on_prediction(prediction, self.first_version, self.labels)
