@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -160,7 +161,14 @@ def unpack_bundle(
     max_files: int = DEFAULT_MAX_FILES,
 ) -> None:
     """Write the bundle's files to ``destination`` (which must not exist yet), all or nothing."""
-    files = read_bundle(payload, max_bytes=max_bytes, max_files=max_files)
+    write_files(read_bundle(payload, max_bytes=max_bytes, max_files=max_files), destination)
+
+
+def write_files(files: Mapping[PurePosixPath, bytes], destination: Path) -> None:
+    """Write ``read_bundle``'s files to ``destination`` (which must not exist yet), all or nothing.
+
+    For a caller that has read the bundle already: ``unpack_bundle`` would inflate it again.
+    """
     if destination.exists():
         raise ModelVerificationError(f"{destination} already exists")
     destination.parent.mkdir(parents=True, exist_ok=True)
