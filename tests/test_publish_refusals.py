@@ -23,7 +23,7 @@ from shared.config import BrokerSettings
 from shared.mqtt_transport import InboundMessage, Outbound, PublishRefusedError
 from shared.topics import Topics
 from tests.mosquitto import BrokerUsers, MosquittoProcess
-from tests.mqtt_helpers import connect
+from tests.mqtt_helpers import connect, receive
 from trainer_service.distribution import publish_all
 
 pytestmark = pytest.mark.broker
@@ -115,7 +115,5 @@ def test_agent_reports_a_refused_message_once_and_keeps_sending_the_rest(
 
 
 def error_event(inbox: queue.Queue[InboundMessage]) -> dict[str, object]:
-    message = inbox.get(timeout=WAIT_S)
-    message.ack()
-    event: dict[str, object] = json.loads(message.payload)
+    event: dict[str, object] = json.loads(receive(inbox, WAIT_S).payload)
     return event
