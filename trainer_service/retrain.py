@@ -131,29 +131,28 @@ def run_retrain(
 
     started = time.monotonic()
     current = registry.current()
-    current_model = ActivityModel.load(registry.saved_model_dir(current)) if current else None
-    fine_tune = current_model is not None and current_model.labels == base.labels
-    if current_model is not None and not fine_tune:
+    current_dir = registry.saved_model_dir(current) if current else None
+    current_model = ActivityModel.load(current_dir) if current_dir else None
+    # Fine-tuning continues the current model; it is also what the candidate is compared with.
+    tuned = current_model if current_model and current_model.labels == base.labels else None
+    if current_model is not None and tuned is None:
         log.warning(
             "current model %s has labels %s, the base data %s: training from scratch",
             current,
             current_model.labels,
             base.labels,
         )
-    if fine_tune:
-        assert current_model is not None
+    if tuned is not None:
         tuning: dict[str, Any] = {
             "epochs": settings.epochs,
             "patience": settings.patience,
             "seed": settings.seed,
-            "window": current_model.input_spec.window,
+            "window": tuned.input_spec.window,
         }
-        if current_model.arch == "seed-lstm":  # its own design: SGD at 1e-4, no augmentation
+        if tuned.arch == "seed-lstm":  # its own design: SGD at 1e-4, no augmentation
             config = TrainConfig.seed_lstm(**tuning)
         else:
-            config = TrainConfig(
-                arch=current_model.arch, learning_rate=settings.learning_rate, **tuning
-            )
+            config = TrainConfig(arch=tuned.arch, learning_rate=settings.learning_rate, **tuning)
     else:
         config = TrainConfig(
             arch=settings.arch,
@@ -172,7 +171,7 @@ def run_retrain(
     train = concat_windows([split.train, fleet_train]) if len(fleet_train) else split.train
     log.info(
         "retraining %s: %d base windows + %d confirmed windows from %d devices",
-        "from " + str(current) if fine_tune else "from scratch",
+        f"from {current}" if tuned is not None else "from scratch",
         len(split.train),
         len(fleet_train),
         counts["devices"],
@@ -182,17 +181,17 @@ def run_retrain(
         split.val,
         config,
         base.labels,
-        init_from=registry.saved_model_dir(current) if fine_tune and current else None,
+        init_from=current_dir if tuned is not None else None,
         progress=False,
     )
     candidate: dict[str, Any] = {"test": evaluate(result.tracker, split.test)}
     previous: dict[str, Any] = {}
-    if current_model is not None and current_model.labels == base.labels:
-        previous["test"] = evaluate(current_model, split.test)
+    if tuned is not None:
+        previous["test"] = evaluate(tuned, split.test)
     if len(fleet_holdout):
         candidate["confirmed"] = evaluate(result.tracker, fleet_holdout)
-        if "test" in previous:
-            previous["confirmed"] = evaluate(current_model, fleet_holdout)
+        if tuned is not None:
+            previous["confirmed"] = evaluate(tuned, fleet_holdout)
     passed, reason = gate(candidate, previous, settings.gate_margin)
     summaries = {k: _summary(v) for k, v in candidate.items()}
     current_summaries = {k: _summary(v) for k, v in previous.items()}
