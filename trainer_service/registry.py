@@ -143,8 +143,7 @@ class ModelRegistry:
         }
         write_atomically(exported / BUNDLE_FILE, payload)
         write_atomically(exported / RELEASE_FILE, json.dumps(release, indent=2).encode())
-        if exported.parent.resolve() != self._versions.resolve():
-            shutil.move(str(exported), str(target))
+        shutil.move(str(exported), str(target))
         log.info("registered model %s (%d bytes, parent %s)", version, len(payload), parent)
         return self.get(version)
 
@@ -257,11 +256,10 @@ class ModelRegistry:
 
     def rollback_target(self) -> str:
         """The version a rollback returns to: the last current before this one."""
-        history = self._pointer().get("history", [])
+        history = self.history()
         if not history:
             raise ConfigError("no earlier version to roll back to")
-        target: str = history[-1]
-        return target
+        return history[-1]
 
     def remove_leftovers(self) -> None:
         """Delete half-written version folders a crash left behind."""
