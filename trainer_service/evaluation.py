@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,9 @@ def predict_classes(model: Any, ws: WindowSet, batch_size: int = 512) -> npt.NDA
 
     if isinstance(model, ActivityModel):
         if model.arch == "seed-lstm":
-            return _predict_stateful_runtime(model, ws)
+            return _predict_stateful(
+                model, ws, lambda x: int(model.predict(x[np.newaxis]).class_index[0])
+            )
         return np.concatenate(
             [
                 model.predict(ws.x[i : i + batch_size]).class_index
@@ -73,7 +76,10 @@ def predict_classes(model: Any, ws: WindowSet, batch_size: int = 512) -> npt.NDA
             ]
         ).astype(np.int64)
     if model.spec.arch == "seed-lstm":
-        return _predict_stateful_tracker(model, ws)
+        batch = model.spec.window
+        return _predict_stateful(
+            model, ws, lambda x: int(model.predict(x.reshape(batch, 1, 3))["vote_index"].numpy())
+        )
     out = [
         np.argmax(model.logits(ws.x[i : i + batch_size]).numpy(), axis=1)
         for i in range(0, len(ws), batch_size)
@@ -88,25 +94,16 @@ def _segment_starts(ws: WindowSet) -> npt.NDArray[np.bool_]:
     return starts
 
 
-def _predict_stateful_tracker(tracker: Any, ws: WindowSet) -> npt.NDArray[np.int64]:
-    starts = _segment_starts(ws)
-    out = np.zeros(len(ws), dtype=np.int64)
-    batch = tracker.spec.window
-    for i in range(len(ws)):
-        if starts[i]:
-            tracker.reset_state()
-        result = tracker.predict(ws.x[i].reshape(batch, 1, 3))
-        out[i] = int(result["vote_index"].numpy())
-    return out
-
-
-def _predict_stateful_runtime(model: Any, ws: WindowSet) -> npt.NDArray[np.int64]:
+def _predict_stateful(
+    model: Any, ws: WindowSet, predict_one: Callable[[npt.NDArray[np.float32]], int]
+) -> npt.NDArray[np.int64]:
+    """``predict_one`` on each window in order, the model's state reset where a recording starts."""
     starts = _segment_starts(ws)
     out = np.zeros(len(ws), dtype=np.int64)
     for i in range(len(ws)):
         if starts[i]:
             model.reset_state()
-        out[i] = int(model.predict(ws.x[i : i + 1]).class_index[0])
+        out[i] = predict_one(ws.x[i])
     return out
 
 

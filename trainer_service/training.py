@@ -30,7 +30,7 @@ from shared.windowing import (
     make_windows,
     split_users,
 )
-from trainer_service.evaluation import evaluate, metrics_from_predictions, plot_confusion
+from trainer_service.evaluation import evaluate, plot_confusion
 
 logger = logging.getLogger(__name__)
 
@@ -443,9 +443,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "class_weights",
-    "evaluate",
     "export_version",
-    "metrics_from_predictions",
     "split_by_user",
     "train_and_export",
     "train_model",
