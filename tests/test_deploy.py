@@ -143,10 +143,26 @@ class Clients:
         persistent: bool = False,
         tls: bool = False,
     ) -> Client:
-        connection, inbox = connect(
+        return self.join_as(
             settings_for(self._broker, user, tls=tls),
-            [(topic, 1) for topic in subscriptions or []],
+            subscriptions,
             client_id=f"{user}-{uuid.uuid4().hex[:8]}",
+            persistent=persistent,
+        )
+
+    def join_as(
+        self,
+        settings: BrokerSettings,
+        subscriptions: list[str] | None = None,
+        *,
+        client_id: str | None = None,
+        persistent: bool = False,
+    ) -> Client:
+        """A client logged in with ``settings`` (any user, any password file)."""
+        connection, inbox = connect(
+            settings,
+            [(topic, 1) for topic in subscriptions or []],
+            client_id=client_id or f"{settings.username}-{uuid.uuid4().hex[:8]}",
             persistent=persistent,
         )
         self._opened.append(connection)

@@ -7,7 +7,6 @@ import dataclasses
 import stat
 import subprocess
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from device_agent.settings import AgentSettings
 from shared.config import BrokerSettings, load_settings
 from shared.mqtt_transport import MqttConnection
 from shared.topics import is_valid_id
-from tests.mqtt_helpers import connect
 from tests.test_deploy import (
     DEPLOY,
     PASSWORDS,
@@ -27,7 +25,7 @@ from tests.test_deploy import (
     SHIPPED_ACL,
     SHIPPED_CONF,
     TOPICS,
-    Client,
+    Clients,
     ShippedMosquitto,
     settings_for,
     unique,
@@ -78,28 +76,9 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShippedMosquitt
     process.stop()
 
 
-class Connections:
-    def __init__(self) -> None:
-        self.opened: list[Client] = []
-
-    def join(self, settings: BrokerSettings, subscriptions: list[str] | None = None) -> Client:
-        connection, inbox = connect(
-            settings,
-            [(topic, 1) for topic in subscriptions or []],
-            client_id=f"{settings.username}-{uuid.uuid4().hex[:8]}",
-        )
-        client = Client(connection, inbox)
-        self.opened.append(client)
-        return client
-
-    def close(self) -> None:
-        for client in self.opened:
-            client.connection.stop()
-
-
 @pytest.fixture
-def connections() -> Iterator[Connections]:
-    opened = Connections()
+def connections(broker: ShippedMosquitto) -> Iterator[Clients]:
+    opened = Clients(broker)
     yield opened
     opened.close()
 
@@ -112,7 +91,7 @@ def as_device(broker: ShippedMosquitto, device_id: str, folder: Path) -> BrokerS
 
 
 def test_added_devices_log_in_and_publish_only_on_their_own_topics(
-    broker: ShippedMosquitto, connections: Connections, tmp_path: Path
+    broker: ShippedMosquitto, connections: Clients, tmp_path: Path
 ) -> None:
     passwd = broker.workdir / "passwd"
     shared_password = tmp_path / "sim-devices.password"
@@ -149,9 +128,9 @@ def test_added_devices_log_in_and_publish_only_on_their_own_topics(
     agent = load_settings(AgentSettings, config_file=folders["wrist-new.1"] / "agent.toml")
     assert agent.broker.host == "broker.lan"
 
-    trainer = connections.join(settings_for(broker, "trainer"), [f"{ROOT}/#"])
+    trainer = connections.join("trainer", [f"{ROOT}/#"])
     for device_id, folder in folders.items():
-        device = connections.join(as_device(broker, device_id, folder))
+        device = connections.join_as(as_device(broker, device_id, folder))
         forbidden = (TOPICS.sensor("wrist-0001"), unique("forbidden"))
         device.publish(*forbidden)
         own = (TOPICS.sensor(device_id), unique("own"))
