@@ -23,7 +23,7 @@ from typing import Any
 from shared import codec
 from shared.counters import Counters
 from shared.errors import HarError, PayloadError, StorageError
-from shared.messages import DeviceStatus, ErrorEvent
+from shared.messages import DeviceState, DeviceStatus, ErrorEvent
 from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound, PublishRefusedError
 from shared.signing import load_private_key
 from shared.topics import Topics
@@ -131,10 +131,10 @@ class TrainerService:
         self._retrain_requested.set()
 
     # ================================================================== status and errors
-    def _status(self, state: str, counters: Mapping[str, int]) -> Outbound:
+    def _status(self, state: DeviceState, counters: Mapping[str, int]) -> Outbound:
         status = DeviceStatus(
             device_id=self._settings.instance,
-            state=state,  # type: ignore[arg-type]
+            state=state,
             model_version=self.registry.current(),
             ts=self._clock(),
             counters=counters,
