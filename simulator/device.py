@@ -170,7 +170,8 @@ class SimDevice:
             return None  # a retained chunk of a version we are not fetching
         return self.download.assembler.add(chunk)
 
-    def install(self, manifest: ModelManifest, window: int) -> None:
+    def install(self, manifest: ModelManifest) -> None:
+        window = manifest.input.window
         if self.manifest is None or self.windower.length != window:
             self.windower.configure(window, self._hop)
         self.manifest = manifest

@@ -480,7 +480,7 @@ class FleetSimulator:
         if runtime is None:
             self._reject(device, "the verified model could not be loaded")
             return
-        device.install(runtime.manifest, runtime.manifest.input.window)
+        device.install(runtime.manifest)
         self._runtimes[device.device_id] = runtime
         self._publish(device, device.status_message("online"))
 

@@ -148,7 +148,7 @@ def test_a_device_numbers_batches_and_windows_them_once_it_has_a_model(
     assert first.seq == device.first_seq
     assert first.samples.shape == (20, 3)
     manifest = session_releases.first.manifest
-    device.install(manifest, manifest.input.window)
+    device.install(manifest)
     seqs, count = [], 0
     for _ in range(5):
         message, windows = device.next_batch()
@@ -159,7 +159,7 @@ def test_a_device_numbers_batches_and_windows_them_once_it_has_a_model(
     assert count == (5 * 20 - manifest.input.window) // (manifest.input.window // 2) + 1
     older = session_releases.first.manifest
     newer = session_releases.second.manifest
-    device.install(newer, newer.input.window)
+    device.install(newer)
     with pytest.raises(ModelError, match="older"):
         device.wants(older)
     assert not device.wants(older)  # refused once, not retried
