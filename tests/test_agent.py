@@ -22,7 +22,13 @@ from shared.topics import Topics
 from tests.model_helpers import LABELS, probe_windows
 from tests.mosquitto import MosquittoProcess
 from tests.mqtt_helpers import connect
-from tests.release_helpers import CHUNK_SIZE, Release, Releases, make_releases
+from tests.release_helpers import (
+    CHUNK_SIZE,
+    Release,
+    Releases,
+    export_tiny_version,
+    make_releases,
+)
 from trainer_service.distribution import publish_all, release_messages
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -340,11 +346,8 @@ def test_malformed_confirmations_do_no_harm(
         ]
         for payload in bad_payloads:
             assert connection.publish(Outbound(topic, payload)).wait(10)
-        codes = [watcher.error_with(code)["code"] for code in ("malformed_confirmation",)]
-        codes.append(watcher.error_with("malformed_confirmation")["code"])
-        codes.append(watcher.error_with("malformed_confirmation")["code"])
-        codes.append(watcher.error_with("unknown_prediction")["code"])
-        codes.append(watcher.error_with("unknown_label")["code"])
+        for code in ("malformed_confirmation",) * 3 + ("unknown_prediction", "unknown_label"):
+            watcher.error_with(code)
         assert agent.counters.get("confirmations_applied") == 0
         # Still alive and learning: a good confirmation after the bad ones works.
         confirm(broker_settings, prediction.prediction_id, "Walking")
@@ -361,8 +364,6 @@ def test_malformed_confirmations_do_no_harm(
 def test_an_update_worse_on_the_users_own_confirmations_is_refused(
     broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, start_agent: AgentFactory
 ) -> None:
-    from tests.release_helpers import export_tiny_version
-
     bad_folder = export_tiny_version(tmp_path / "stage" / "v-bad", seed=3, steps=60, label_shift=1)
     bad_info = releases.registry.add(bad_folder, parent=releases.second.manifest.version)
     bad_manifest = releases.registry.promote(
