@@ -105,25 +105,28 @@ class MosquittoProcess:
         if self.users is None:
             lines.append("allow_anonymous true")
         else:
-            password_file = self.workdir / "passwd"
-            self._write_passwords(password_file, self.users.passwords)
+            self._write_passwords(self.users.passwords)
             acl_file = self.workdir / "acl"
             acl_file.write_text(self.users.acl)
             lines += [
                 "allow_anonymous false",
-                f"password_file {password_file}",
+                f"password_file {self.password_file}",
                 f"acl_file {acl_file}",
             ]
         self.config_path.write_text("\n".join(lines) + "\n")
 
-    def _write_passwords(self, password_file: Path, passwords: Mapping[str, str]) -> None:
-        """A fresh password file holding ``passwords``, made with mosquitto_passwd."""
+    @property
+    def password_file(self) -> Path:
+        return self.workdir / "passwd"
+
+    def _write_passwords(self, passwords: Mapping[str, str]) -> None:
+        """A fresh ``password_file`` holding ``passwords``, made with mosquitto_passwd."""
         sibling = Path(self.binary).parent.parent / "bin" / "mosquitto_passwd"
         passwd_binary = shutil.which("mosquitto_passwd") or str(sibling)
-        password_file.write_text("")
+        self.password_file.write_text("")
         for user, password in passwords.items():
             subprocess.run(
-                [passwd_binary, "-b", str(password_file), user, password],
+                [passwd_binary, "-b", str(self.password_file), user, password],
                 check=True,
                 capture_output=True,
             )
@@ -291,17 +294,13 @@ class ShippedMosquitto(MosquittoProcess):
         return self.certs_dir / "ca.crt"
 
     @property
-    def password_file(self) -> Path:
-        return self.workdir / "passwd"
-
-    @property
     def pid(self) -> int:
         if self._process is None:
             raise BrokerError("the broker is not running")
         return self._process.pid
 
     def _write_config(self) -> None:
-        self._write_passwords(self.password_file, self._passwords)
+        self._write_passwords(self._passwords)
         shipped = self._shipped.read_text()
         if "\nlistener 8883\n" in shipped:
             make_certs(self.certs_dir, LOOPBACK, "localhost")
