@@ -127,13 +127,13 @@ class Dashboard:
 
     def selected_device(self) -> str | None:
         """The selected device; the first one when nothing (or a vanished one) is selected."""
-        device_ids = [row.device_id for row in self._view.rows()]
+        device_ids = self._view.device_ids()
         if self.selected not in device_ids:
             self.selected = device_ids[0] if device_ids else None
         return self.selected
 
     def _move(self, delta: int) -> None:
-        device_ids = [row.device_id for row in self._view.rows()]
+        device_ids = self._view.device_ids()
         current = self.selected_device()
         if current is None:
             return

@@ -243,9 +243,13 @@ class FleetView:
     def last_bad_payload(self) -> str | None:
         return self._last_bad_payload
 
+    def device_ids(self) -> list[str]:
+        """Every device's id, sorted."""
+        return sorted(self._devices)
+
     def rows(self) -> list[DeviceRow]:
         """Every device, sorted by id."""
-        return [self._devices[device_id].row() for device_id in sorted(self._devices)]
+        return [self._devices[device_id].row() for device_id in self.device_ids()]
 
     def row(self, device_id: str) -> DeviceRow | None:
         device = self._devices.get(device_id)

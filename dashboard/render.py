@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dashboard.controller import MAX_LABEL_KEYS
-from dashboard.fleet_view import Accuracy, DeviceRow, FleetView
+from dashboard.fleet_view import Accuracy, DeviceRow, FleetView, ViewCounts
 
 _DEVICE_WIDTH = (6, 24)  # the device column fits the longest id within these bounds
 
@@ -34,8 +34,9 @@ def render(
     device_width = min(
         max([_DEVICE_WIDTH[0], *(len(row.device_id) for row in rows)]), _DEVICE_WIDTH[1]
     )
-    header = [_title(view, frame, rows), _headings(device_width)]
-    footer = _footer(view, frame, now)
+    counts = view.counts()
+    header = [_title(view, frame, rows, counts), _headings(device_width)]
+    footer = _footer(view, frame, counts, now)
     table = [_row(row, row.device_id == frame.selected, device_width, now) for row in rows]
     if not table:
         table = ["  (no devices yet: waiting for their status and predictions)"]
@@ -71,13 +72,13 @@ def _fit(text: str, width: int) -> str:
     return text.ljust(width)
 
 
-def _title(view: FleetView, frame: Frame, rows: list[DeviceRow]) -> str:
+def _title(view: FleetView, frame: Frame, rows: list[DeviceRow], counts: ViewCounts) -> str:
     model = view.model
     model_text = f"model {model.version} ({len(model.labels)} labels)" if model else "no model"
     online = sum(row.presence == "online" for row in rows)
     return (
         f"HAR fleet  {frame.topic_root}  {frame.connection}  {model_text}  "
-        f"devices {len(rows)} ({online} online)  bad payloads {view.counts().bad_payloads}"
+        f"devices {len(rows)} ({online} online)  bad payloads {counts.bad_payloads}"
     )
 
 
@@ -112,9 +113,9 @@ def _scrolled(
     return table[start : start + space]
 
 
-def _footer(view: FleetView, frame: Frame, now: float) -> list[str]:
+def _footer(view: FleetView, frame: Frame, counts: ViewCounts, now: float) -> list[str]:
     accuracy = view.accuracy()
-    pending = view.counts().confirmations_pending
+    pending = counts.confirmations_pending
     accuracy_text = (
         "  ".join(format_accuracy(version, acc) for version, acc in accuracy.items())
         if accuracy
