@@ -165,7 +165,9 @@ def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) 
     Full jitter spreads a fleet that lost the broker at the same instant over the whole interval,
     so the broker is not hit by every device at once when it comes back.
     """
-    ceiling = min(max_s, min_s * 2.0 ** max(0, attempt - 1))
+    # The exponent stops growing long before max_s binds; uncapped, 2.0 ** 1025 overflows after
+    # some 1025 failed attempts (8.5 hours without a broker at a 30 s ceiling).
+    ceiling = min(max_s, min_s * 2.0 ** min(max(0, attempt - 1), 64))
     return min_s + rng.random() * max(0.0, ceiling - min_s)
 
 

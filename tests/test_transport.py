@@ -208,6 +208,11 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
     assert len({round(run[6], 6) for run in delays}) > 150  # jitter: no two devices in step
 
 
+def test_backoff_survives_a_broker_gone_for_days() -> None:
+    rng = random.Random(4)
+    assert all(0.5 <= backoff_delay(a, 0.5, 30.0, rng) <= 30.0 for a in (1025, 1026, 10**6))
+
+
 # ------------------------------------------------------------------ publish answers (reason codes)
 
 # Every reason code MQTT 5 allows in a PUBACK, as paho knows them.
