@@ -28,7 +28,7 @@ from shared import codec
 from shared.errors import ModelVerificationError, PayloadError
 from shared.fileio import write_atomically
 from shared.messages import ModelManifest
-from shared.model_bundle import read_bundle, unpack_bundle
+from shared.model_bundle import read_bundle, write_files
 from shared.signing import verify_manifest, verify_payload
 from shared.topics import is_valid_id
 
@@ -108,7 +108,7 @@ class ReleaseStore:
             if saved_model.exists():
                 log.warning("unpacked files of %s differ from its bundle: unpacking again", version)
                 shutil.rmtree(saved_model)
-            unpack_bundle(payload, saved_model)
+            write_files(files, saved_model)
         return VerifiedRelease(manifest=manifest, saved_model_dir=saved_model)
 
     @staticmethod
