@@ -30,12 +30,12 @@ from shared.counters import LatencyRecorder
 from shared.errors import HarError, ModelError, PayloadError
 from shared.messages import Confirmation, ModelManifest
 from shared.model.runtime import MAX_WINDOWS_PER_CALL, ActivityModel
-from shared.mqtt_transport import Outbound
+from shared.mqtt_transport import Outbound, PropertiesCache
 from shared.signing import verify_payload
 from shared.topics import Topics
 from simulator.device import SimDevice
 from simulator.event_loop import EventLoop
-from simulator.link import Link, PropertiesCache
+from simulator.link import Link
 from simulator.people import SimulatedPerson
 from simulator.recordings import Recording, cursor_for
 from simulator.settings import SimSettings

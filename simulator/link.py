@@ -17,43 +17,12 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from shared.config import BrokerSettings
-from shared.mqtt_transport import Outbound, apply_tls, backoff_delay, content_properties
+from shared.mqtt_transport import Outbound, PropertiesCache, apply_tls, backoff_delay
 from simulator.event_loop import EventLoop, Timer
 
 log = logging.getLogger(__name__)
-
-
-class _PackedOnce(Properties):
-    """MQTT 5 properties whose wire form is computed once.
-
-    paho builds and packs Properties for every publish, at about 0.1 ms each: at a thousand
-    devices that alone would take a fifth of the simulator's thread.
-    """
-
-    def __init__(self, packet_type: int, packed: bytes) -> None:
-        super().__init__(packet_type)  # type: ignore[no-untyped-call]
-        object.__setattr__(self, "_packed", packed)  # Properties refuses unknown attributes
-
-    def pack(self) -> bytes:
-        packed: bytes = object.__getattribute__(self, "_packed")
-        return packed
-
-
-class PropertiesCache:
-    """The few kinds of publish properties a fleet needs, each built and packed once."""
-
-    def __init__(self) -> None:
-        self._by_kind: dict[tuple[str, int], Properties] = {}
-
-    def get(self, content_type: str, packet_type: int = PacketTypes.PUBLISH) -> Properties:
-        key = (content_type, packet_type)
-        if key not in self._by_kind:
-            packed = content_properties(content_type, packet_type).pack()  # type: ignore[no-untyped-call]
-            self._by_kind[key] = _PackedOnce(packet_type, packed)
-        return self._by_kind[key]
 
 
 class Link:
