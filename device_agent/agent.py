@@ -23,14 +23,13 @@ import math
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from device_agent.releases import ReleaseStore
+from device_agent.releases import ReleaseStore, refuse_replay
 from device_agent.sensors import SensorReading, SensorSource
 from device_agent.settings import AgentSettings
 from device_agent.store import AgentStore, Priority, ReplayEntry
@@ -435,15 +434,11 @@ class DeviceAgent:
         started = time.perf_counter()
         result = active.model.predict(window.samples[None, ...])
         self.latencies.record("predict", time.perf_counter() - started)
-        index = int(result.class_index[0])
-        probabilities = result.probabilities[0].astype(np.float64)
-        prediction = Prediction(
-            prediction_id=uuid.uuid4().hex,
+        prediction = Prediction.new(
             device_id=self._device,
             window=window.ref,
-            label=result.labels[0],
-            class_index=index,
-            probabilities=tuple((probabilities / probabilities.sum()).tolist()),
+            probabilities=result.probabilities[0],
+            labels=active.model.labels,
             model_version=active.version,
             ts=self._clock(),
             truth=window.truth,
@@ -631,11 +626,7 @@ class DeviceAgent:
             return
         try:
             self._releases.verify_manifest(manifest)
-            if active is not None and manifest.created < active.manifest.created:
-                raise ModelError(
-                    f"manifest of {manifest.version} is older than the installed "
-                    f"{active.version}'s: a replayed release is not installed"
-                )
+            refuse_replay(manifest, active.manifest if active is not None else None)
         except HarError:
             self._rejected.add(manifest.sha256)
             raise

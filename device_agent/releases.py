@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared import codec
-from shared.errors import ModelVerificationError, PayloadError
+from shared.errors import ModelError, ModelVerificationError, PayloadError
 from shared.fileio import write_atomically
 from shared.messages import ModelManifest
 from shared.model_bundle import read_bundle, write_files
@@ -38,6 +38,15 @@ MANIFEST_FILE = "manifest.json"
 BUNDLE_FILE = "model.bundle"
 SAVED_MODEL_DIR = "saved_model"
 POINTER_FILE = "CURRENT"
+
+
+def refuse_replay(manifest: ModelManifest, installed: ModelManifest | None) -> None:
+    """A signed manifest older than the installed one is a replayed release: never install it."""
+    if installed is not None and manifest.created < installed.created:
+        raise ModelError(
+            f"manifest of {manifest.version} is older than the installed "
+            f"{installed.version}'s: a replayed release is not installed"
+        )
 
 
 @dataclass(frozen=True, slots=True)

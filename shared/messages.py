@@ -8,9 +8,10 @@ back, and converts every failure into a ``PayloadError``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -194,6 +195,34 @@ class Prediction:
     # dashboards can show live accuracy, and a simulated user can confirm from it.
     truth: str | None = None
     v: int = SCHEMA_VERSION
+
+    @classmethod
+    def new(
+        cls,
+        *,
+        device_id: str,
+        window: WindowRef,
+        probabilities: npt.NDArray[np.floating[Any]],
+        labels: Sequence[str],
+        model_version: str,
+        ts: float,
+        truth: str | None = None,
+    ) -> Prediction:
+        """A prediction with a fresh id from a model's class probabilities over ``labels``."""
+        normalised = np.asarray(probabilities, dtype=np.float64)
+        normalised = normalised / normalised.sum()
+        index = int(np.argmax(normalised))
+        return cls(
+            prediction_id=uuid.uuid4().hex,
+            device_id=device_id,
+            window=window,
+            label=labels[index],
+            class_index=index,
+            probabilities=tuple(normalised.tolist()),
+            model_version=model_version,
+            ts=ts,
+            truth=truth,
+        )
 
     def __post_init__(self) -> None:
         _check_text("prediction_id", self.prediction_id, 64)

@@ -8,7 +8,6 @@ signature and the payload's hash check out.
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from device_agent.releases import refuse_replay
 from device_agent.windowing import StreamWindow, StreamWindower
 from shared import codec
 from shared.errors import ModelError
@@ -102,15 +102,11 @@ class SimDevice:
         self, window: StreamWindow, probabilities: npt.NDArray[np.float64], labels: tuple[str, ...]
     ) -> tuple[Prediction, Outbound]:
         assert self.manifest is not None
-        probabilities = probabilities / probabilities.sum()
-        index = int(np.argmax(probabilities))
-        prediction = Prediction(
-            prediction_id=uuid.uuid4().hex,
+        prediction = Prediction.new(
             device_id=self.device_id,
             window=window.ref,
-            label=labels[index],
-            class_index=index,
-            probabilities=tuple(probabilities.tolist()),
+            probabilities=probabilities,
+            labels=labels,
             model_version=self.manifest.version,
             ts=self._clock(),
             truth=window.truth,
@@ -148,12 +144,11 @@ class SimDevice:
         if self.manifest is not None:
             if manifest.sha256 == self.manifest.sha256:
                 return False
-            if manifest.created < self.manifest.created:
+            try:
+                refuse_replay(manifest, self.manifest)
+            except ModelError:
                 self.rejected.add(manifest.sha256)
-                raise ModelError(
-                    f"manifest of {manifest.version} is older than the installed "
-                    f"{self.manifest.version}'s: a replayed release is not installed"
-                )
+                raise
         return not (self.download is not None and self.download.manifest.sha256 == manifest.sha256)
 
     def start_download(self, manifest: ModelManifest) -> Download:
