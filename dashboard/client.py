@@ -41,21 +41,6 @@ def new_client_id(settings: BrokerSettings, role: str) -> str:
     return settings.client_id or f"har-{role}-{uuid.uuid4().hex[:8]}"
 
 
-def connect_or_fail(connection: MqttConnection, settings: BrokerSettings, timeout: float) -> None:
-    """Wait for the first connection; BrokerError, saying why, if it does not come."""
-    deadline = time.monotonic() + timeout
-    while not connection.wait_connected(min(0.1, max(0.0, deadline - time.monotonic()))):
-        if connection.fatal_error is not None:
-            raise BrokerError(
-                f"the broker at {settings.host}:{settings.port} refused the login: "
-                f"{connection.fatal_error}"
-            )
-        if time.monotonic() >= deadline:
-            raise BrokerError(
-                f"cannot reach the broker at {settings.host}:{settings.port} within {timeout:g} s"
-            )
-
-
 def build_confirmation(topics: Topics, device_id: str, confirmation: Confirmation) -> Outbound:
     try:
         topic = topics.confirmation(device_id)
@@ -90,7 +75,7 @@ class FleetClient:
         """Connect and subscribe; BrokerError if the broker cannot be reached or refuses us."""
         self._connection.start()
         try:
-            connect_or_fail(self._connection, self.settings, timeout)
+            self._connection.wait_connected_or_raise(timeout)
             subscribed = self._connection.wait_subscribed(timeout)
         except BrokerError:
             self._connection.stop()
@@ -191,7 +176,7 @@ def send_confirmation(
     )
     connection.start()
     try:
-        connect_or_fail(connection, settings, connect_timeout_s)
+        connection.wait_connected_or_raise(connect_timeout_s)
         if check_labels:
             check_label(
                 confirmation.label,

@@ -22,6 +22,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -287,6 +288,22 @@ class MqttConnection:
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
+
+    def wait_connected_or_raise(self, timeout: float) -> None:
+        """Wait for the first connection; BrokerError, saying why, if it does not come."""
+        settings = self._settings
+        deadline = time.monotonic() + timeout
+        while not self.wait_connected(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if self.fatal_error is not None:
+                raise BrokerError(
+                    f"the broker at {settings.host}:{settings.port} refused the login: "
+                    f"{self.fatal_error}"
+                )
+            if time.monotonic() >= deadline:
+                raise BrokerError(
+                    f"cannot reach the broker at {settings.host}:{settings.port} "
+                    f"within {timeout:g} s"
+                )
 
     def wait_subscribed(self, timeout: float) -> bool:
         """Wait until the broker acknowledged this connection's subscriptions."""

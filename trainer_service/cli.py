@@ -112,11 +112,11 @@ def _connect(settings: Any) -> Any:
         settings.broker, client_id=f"har-cli-{uuid.uuid4().hex[:8]}", persistent_session=False
     )
     connection.start()
-    if not connection.wait_connected(10.0):
+    try:
+        connection.wait_connected_or_raise(10.0)
+    except BrokerError:
         connection.stop()
-        raise BrokerError(
-            f"cannot reach the broker at {settings.broker.host}:{settings.broker.port}"
-        )
+        raise
     return connection
 
 
