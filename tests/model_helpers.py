@@ -37,6 +37,15 @@ def probe_windows(window: int = WINDOW) -> tuple[npt.NDArray[np.float32], npt.ND
     return synthetic_windows(12, seed=99, window=window)
 
 
+def tiny_memory(x: npt.NDArray[np.float32], y: npt.NDArray[np.int32], per_class: int = 8) -> Any:
+    """A class-balanced memory and the class gravity of these windows (as the trainer picks)."""
+    from shared.model.tracker import Memory
+
+    index = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(len(LABELS))])
+    gravity = np.stack([x[y == c].mean(axis=(0, 1)) for c in range(len(LABELS))])
+    return Memory(x[index], y[index], gravity.astype(np.float32))
+
+
 def _device(action: str, saved_model: Path, state: Path) -> dict[str, Any]:
     from shared.model.runtime import ActivityModel
 
@@ -47,15 +56,16 @@ def _device(action: str, saved_model: Path, state: Path) -> dict[str, Any]:
         out["probabilities_before"] = model.predict(x).probabilities.tolist()
         # Teach the model that everything is "Laying": predictions must move towards it.
         target = np.full(len(x), 2, np.int32)
-        out["losses"] = [model.learn(x, target) for _ in range(15)]
-        out["global_step"] = model.global_step
+        learned, loss = model.learn(x, target, np.ones(len(x), np.float32), np.eye(3))
+        out["loss"] = loss
+        model.install(learned.served(True))
         model.save_state(state)
         out["probabilities_after"] = model.predict(x).probabilities.tolist()
     elif action == "restore":
         out["probabilities_fresh"] = model.predict(x).probabilities.tolist()
-        out["global_step_fresh"] = model.global_step
+        out["serving_fresh"] = model.installed().serve
         out["restored"] = model.restore_state(state)
-        out["global_step"] = model.global_step
+        out["serving"] = model.installed().serve
         out["probabilities_restored"] = model.predict(x).probabilities.tolist()
     else:
         raise SystemExit(f"unknown action {action}")

@@ -60,7 +60,7 @@ def export_tiny_version(out_dir: Path, *, seed: int, steps: int, label_shift: in
         metrics=metrics,
         config={"arch": "cnn", "window": WINDOW, "seed": seed},
         data_summary={"synthetic": True},
-        device_learning_rate=1e-2,
+        memory_source=WindowSet(x=x, y=y, users=np.arange(256, dtype=np.int32) % 4, labels=LABELS),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from shared.errors import ModelError, ModelInputError
-from tests.model_helpers import LABELS, WINDOW, probe_windows, synthetic_windows
+from tests.model_helpers import LABELS, WINDOW, probe_windows, synthetic_windows, tiny_memory
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +40,7 @@ def _train_and_export(out: Path, *, arch: str = "cnn", seed: int = 0, steps: int
         for i in range(steps):
             batch = slice((i * 32) % 256, (i * 32) % 256 + 32)
             tracker.train_step(x[batch], y[batch], np.ones(32, np.float32))
-    export_tracker(tracker, out, device_learning_rate=1e-2)
+    export_tracker(tracker, out, memory=tiny_memory(x, y) if arch != "seed-lstm" else None)
     return out
 
 
@@ -76,10 +77,7 @@ def test_learning_persists_across_process_restarts(exported: Path, tmp_path: Pat
     size_before = sum(p.stat().st_size for p in exported.rglob("*") if p.is_file())
 
     first = _device("learn-and-save", exported, state)
-    losses = first["losses"]
     assert first["labels"] == list(LABELS)
-    assert losses[-1] < 0.5 * losses[0], losses
-    assert first["global_step"] == 30 + 15  # training steps, then the device's own
     before = np.asarray(first["probabilities_before"])
     after = np.asarray(first["probabilities_after"])
     assert after[:, 2].mean() > before[:, 2].mean() + 0.2  # predictions moved to "Laying"
@@ -88,12 +86,46 @@ def test_learning_persists_across_process_restarts(exported: Path, tmp_path: Pat
 
     second = _device("restore", exported, state)
     assert second["restored"] is True
-    assert second["global_step_fresh"] == 30
-    assert second["global_step"] == 45
+    assert second["serving_fresh"] is False  # a fresh load serves the global model
+    assert second["serving"] is True
     np.testing.assert_allclose(second["probabilities_fresh"], before, atol=1e-5)
     np.testing.assert_allclose(second["probabilities_restored"], after, atol=1e-5)
     # Persistence writes a state file; the SavedModel itself never grows.
     assert sum(p.stat().st_size for p in exported.rglob("*") if p.is_file()) == size_before
+
+
+def test_learn_is_pure_and_the_memory_holds_untaught_classes(model: Any) -> None:
+    """``learn`` returns a correction without installing it; fitted on one class only, the
+    memory keeps the other classes' memory windows labelled as the global model does."""
+    x, y = probe_windows()
+    reference = model.predict(x).probabilities
+    walking = x[y == 0]
+    state, loss = model.learn(
+        walking, np.zeros(len(walking), np.int32), np.ones(len(walking), np.float32), np.eye(3)
+    )
+    assert np.isfinite(loss)
+    assert np.abs(state.kernel_delta).max() > 0
+    np.testing.assert_array_equal(model.predict(x).probabilities, reference)  # nothing installed
+    check = model.memory_check(state)
+    assert check.labels.shape == (model.memory_size,)
+    for label in (1, 2):
+        mine = check.labels == label
+        assert check.correct[mine].mean() >= check.global_correct[mine].mean()
+    personal, base = model.evaluate(x, state)
+    np.testing.assert_allclose(base, reference, atol=1e-6)
+    assert personal.shape == base.shape
+
+
+def test_evaluate_turns_windows_by_the_alignment(model: Any) -> None:
+    """A device worn turned: the alignment that turns it back gives the global model's answer."""
+    x, _ = probe_windows()
+    turn = np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]], np.float32)  # 90 degrees about x
+    worn = np.einsum("ntc,dc->ntd", x, turn).astype(np.float32)
+    nothing = model.nothing_learned()
+    aligned = dataclasses.replace(nothing, align=turn.T.copy())  # the inverse rotation
+    personal, base = model.evaluate(worn, aligned)
+    np.testing.assert_allclose(personal, model.predict(x).probabilities, atol=1e-5)
+    assert not np.allclose(base, personal, atol=1e-2)
 
 
 def test_metadata_and_predict_outputs(model: Any) -> None:
@@ -134,25 +166,35 @@ def test_bad_windows_are_refused_with_a_clear_error(model: Any, windows: Any, me
     with pytest.raises(ModelInputError, match=message):
         model.predict(windows)
     with pytest.raises(ModelInputError, match=message):
-        model.learn(windows, np.zeros(2, np.int32))
+        model.learn(windows, np.zeros(2, np.int32), np.ones(2, np.float32), np.eye(3))
 
 
 def test_nan_and_bad_labels_are_refused_and_change_nothing(model: Any) -> None:
     x, _ = probe_windows()
-    step = model.global_step
+    ones = np.ones(len(x), np.float32)
+    installed = model.installed()
     poisoned = x.copy()
     poisoned[3, 5, 1] = np.nan
     with pytest.raises(ModelInputError, match="window 3 contains NaN"):
         model.predict(poisoned)
     with pytest.raises(ModelInputError, match="window 3 contains NaN"):
-        model.learn(poisoned, np.zeros(len(x), np.int32))
+        model.learn(poisoned, np.zeros(len(x), np.int32), ones, np.eye(3))
     with pytest.raises(ModelInputError, match=r"must be in 0..2"):
-        model.learn(x, np.full(len(x), 3, np.int32))
+        model.learn(x, np.full(len(x), 3, np.int32), ones, np.eye(3))
     with pytest.raises(ModelInputError, match="must be integers"):
-        model.learn(x, np.zeros(len(x), np.float32))
+        model.learn(x, np.zeros(len(x), np.float32), ones, np.eye(3))
     with pytest.raises(ModelInputError, match=r"shape \(12,\)"):
-        model.learn(x, np.zeros(3, np.int32))
-    assert model.global_step == step
+        model.learn(x, np.zeros(3, np.int32), ones, np.eye(3))
+    with pytest.raises(ModelInputError, match="weights"):
+        model.learn(x, np.zeros(len(x), np.int32), -ones, np.eye(3))
+    with pytest.raises(ModelInputError, match="3x3"):
+        model.learn(x, np.zeros(len(x), np.int32), ones, np.full((3, 3), np.nan))
+    bad = dataclasses.replace(installed, kernel_delta=installed.kernel_delta[:1])
+    with pytest.raises(ModelInputError, match="kernel_delta must have shape"):
+        model.install(bad)
+    now = model.installed()
+    np.testing.assert_array_equal(now.kernel_delta, installed.kernel_delta)
+    np.testing.assert_array_equal(now.align, installed.align)
 
 
 def test_graph_itself_refuses_nan_and_out_of_range_labels(model: Any) -> None:
@@ -165,7 +207,20 @@ def test_graph_itself_refuses_nan_and_out_of_range_labels(model: Any) -> None:
     with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or infinity"):
         model._signatures["predict"](sensor_data=poisoned)
     with pytest.raises(tf.errors.InvalidArgumentError, match="label index out of range"):
-        model._signatures["learn"](sensor_data=x, labels=np.full(len(x), 7, np.int32))
+        model._signatures["learn"](
+            sensor_data=x,
+            labels=np.full(len(x), 7, np.int32),
+            weights=np.ones(len(x), np.float32),
+            align=np.eye(3, dtype=np.float32),
+        )
+    nothing = model.nothing_learned()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="personal state contains NaN"):
+        model._signatures["set_personal"](
+            align=np.full((3, 3), np.nan, np.float32),
+            kernel_delta=nothing.kernel_delta,
+            bias_delta=nothing.bias_delta,
+            serve=np.float32(1.0),
+        )
 
 
 def test_restore_refuses_corrupt_or_foreign_state_and_keeps_weights(
@@ -209,7 +264,7 @@ def test_loading_something_else_is_a_model_error(tmp_path: Path) -> None:
         ActivityModel.load(tmp_path)
 
 
-def test_seed_lstm_baseline_votes_per_window_and_learns(tmp_path: Path) -> None:
+def test_seed_lstm_baseline_votes_per_window_and_cannot_learn_on_device(tmp_path: Path) -> None:
     from shared.model.runtime import ActivityModel
 
     exported = _train_and_export(tmp_path / "seed", arch="seed-lstm")
@@ -222,15 +277,7 @@ def test_seed_lstm_baseline_votes_per_window_and_learns(tmp_path: Path) -> None:
     # Probabilities are the share of the 32 samples voting for each class.
     np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, rtol=1e-6)
     assert (result.class_index == result.probabilities.argmax(axis=1)).all()
-    step = model.global_step
-    model.learn(x, np.zeros(4, np.int32))
-    assert model.global_step == step + 4  # one step per (32, 1, 3) window, as designed
-    signatures = set(model._signatures.keys())
-    assert {
-        "predict",
-        "learn",
-        "save_state",
-        "restore_state",
-        "reset_state",
-        "metadata",
-    } <= signatures
+    assert model.personalisable is False
+    with pytest.raises(ModelError, match="cannot learn on the device"):
+        model.learn(x, np.zeros(4, np.int32), np.ones(4, np.float32), np.eye(3))
+    assert {"predict", "reset_state", "metadata"} <= set(model._signatures.keys())

@@ -224,6 +224,7 @@ def run_retrain(
             "fleet": counts,
             "users": split.users,
         },
+        memory_source=split.train,  # the base data only: no device's own windows
     )
     info = registry.add(
         folder, parent=current, summary={**counts, "base_train_windows": len(split.train)}

@@ -48,7 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--hop", type=int, help="samples between training windows")
     parser.add_argument("--batch-size", type=int, help="windows per step (default 64)")
     parser.add_argument("--learning-rate", type=float, help="training step size")
-    parser.add_argument("--device-learning-rate", type=float, help="step size of `learn`")
+    parser.add_argument(
+        "--device-anchor", type=float, help="on-device learning: pull towards the global model"
+    )
     parser.add_argument("--patience", type=int, help="epochs without improvement before stop")
     parser.add_argument("--width", type=int, help="channels of the first convolution")
     parser.add_argument("--val-users", type=_user_list, help="e.g. 3,7 (default: by fraction)")
@@ -68,7 +70,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "hop": args.hop,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
-        "device_learning_rate": args.device_learning_rate,
+        "device_anchor": args.device_anchor,
         "patience": args.patience,
         "width": args.width,
         "val_users": args.val_users,

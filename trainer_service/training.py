@@ -48,8 +48,13 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int = 64
     learning_rate: float = 1e-3
-    # Adam step size baked into the exported ``learn`` signature (see bench/personalize.py).
-    device_learning_rate: float = 3e-4
+    # How a device fits its wearer's personal state, baked into the export (DeviceLearning;
+    # chosen on validation users with bench/personalize.py, docs/model.md).
+    device_fit_steps: int = 50
+    device_fit_learning_rate: float = 0.01
+    device_memory_weight: float = 1.0
+    device_anchor: float = 0.1
+    device_memory_per_class: int = 32
     patience: int = 8
     seed: int = 0
     val_fraction: float = 0.15
@@ -79,7 +84,6 @@ class TrainConfig:
             "hop": 32,
             "eval_hop": 32,
             "learning_rate": SEED_LSTM_LEARNING_RATE,
-            "device_learning_rate": SEED_LSTM_LEARNING_RATE,
             "augment": False,
         }
         values.update(overrides)
@@ -87,6 +91,57 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def device_learning(config: TrainConfig | dict[str, Any]) -> Any:
+    """The DeviceLearning an export bakes in, from a TrainConfig or its saved dict."""
+    from shared.model.tracker import DeviceLearning
+
+    values = config.to_dict() if isinstance(config, TrainConfig) else config
+    defaults = TrainConfig()
+    return DeviceLearning(
+        steps=int(values.get("device_fit_steps", defaults.device_fit_steps)),
+        learning_rate=float(
+            values.get("device_fit_learning_rate", defaults.device_fit_learning_rate)
+        ),
+        memory_weight=float(values.get("device_memory_weight", defaults.device_memory_weight)),
+        anchor=float(values.get("device_anchor", defaults.device_anchor)),
+        memory_per_class=int(
+            values.get("device_memory_per_class", defaults.device_memory_per_class)
+        ),
+    )
+
+
+def select_memory(windows: WindowSet, per_class: int, seed: int = 0) -> Any:
+    """A class-balanced memory of ``windows`` for devices to rehearse (a ``Memory``).
+
+    Each class takes up to ``per_class`` windows, drawn in turn from each person who has that
+    class, so the memory shows how different people do it. Class gravity is the mean raw
+    acceleration of every window of the class.
+    """
+    from shared.model.tracker import Memory
+
+    k = len(windows.labels)
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    gravity = np.zeros((k, 3), np.float32)
+    for label in range(k):
+        of_class = np.flatnonzero(windows.y == label)
+        if of_class.size == 0:
+            continue
+        gravity[label] = windows.x[of_class].mean(axis=(0, 1))
+        by_user = [
+            rng.permutation(of_class[windows.users[of_class] == user]).tolist()
+            for user in rng.permutation(np.unique(windows.users[of_class]))
+        ]
+        taken = 0
+        while taken < min(per_class, of_class.size):
+            for queue in by_user:
+                if queue and taken < per_class:
+                    chosen.append(queue.pop())
+                    taken += 1
+    index = np.asarray(chosen, np.int64)
+    return Memory(windows.x[index].astype(np.float32), windows.y[index].astype(np.int32), gravity)
 
 
 @dataclass
@@ -177,7 +232,7 @@ def _augment(x: npt.NDArray[np.float32], rng: np.random.Generator) -> npt.NDArra
 
 
 def build_tracker(
-    config: TrainConfig, labels: tuple[str, ...], train: WindowSet, init_from: Path | None
+    config: TrainConfig, labels: tuple[str, ...], train: WindowSet | None, init_from: Path | None
 ) -> Any:
     """A fresh tracker normalised on ``train``, or a copy of the model in ``init_from``."""
     from shared.model.tracker import ActivityTracker, TrackerSpec
@@ -190,8 +245,10 @@ def build_tracker(
         dropout=config.dropout,
         width=config.width,
     )
-    flat = train.x.reshape(-1, 3)
     if init_from is None:
+        if train is None:
+            raise ModelError("a new tracker needs training windows to normalise on")
+        flat = train.x.reshape(-1, 3)
         return ActivityTracker(
             spec,
             mean=flat.mean(axis=0),
@@ -370,13 +427,14 @@ def export_version(
     metrics: dict[str, Any],
     config: TrainConfig | dict[str, Any],
     data_summary: dict[str, Any],
-    device_learning_rate: float | None = None,
+    memory_source: WindowSet | None = None,
 ) -> Path:
     """Writes one model version folder and returns it.
 
     ``out_dir`` receives ``saved_model/``, ``metrics.json``, ``confusion.png``, ``config.json``
     and ``data_summary.json``. Everything is written into a temporary sibling folder first and
     renamed at the end, so a reader never sees half a version. ``out_dir`` must not exist.
+    ``memory_source`` (the base training windows) gives the memory shipped for on-device learning.
     """
     from shared.model.tracker import export_tracker
 
@@ -385,12 +443,15 @@ def export_version(
         raise ModelError(f"{out_dir} already exists: model versions are immutable")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     config_dict = config.to_dict() if isinstance(config, TrainConfig) else dict(config)
-    if device_learning_rate is None:
-        device_learning_rate = config_dict.get("device_learning_rate")
+    learning = device_learning(config_dict)
+    memory = None
+    if memory_source is not None and len(memory_source):
+        seed = int(config_dict.get("seed", 0))
+        memory = select_memory(memory_source, learning.memory_per_class, seed)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         model_id = export_tracker(
-            tracker, staging / "saved_model", device_learning_rate=device_learning_rate
+            tracker, staging / "saved_model", memory=memory, learning=learning
         )
         test_metrics = metrics.get("test", metrics)
         plot_confusion(test_metrics, staging / "confusion.png", title=tracker.spec.arch)
@@ -433,7 +494,12 @@ def train_and_export(
         "test": split.test.summary(),
     }
     folder = export_version(
-        result.tracker, out_dir, metrics=metrics, config=config, data_summary=summary
+        result.tracker,
+        out_dir,
+        metrics=metrics,
+        config=config,
+        data_summary=summary,
+        memory_source=split.train,
     )
     return folder, metrics
 
@@ -443,7 +509,9 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "class_weights",
+    "device_learning",
     "export_version",
+    "select_memory",
     "split_by_user",
     "train_and_export",
     "train_model",

@@ -1,19 +1,38 @@
 """ActivityTracker: the model a device runs and learns on, and the trainer produces.
 
 Written in plain TensorFlow ops (no Keras layers), so every variable has a name we chose, the
-optimizer is two lines we can read, and the exported SavedModel needs no Python class to
-``predict``, ``learn``, ``save_state`` and ``restore_state``: a Go or C client can call them too.
+optimizer is two lines we can read, and the exported SavedModel needs no Python class: a Go or C
+client can call its signatures too.
+
+The global weights (the trainer's) never change on a device. What a device learns from its
+wearer is a small **personal state** beside them: a 3x3 alignment applied to the raw input (how
+this wearer's device sits) and a correction of the classifier's last layer. ``learn`` fits that
+correction from zero on the wearer's confirmed windows together with a class-balanced **memory**
+of the training data shipped inside the model, pulled towards the global weights (L2-SP), so a
+run of confirmations of one activity cannot erase the others. See docs/model.md.
 
 Signatures (see docs/model.md for ``saved_model_cli show --all``):
 
 - ``predict(sensor_data)`` -> ``class_index`` (int64), ``label`` (string, from a lookup table in
-  the graph) and ``probabilities`` (float32, one row per input).
-- ``learn(sensor_data, labels)`` -> ``loss`` and ``global_step``: one optimizer step.
-- ``save_state(path)`` / ``restore_state(path)``: every variable ``learn`` changes (weights,
-  optimizer slots, global step), written with ``tf.raw_ops.Save``; ``restore_state`` checks the
-  file belongs to this model (model id) and is intact (fingerprint) before assigning anything.
-- ``metadata()``: labels, window length, channels, sample rate, architecture, model id, batch.
+  the graph) and ``probabilities``; with the installed personal state when it is being served.
+- ``learn(sensor_data, labels, weights, align)`` -> ``kernel_delta``, ``bias_delta``, ``loss``:
+  the personal correction fitted on these windows (seen through ``align``) and the memory. Pure:
+  nothing installed changes.
+- ``evaluate(sensor_data, align, kernel_delta, bias_delta)`` -> ``probabilities`` under that
+  personal state and ``global_probabilities`` without it. Pure.
+- ``memory_check(kernel_delta, bias_delta)`` -> ``correct`` and ``global_correct`` per memory
+  window, and its ``labels``. Pure.
+- ``set_personal(align, kernel_delta, bias_delta, serve)`` installs a personal state;
+  ``get_personal()`` returns the installed one; ``serve`` = 0 serves the global model.
+- ``save_state(path)`` / ``restore_state(path)``: the installed personal state, written with
+  ``tf.raw_ops.Save``; ``restore_state`` checks the file belongs to this model (model id) and is
+  intact (fingerprint) before assigning anything.
+- ``metadata()``: labels, window length, channels, sample rate, architecture, model id, batch,
+  whether the model can learn on a device, the learning settings, per-class gravity.
 - ``reset_state()``: clears the recurrent state of the stateful ``seed-lstm`` (no-op otherwise).
+
+The ``seed-lstm`` baseline (the article's design) has no personal state: it exports ``predict``,
+``reset_state`` and ``metadata`` only.
 
 Normalisation is part of the graph: callers feed raw m/s^2.
 """
@@ -31,11 +50,12 @@ import numpy.typing as npt
 import tensorflow as tf
 
 from shared.errors import ModelError
+from shared.model import signatures
 
 ARCHITECTURES: Final = ("cnn", "cnn-gru", "seed-lstm")
 SEED_LSTM_BATCH: Final = 32  # the original design: a (32, 1, 3) batch of consecutive samples
 SEED_LSTM_UNITS: Final = 64
-STATE_FORMAT_VERSION: Final = 1
+STATE_FORMAT_VERSION: Final = 2
 
 # Names under which non-weight tensors are stored in a state file.
 _FINGERPRINT_KEY: Final = "_fingerprint"
@@ -70,14 +90,57 @@ class TrackerSpec:
         if self.optimizer not in ("adam", "sgd"):
             raise ModelError(f"unknown optimizer {self.optimizer!r}")
 
+    @property
+    def personalisable(self) -> bool:
+        """Whether a device can learn a personal state on it (not the stateful baseline)."""
+        return self.arch != "seed-lstm"
+
+
+@dataclass(frozen=True)
+class DeviceLearning:
+    """How ``learn`` fits a wearer's personal correction; baked into each exported version.
+
+    Chosen on validation users with ``bench/personalize.py`` (docs/model.md).
+    """
+
+    steps: int = 50  # full-batch Adam steps from zero, per fit
+    learning_rate: float = 0.01
+    memory_weight: float = 1.0  # weight of the memory's loss beside the wearer's
+    anchor: float = 0.1  # L2 pull of the correction towards zero (the global weights)
+    memory_per_class: int = 32  # training windows per class shipped in the model
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= 1000:
+            raise ModelError("device learning steps must be within 1..1000")
+        if not (self.learning_rate > 0 and self.memory_weight >= 0 and self.anchor >= 0):
+            raise ModelError("device learning rate must be > 0, memory weight and anchor >= 0")
+        if not 0 <= self.memory_per_class <= 1000:
+            raise ModelError("memory_per_class must be within 0..1000")
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Training windows shipped inside a model, and each class's mean acceleration (gravity)."""
+
+    windows: npt.NDArray[np.float32]  # (m, T, 3), class-balanced
+    labels: npt.NDArray[np.int32]  # (m,)
+    class_gravity: npt.NDArray[np.float32]  # (k, 3) mean raw acceleration per class
+
 
 def _glorot(shape: Sequence[int], seed: tf.Tensor, fan_in: int, fan_out: int) -> tf.Tensor:
     limit = math.sqrt(6.0 / (fan_in + fan_out))
     return tf.random.stateless_uniform(shape, seed=seed, minval=-limit, maxval=limit)
 
 
+def _mean_cross_entropy(labels: tf.Tensor, logits: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(labels, tf.int32), logits=logits
+    )
+    return tf.math.divide_no_nan(tf.reduce_sum(per_example * weights), tf.reduce_sum(weights))
+
+
 class ActivityTracker(tf.Module):  # type: ignore[misc]
-    """Human activity classifier over windows of raw 3-axis acceleration, trainable on device."""
+    """Human activity classifier over windows of raw 3-axis acceleration, personalised on device."""
 
     def __init__(
         self,
@@ -109,6 +172,7 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
         self.weights = self._build_weights(spec, k, seed)
         names = list(self.weights)
         self._trainable_names = names
+        # The trainer's optimizer (Adam moments); a device never touches the global weights.
         self.slots_m = {
             n: tf.Variable(tf.zeros_like(self.weights[n]), trainable=False) for n in names
         }
@@ -120,6 +184,8 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
             zeros = tf.zeros((SEED_LSTM_BATCH, SEED_LSTM_UNITS))
             self.lstm_h = tf.Variable(zeros, trainable=False, name="lstm_h")
             self.lstm_c = tf.Variable(zeros, trainable=False, name="lstm_c")
+        else:
+            self._build_personal(k)
         self._dropout_seed = tf.Variable([seed, 7], dtype=tf.int64, trainable=False)
         self._build_signatures()
 
@@ -175,16 +241,51 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
             weights[name] = tf.Variable(value, name=name)
         return weights
 
-    def persisted_variables(self) -> dict[str, tf.Variable]:
-        """Every variable ``learn`` changes, by a stable name: what a state file holds."""
-        out: dict[str, tf.Variable] = {}
-        for name in self._trainable_names:
-            out[f"w/{name}"] = self.weights[name]
-            out[f"m/{name}"] = self.slots_m[name]
-            out[f"v/{name}"] = self.slots_v[name]
-        out["optimizer_step"] = self.optimizer_step
-        out["global_step"] = self.global_step
-        return out
+    def _build_personal(self, k: int) -> None:
+        """The personal state a device installs, the memory it learns beside, and the settings."""
+        features = int(self.weights["dense_kernel"].shape[0])
+        self.personal_align = tf.Variable(tf.eye(3), trainable=False, name="personal_align")
+        self.personal_kernel = tf.Variable(
+            tf.zeros((features, k)), trainable=False, name="personal_kernel_delta"
+        )
+        self.personal_bias = tf.Variable(tf.zeros((k,)), trainable=False, name="personal_bias")
+        self.personal_serve = tf.Variable(0.0, trainable=False, name="personal_serve")
+        # Scratch variables of one ``learn`` fit (reset at its start): not part of any state.
+        self._fit = {
+            name: tf.Variable(tf.zeros(shape), trainable=False)
+            for name, shape in (
+                ("kernel", (features, k)),
+                ("bias", (k,)),
+                ("kernel_m", (features, k)),
+                ("bias_m", (k,)),
+                ("kernel_v", (features, k)),
+                ("bias_v", (k,)),
+            )
+        }
+        # Filled by export_tracker: features of the memory windows under the final weights.
+        self.memory_features = tf.Variable(
+            tf.zeros((0, features)), shape=tf.TensorShape([None, features]), trainable=False
+        )
+        self.memory_labels = tf.Variable(
+            tf.zeros((0,), tf.int32), shape=tf.TensorShape([None]), trainable=False
+        )
+        self.class_gravity = tf.Variable(tf.zeros((k, 3)), trainable=False, name="class_gravity")
+        defaults = DeviceLearning()
+        self.fit_steps = tf.Variable(defaults.steps, dtype=tf.int32, trainable=False)
+        self.fit_learning_rate = tf.Variable(defaults.learning_rate, trainable=False)
+        self.fit_memory_weight = tf.Variable(defaults.memory_weight, trainable=False)
+        self.fit_anchor = tf.Variable(defaults.anchor, trainable=False)
+
+    def personal_variables(self) -> dict[str, tf.Variable]:
+        """The installed personal state, by a stable name: what a state file holds."""
+        if not self.spec.personalisable:
+            return {}
+        return {
+            "align": self.personal_align,
+            "kernel_delta": self.personal_kernel,
+            "bias_delta": self.personal_bias,
+            "serve": self.personal_serve,
+        }
 
     # ----------------------------------------------------------------------------- forward
     def _normalise(self, sensor_data: tf.Tensor) -> tf.Tensor:
@@ -203,7 +304,10 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
     def _pool(self, x: tf.Tensor) -> tf.Tensor:
         return tf.nn.max_pool1d(x, ksize=2, strides=2, padding="SAME")
 
-    def _logits_window(self, sensor_data: tf.Tensor, training: bool) -> tf.Tensor:
+    def _features(self, sensor_data: tf.Tensor, align: tf.Tensor | None = None) -> tf.Tensor:
+        """What the last layer reads, for windows turned by ``align`` (sample a -> align @ a)."""
+        if align is not None:
+            sensor_data = tf.einsum("ntc,dc->ntd", sensor_data, align)
         x = self._normalise(sensor_data)
         w = self.weights
         if self.spec.arch == "cnn":
@@ -214,24 +318,39 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
             x = self._pool(self._conv(x, "conv2"))
             x = self._conv(x, "conv3")
             x = self._conv(x, "conv4")
-            features = tf.concat(
-                [tf.reduce_mean(x, axis=1), tf.reduce_max(x, axis=1), *stats], axis=1
-            )
-        else:  # cnn-gru
-            x = self._pool(self._conv(x, "conv1"))
-            x = self._pool(self._conv(x, "conv2"))
-            g = w["gru_recurrent"].shape[0]
-            h = tf.zeros((tf.shape(x)[0], g))
-            inputs = tf.einsum("btc,cg->btg", x, w["gru_kernel"]) + w["gru_bias"]
-            for t in range(int(x.shape[1])):
-                xz, xr, xh = tf.split(inputs[:, t, :], 3, axis=1)
-                hz, hr, hh = tf.split(tf.matmul(h, w["gru_recurrent"]), 3, axis=1)
-                z = tf.sigmoid(xz + hz)
-                r = tf.sigmoid(xr + hr)
-                h = z * h + (1.0 - z) * tf.tanh(xh + r * hh)
-            features = h
-        features = self._dropout(features, training)
-        return tf.matmul(features, w["dense_kernel"]) + w["dense_bias"]
+            return tf.concat([tf.reduce_mean(x, axis=1), tf.reduce_max(x, axis=1), *stats], axis=1)
+        x = self._pool(self._conv(x, "conv1"))  # cnn-gru
+        x = self._pool(self._conv(x, "conv2"))
+        g = w["gru_recurrent"].shape[0]
+        h = tf.zeros((tf.shape(x)[0], g))
+        inputs = tf.einsum("btc,cg->btg", x, w["gru_kernel"]) + w["gru_bias"]
+        for t in range(int(x.shape[1])):
+            xz, xr, xh = tf.split(inputs[:, t, :], 3, axis=1)
+            hz, hr, hh = tf.split(tf.matmul(h, w["gru_recurrent"]), 3, axis=1)
+            z = tf.sigmoid(xz + hz)
+            r = tf.sigmoid(xr + hr)
+            h = z * h + (1.0 - z) * tf.tanh(xh + r * hh)
+        return h
+
+    def _head(
+        self, features: tf.Tensor, kernel_delta: tf.Tensor | None, bias_delta: tf.Tensor | None
+    ) -> tf.Tensor:
+        kernel, bias = self.weights["dense_kernel"], self.weights["dense_bias"]
+        if kernel_delta is not None and bias_delta is not None:
+            kernel, bias = kernel + kernel_delta, bias + bias_delta
+        return tf.matmul(features, kernel) + bias
+
+    def _logits_window(self, sensor_data: tf.Tensor, training: bool) -> tf.Tensor:
+        """The global model's logits (what the trainer trains)."""
+        features = self._dropout(self._features(sensor_data), training)
+        return self._head(features, None, None)
+
+    def _served_logits(self, sensor_data: tf.Tensor) -> tf.Tensor:
+        """Logits with the installed personal state when it is served, else the global model's."""
+        serve = self.personal_serve
+        align = tf.eye(3) + serve * (self.personal_align - tf.eye(3))
+        features = self._features(sensor_data, align)
+        return self._head(features, serve * self.personal_kernel, serve * self.personal_bias)
 
     def _lstm_step(self, sensor_data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """Logits for each of the 32 samples, and the new (h, c): one timestep, stateful."""
@@ -261,7 +380,17 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
             )
         return checks
 
-    # ----------------------------------------------------------------------------- steps
+    def _checked(self, sensor_data: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
+        with tf.control_dependencies(self._check_inputs(sensor_data, labels)):
+            return tf.identity(sensor_data)
+
+    def _check_personal(self, *tensors: tf.Tensor) -> list[Any]:
+        return [
+            tf.debugging.assert_all_finite(t, "personal state contains NaN or infinity").op
+            for t in tensors
+        ]
+
+    # ----------------------------------------------------------------------------- training
     def _apply_gradients(self, grads: Sequence[tf.Tensor]) -> None:
         grads, _ = tf.clip_by_global_norm(list(grads), 5.0)
         lr = self.learning_rate
@@ -280,41 +409,93 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
             v.assign(beta2 * v + (1.0 - beta2) * tf.square(grad))
             self.weights[name].assign_sub(scale * m / (tf.sqrt(v) + eps))
 
-    def _weighted_loss(self, logits: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
-        per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.cast(labels, tf.int32), logits=logits
-        )
-        return tf.reduce_sum(per_example * weights) / tf.maximum(tf.reduce_sum(weights), 1e-6)
-
     def _step(self, sensor_data: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+        """One step of the trainer's optimizer on the global weights."""
         variables = [self.weights[n] for n in self._trainable_names]
-        with tf.control_dependencies(self._check_inputs(sensor_data, labels)):
-            sensor_data = tf.identity(sensor_data)
+        sensor_data = self._checked(sensor_data, labels)
         if self.spec.arch == "seed-lstm":
             with tf.GradientTape() as tape:
                 logits, h, c = self._lstm_step(sensor_data)
-                loss = self._weighted_loss(logits, labels, weights)
+                loss = _mean_cross_entropy(labels, logits, weights)
             grads = tape.gradient(loss, variables)
             self.lstm_h.assign(h)
             self.lstm_c.assign(c)
         else:
             with tf.GradientTape() as tape:
                 logits = self._logits_window(sensor_data, training=True)
-                loss = self._weighted_loss(logits, labels, weights)
+                loss = _mean_cross_entropy(labels, logits, weights)
             grads = tape.gradient(loss, variables)
         self._apply_gradients(grads)
         self.global_step.assign_add(1)
         return loss
 
+    # ----------------------------------------------------------------------------- device
+    def _fit_personal(
+        self, sensor_data: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor, align: tf.Tensor
+    ) -> dict[str, tf.Tensor]:
+        """The personal correction of the last layer, fitted from zero (full batch, Adam).
+
+        Loss: the wearer's windows (weighted) + ``memory_weight`` x the memory's + ``anchor`` x
+        the squared size of the correction. Only the scratch variables change.
+        """
+        sensor_data = self._checked(sensor_data, labels)
+        checks = [
+            *self._check_personal(align, weights),
+            tf.debugging.assert_equal(
+                tf.shape(weights)[0], tf.shape(labels)[0], message="weights and labels differ"
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            features = tf.stop_gradient(self._features(sensor_data, align))
+        memory, memory_labels = self.memory_features, self.memory_labels
+        memory_weights = tf.ones(tf.shape(memory_labels), tf.float32)
+        fit = self._fit
+        for variable in fit.values():
+            variable.assign(tf.zeros_like(variable))
+        beta1, beta2, eps = 0.9, 0.999, 1e-7
+        lr = self.fit_learning_rate
+        loss = tf.constant(0.0)
+        for step in tf.range(1, self.fit_steps + 1):
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch([fit["kernel"], fit["bias"]])
+                loss = (
+                    _mean_cross_entropy(
+                        labels, self._head(features, fit["kernel"], fit["bias"]), weights
+                    )
+                    + self.fit_memory_weight
+                    * _mean_cross_entropy(
+                        memory_labels,
+                        self._head(memory, fit["kernel"], fit["bias"]),
+                        memory_weights,
+                    )
+                    + self.fit_anchor
+                    * (
+                        tf.reduce_sum(tf.square(fit["kernel"]))
+                        + tf.reduce_sum(tf.square(fit["bias"]))
+                    )
+                )
+            grads = tape.gradient(loss, [fit["kernel"], fit["bias"]])
+            t = tf.cast(step, tf.float32)
+            scale = lr * tf.sqrt(1.0 - tf.pow(beta2, t)) / (1.0 - tf.pow(beta1, t))
+            for name, grad in zip(("kernel", "bias"), grads, strict=True):
+                m, v = fit[f"{name}_m"], fit[f"{name}_v"]
+                m.assign(beta1 * m + (1.0 - beta1) * grad)
+                v.assign(beta2 * v + (1.0 - beta2) * tf.square(grad))
+                fit[name].assign_sub(scale * m / (tf.sqrt(v) + eps))
+        return {
+            "kernel_delta": fit["kernel"].read_value(),
+            "bias_delta": fit["bias"].read_value(),
+            "loss": loss,
+        }
+
     def _predict(self, sensor_data: tf.Tensor) -> dict[str, tf.Tensor]:
-        with tf.control_dependencies(self._check_inputs(sensor_data)):
-            sensor_data = tf.identity(sensor_data)
+        sensor_data = self._checked(sensor_data)
         if self.spec.arch == "seed-lstm":
             logits, h, c = self._lstm_step(sensor_data)
             self.lstm_h.assign(h)
             self.lstm_c.assign(c)
         else:
-            logits = self._logits_window(sensor_data, training=False)
+            logits = self._served_logits(sensor_data)
         probabilities = tf.nn.softmax(logits)
         class_index = tf.argmax(probabilities, axis=1, output_type=tf.int64)
         out = {
@@ -338,7 +519,7 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
         return tf.fingerprint(serialised)
 
     def _save_state(self, path: tf.Tensor) -> tf.Tensor:
-        variables = self.persisted_variables()
+        variables = self.personal_variables()
         values = [v.read_value() for v in variables.values()]
         names = [*variables, _FINGERPRINT_KEY, _MODEL_ID_KEY, _FORMAT_KEY]
         data = [
@@ -349,10 +530,10 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
         ]
         save = tf.raw_ops.Save(filename=path, tensor_names=names, data=data)
         with tf.control_dependencies([save]):
-            return tf.identity(self.global_step)
+            return tf.identity(self.personal_serve)
 
     def _restore_state(self, path: tf.Tensor) -> tf.Tensor:
-        variables = self.persisted_variables()
+        variables = self.personal_variables()
 
         def read(name: str, dtype: tf.DType) -> tf.Tensor:
             return tf.raw_ops.Restore(file_pattern=path, tensor_name=name, dt=dtype)
@@ -386,7 +567,7 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
         with tf.control_dependencies(checks):
             assigns = [v.assign(value) for v, value in zip(variables.values(), values, strict=True)]
         with tf.control_dependencies(assigns):
-            return tf.identity(self.global_step)
+            return tf.identity(self.personal_serve)
 
     # ----------------------------------------------------------------------------- signatures
     def _build_signatures(self) -> None:
@@ -403,22 +584,11 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
         def predict(sensor_data: tf.Tensor) -> dict[str, tf.Tensor]:
             return self._predict(sensor_data)
 
-        def learn(sensor_data: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
-            ones = tf.ones(tf.shape(labels), tf.float32)
-            loss = self._step(sensor_data, labels, ones)
-            return {"loss": loss, "global_step": tf.identity(self.global_step)}
-
         def train_step(sensor_data: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
             return self._step(sensor_data, labels, weights)
 
         def logits(sensor_data: tf.Tensor) -> tf.Tensor:
             return self._logits_window(sensor_data, training=False)
-
-        def save_state(path: tf.Tensor) -> dict[str, tf.Tensor]:
-            return {"global_step": self._save_state(path)}
-
-        def restore_state(path: tf.Tensor) -> dict[str, tf.Tensor]:
-            return {"global_step": self._restore_state(path)}
 
         def reset_state() -> dict[str, tf.Tensor]:
             if spec.arch == "seed-lstm":
@@ -427,7 +597,7 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
             return {"global_step": tf.identity(self.global_step)}
 
         def metadata() -> dict[str, tf.Tensor]:
-            return {
+            out = {
                 "labels": self.label_names,
                 "window": tf.constant(spec.window, tf.int32),
                 "channels": tf.constant(spec.channels, tf.int32),
@@ -437,27 +607,98 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
                 "model_id": self.model_id.read_value(),
                 "state_format": tf.constant(STATE_FORMAT_VERSION, tf.int32),
                 "global_step": tf.identity(self.global_step),
+                "personalisable": tf.constant(spec.personalisable),
             }
+            if spec.personalisable:
+                out |= {
+                    "class_gravity": self.class_gravity.read_value(),
+                    "memory_size": tf.shape(self.memory_labels)[0],
+                    "fit_steps": self.fit_steps.read_value(),
+                    "fit_learning_rate": self.fit_learning_rate.read_value(),
+                    "fit_memory_weight": self.fit_memory_weight.read_value(),
+                    "fit_anchor": self.fit_anchor.read_value(),
+                }
+            return out
 
         self.predict = tf.function(predict, input_signature=[x_spec])
-        self.learn = tf.function(learn, input_signature=[x_spec, y_spec])
         self.train_step = tf.function(train_step, input_signature=[x_spec, y_spec, w_spec])
-        self.save_state = tf.function(save_state, input_signature=[path_spec])
-        self.restore_state = tf.function(restore_state, input_signature=[path_spec])
         self.reset_state = tf.function(reset_state, input_signature=[])
         self.metadata = tf.function(metadata, input_signature=[])
-        if spec.arch != "seed-lstm":
+        if spec.personalisable:
             self.logits = tf.function(logits, input_signature=[x_spec])
+            self._build_personal_signatures(x_spec, y_spec, w_spec, path_spec)
+
+    def _build_personal_signatures(
+        self, x_spec: tf.TensorSpec, y_spec: tf.TensorSpec, w_spec: tf.TensorSpec, path_spec: Any
+    ) -> None:
+        features = int(self.weights["dense_kernel"].shape[0])
+        k = self._num_classes
+        align_spec = tf.TensorSpec([3, 3], tf.float32, name="align")
+        kernel_spec = tf.TensorSpec([features, k], tf.float32, name="kernel_delta")
+        bias_spec = tf.TensorSpec([k], tf.float32, name="bias_delta")
+        serve_spec = tf.TensorSpec([], tf.float32, name="serve")
+
+        def learn(
+            sensor_data: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor, align: tf.Tensor
+        ) -> dict[str, tf.Tensor]:
+            return self._fit_personal(sensor_data, labels, weights, align)
+
+        def evaluate(
+            sensor_data: tf.Tensor, align: tf.Tensor, kernel_delta: tf.Tensor, bias_delta: tf.Tensor
+        ) -> dict[str, tf.Tensor]:
+            sensor_data = self._checked(sensor_data)
+            with tf.control_dependencies(self._check_personal(align, kernel_delta, bias_delta)):
+                personal = self._head(self._features(sensor_data, align), kernel_delta, bias_delta)
+            return {
+                "probabilities": tf.nn.softmax(personal),
+                "global_probabilities": tf.nn.softmax(self._logits_window(sensor_data, False)),
+            }
+
+        def memory_check(kernel_delta: tf.Tensor, bias_delta: tf.Tensor) -> dict[str, tf.Tensor]:
+            memory, labels = self.memory_features, self.memory_labels
+            personal = tf.argmax(self._head(memory, kernel_delta, bias_delta), 1, tf.int32)
+            base = tf.argmax(self._head(memory, None, None), 1, output_type=tf.int32)
+            return {
+                "correct": tf.equal(personal, labels),
+                "global_correct": tf.equal(base, labels),
+                "labels": labels.read_value(),
+            }
+
+        def set_personal(
+            align: tf.Tensor, kernel_delta: tf.Tensor, bias_delta: tf.Tensor, serve: tf.Tensor
+        ) -> dict[str, tf.Tensor]:
+            checks = self._check_personal(align, kernel_delta, bias_delta, serve)
+            with tf.control_dependencies(checks):
+                self.personal_align.assign(align)
+                self.personal_kernel.assign(kernel_delta)
+                self.personal_bias.assign(bias_delta)
+                self.personal_serve.assign(tf.clip_by_value(serve, 0.0, 1.0))
+            return {"serve": tf.identity(self.personal_serve)}
+
+        def get_personal() -> dict[str, tf.Tensor]:
+            return {name: v.read_value() for name, v in self.personal_variables().items()}
+
+        def save_state(path: tf.Tensor) -> dict[str, tf.Tensor]:
+            return {"serve": self._save_state(path)}
+
+        def restore_state(path: tf.Tensor) -> dict[str, tf.Tensor]:
+            return {"serve": self._restore_state(path)}
+
+        self.learn = tf.function(learn, input_signature=[x_spec, y_spec, w_spec, align_spec])
+        self.evaluate = tf.function(
+            evaluate, input_signature=[x_spec, align_spec, kernel_spec, bias_spec]
+        )
+        self.memory_check = tf.function(memory_check, input_signature=[kernel_spec, bias_spec])
+        self.set_personal = tf.function(
+            set_personal, input_signature=[align_spec, kernel_spec, bias_spec, serve_spec]
+        )
+        self.get_personal = tf.function(get_personal, input_signature=[])
+        self.save_state = tf.function(save_state, input_signature=[path_spec])
+        self.restore_state = tf.function(restore_state, input_signature=[path_spec])
 
     def signatures(self) -> dict[str, Any]:
-        return {
-            "predict": self.predict,
-            "learn": self.learn,
-            "save_state": self.save_state,
-            "restore_state": self.restore_state,
-            "reset_state": self.reset_state,
-            "metadata": self.metadata,
-        }
+        names = [*signatures.COMMON, *(signatures.PERSONAL if self.spec.personalisable else ())]
+        return {name: getattr(self, name) for name in names}
 
     # ----------------------------------------------------------------------------- weights I/O
     def get_weights(self) -> dict[str, npt.NDArray[np.float32]]:
@@ -468,11 +709,49 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
             v.assign(values[name])
 
     def reset_optimizer(self) -> None:
-        """Zeroes the optimizer's slots, so a device's first steps are not steered by training."""
+        """Zeroes the trainer's optimizer slots (they are not a device's business)."""
         for name in self._trainable_names:
             self.slots_m[name].assign(tf.zeros_like(self.slots_m[name]))
             self.slots_v[name].assign(tf.zeros_like(self.slots_v[name]))
         self.optimizer_step.assign(0.0)
+
+    def reset_personal(self) -> None:
+        """The global model with nothing learned: what every export starts from."""
+        if not self.spec.personalisable:
+            return
+        self.personal_align.assign(tf.eye(3))
+        self.personal_kernel.assign(tf.zeros_like(self.personal_kernel))
+        self.personal_bias.assign(tf.zeros_like(self.personal_bias))
+        self.personal_serve.assign(0.0)
+
+    def features(self, windows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Global features of ``windows`` (n, T, 3), in batches of 512."""
+        parts = [
+            self._features(tf.constant(windows[i : i + 512])).numpy()
+            for i in range(0, len(windows), 512)
+        ]
+        width = int(self.weights["dense_kernel"].shape[0])
+        return np.concatenate(parts) if parts else np.zeros((0, width), np.float32)
+
+    def set_memory(self, memory: Memory | None, learning: DeviceLearning) -> None:
+        """Ships ``memory`` (its features under the current weights) and the fit settings."""
+        if not self.spec.personalisable:
+            return
+        k = self._num_classes
+        if memory is None or len(memory.labels) == 0:
+            self.memory_features.assign(tf.zeros((0, self.memory_features.shape[1])))
+            self.memory_labels.assign(tf.zeros((0,), tf.int32))
+            self.class_gravity.assign(tf.zeros((k, 3)))
+        else:
+            if memory.class_gravity.shape != (k, 3):
+                raise ModelError(f"class gravity must have shape ({k}, 3)")
+            self.memory_features.assign(self.features(memory.windows.astype(np.float32)))
+            self.memory_labels.assign(memory.labels.astype(np.int32))
+            self.class_gravity.assign(memory.class_gravity.astype(np.float32))
+        self.fit_steps.assign(learning.steps)
+        self.fit_learning_rate.assign(learning.learning_rate)
+        self.fit_memory_weight.assign(learning.memory_weight)
+        self.fit_anchor.assign(learning.anchor)
 
     def weights_digest(self) -> str:
         digest = hashlib.sha256(self.spec.arch.encode())
@@ -482,22 +761,39 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
             digest.update(name.encode())
             digest.update(np.ascontiguousarray(value).tobytes())
         digest.update(self.norm_mean.numpy().tobytes() + self.norm_std.numpy().tobytes())
+        if self.spec.personalisable:
+            for variable in (
+                self.memory_features,
+                self.memory_labels,
+                self.class_gravity,
+                self.fit_steps,
+                self.fit_learning_rate,
+                self.fit_memory_weight,
+                self.fit_anchor,
+            ):
+                digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
         return digest.hexdigest()
 
 
 def export_tracker(
-    tracker: ActivityTracker, out_dir: Any, *, device_learning_rate: float | None = None
+    tracker: ActivityTracker,
+    out_dir: Any,
+    *,
+    memory: Memory | None = None,
+    learning: DeviceLearning | None = None,
 ) -> str:
     """Writes ``tracker`` as a SavedModel in ``out_dir``; returns the model id it was given.
 
-    The model id (a digest of architecture, labels and weights) lets ``restore_state`` refuse a
-    state file written by a different model.
+    ``memory`` (class-balanced training windows) is shipped inside, as its features under the
+    final weights; without it a device learns from its wearer's windows and the anchor alone.
+    The model id (a digest of architecture, labels, weights, memory and learning settings) lets
+    ``restore_state`` refuse a state file written by a different model.
     """
+    tracker.set_memory(memory, learning or DeviceLearning())
     model_id = tracker.weights_digest()[:32]
     tracker.model_id.assign(model_id)
-    if device_learning_rate is not None:
-        tracker.learning_rate.assign(device_learning_rate)
     tracker.reset_optimizer()
+    tracker.reset_personal()
     if tracker.spec.arch == "seed-lstm":
         tracker.reset_state()
     tf.saved_model.save(tracker, str(out_dir), signatures=tracker.signatures())
