@@ -1,4 +1,4 @@
-"""The agent's durable state in one SQLite file: outbox, counters, recent windows, replay set.
+"""The agent's durable state in one SQLite file: outbox, counters, recent windows, confirmations.
 
 One file, one transaction per event: a sensor batch and the sequence number after it are committed
 together, and so are a prediction and the window it was made on, so a crash never leaves a gap in
@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -27,7 +28,7 @@ from shared.codec import samples_from_bytes, samples_to_bytes
 from shared.errors import StorageError
 from shared.mqtt_transport import Outbound
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -61,7 +62,16 @@ CREATE TABLE IF NOT EXISTS replay (
 );
 """
 
+# Version 2: a confirmation keeps its time (a later correction replaces it) and how the learned
+# state and the global model did on it before learning it (the guard's record).
+_MIGRATE_TO_2 = """
+ALTER TABLE replay ADD COLUMN ts REAL NOT NULL DEFAULT 0;
+ALTER TABLE replay ADD COLUMN personal_correct INTEGER;
+ALTER TABLE replay ADD COLUMN global_correct INTEGER;
+"""
+
 Window = npt.NDArray[np.float32]
+Stored = Literal["new", "corrected", "duplicate"]
 
 
 class Priority(enum.IntEnum):
@@ -77,10 +87,16 @@ class OutboxEntry:
 
 @dataclass(frozen=True, slots=True)
 class ReplayEntry:
+    """A confirmed window. ``applied``: the learned state includes it. ``personal_correct`` /
+    ``global_correct``: whether the learned state and the global model labelled it right
+    before it was learned (None until then, or after a correction)."""
+
     prediction_id: str
     label: str
     window: Window
     applied: bool
+    personal_correct: bool | None = None
+    global_correct: bool | None = None
 
 
 class AgentStore:
@@ -126,6 +142,9 @@ class AgentStore:
             )
         if version < 1:
             self._db.executescript(_SCHEMA)
+        if version < 2:
+            self._db.executescript(_MIGRATE_TO_2)
+        if version < SCHEMA_VERSION:
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -276,23 +295,31 @@ class AgentStore:
             ).fetchone()
         return None if row is None else samples_from_bytes(row[0])
 
-    # --------------------------------------------------------------------------- replay set
-    def add_replay(self, prediction_id: str, label: str, window: Window) -> bool:
-        """Keep a confirmed window; False if this prediction was confirmed before.
+    # --------------------------------------------------------------------------- confirmations
+    def add_confirmation(self, prediction_id: str, label: str, window: Window, ts: float) -> Stored:
+        """Keep a confirmed window: "new", "corrected" (a later answer with another label
+        replaces the earlier one, to be learned again) or "duplicate" (nothing changes).
 
         When the set is full, the oldest window of the most represented label goes, so a
         user who confirms mostly one activity does not crowd the others out.
         """
         with self._lock, self._transaction():
-            exists = self._db.execute(
-                "SELECT 1 FROM replay WHERE prediction_id = ?", (prediction_id,)
+            row = self._db.execute(
+                "SELECT label, ts FROM replay WHERE prediction_id = ?", (prediction_id,)
             ).fetchone()
-            if exists:
-                return False
+            if row is not None:
+                if row[0] == label or ts < row[1]:
+                    return "duplicate"
+                self._db.execute(
+                    "UPDATE replay SET label = ?, ts = ?, applied = 0, personal_correct = NULL,"
+                    " global_correct = NULL WHERE prediction_id = ?",
+                    (label, ts, prediction_id),
+                )
+                return "corrected"
             self._db.execute(
-                "INSERT INTO replay (prediction_id, label, window, applied, created)"
-                " VALUES (?, ?, ?, 0, ?)",
-                (prediction_id, label, samples_to_bytes(window), time.time()),
+                "INSERT INTO replay (prediction_id, label, window, applied, created, ts)"
+                " VALUES (?, ?, ?, 0, ?, ?)",
+                (prediction_id, label, samples_to_bytes(window), time.time(), ts),
             )
             while int(self._db.execute("SELECT COUNT(*) FROM replay").fetchone()[0]) > (
                 self._replay_max
@@ -302,13 +329,16 @@ class AgentStore:
                     " (SELECT label FROM replay GROUP BY label ORDER BY COUNT(*) DESC, label"
                     " LIMIT 1) ORDER BY created, rowid LIMIT 1)"
                 )
-            return True
+            return "new"
 
-    def mark_applied(self, prediction_ids: Iterable[str]) -> None:
+    def mark_learned(self, records: Mapping[str, tuple[bool | None, bool | None]]) -> None:
+        """These confirmations are in the learned state, with the guard's record of each."""
+        rows = [(_flag(personal), _flag(base), pid) for pid, (personal, base) in records.items()]
         with self._lock, self._transaction():
             self._db.executemany(
-                "UPDATE replay SET applied = 1 WHERE prediction_id = ?",
-                [(pid,) for pid in prediction_ids],
+                "UPDATE replay SET applied = 1, personal_correct = ?, global_correct = ?"
+                " WHERE prediction_id = ?",
+                rows,
             )
 
     def mark_pending_all(self) -> None:
@@ -316,14 +346,28 @@ class AgentStore:
         with self._lock, self._transaction():
             self._db.execute("UPDATE replay SET applied = 0")
 
+    def forget_confirmations(self) -> int:
+        """Delete every confirmed window (the wearer asked); returns how many there were."""
+        with self._lock, self._transaction():
+            return int(self._db.execute("DELETE FROM replay").rowcount)
+
     def replay_entries(self) -> list[ReplayEntry]:
         """Confirmed windows, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT prediction_id, label, window, applied FROM replay ORDER BY created, rowid"
+                "SELECT prediction_id, label, window, applied, personal_correct, global_correct"
+                " FROM replay ORDER BY created, rowid"
             ).fetchall()
         return [
-            ReplayEntry(row[0], row[1], samples_from_bytes(row[2]), bool(row[3])) for row in rows
+            ReplayEntry(
+                row[0],
+                row[1],
+                samples_from_bytes(row[2]),
+                bool(row[3]),
+                None if row[4] is None else bool(row[4]),
+                None if row[5] is None else bool(row[5]),
+            )
+            for row in rows
         ]
 
     def replay_count(self) -> int:
@@ -355,3 +399,7 @@ class _Transaction:
             raise StorageError(f"cannot commit to {self._path}: {error}") from error
         if isinstance(exc, sqlite3.Error):
             raise StorageError(f"cannot write {self._path}: {exc}") from exc
+
+
+def _flag(value: bool | None) -> int | None:
+    return None if value is None else int(value)
