@@ -1,4 +1,4 @@
-"""``har agent``: run the device agent (and ``har agent rollback`` for a stopped agent)."""
+"""``har agent``: run the device agent; ``rollback`` (agent stopped) and ``forget``."""
 
 from __future__ import annotations
 
@@ -36,9 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "action",
         nargs="?",
         default="run",
-        choices=("run", "rollback", "show-config"),
+        choices=("run", "rollback", "forget", "show-config"),
         help="run (default); rollback: make the previous model current (agent stopped); "
-        "show-config: print the effective settings",
+        "forget: drop every confirmation and what was learned from them, so the device serves "
+        "the global model (done here when the agent is stopped, else sent to the running agent "
+        "on its command topic); show-config: print the effective settings",
     )
     parser.set_defaults(func=run)
 
@@ -66,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "show-config":
         print(settings)
         return 0
+    if args.action == "forget":
+        return forget(settings)
     if args.action == "rollback":
         from device_agent.releases import ReleaseStore
 
@@ -77,3 +81,54 @@ def run(args: argparse.Namespace) -> int:
     from device_agent.sensors import open_sensor
 
     return run_until_signalled(DeviceAgent(settings, open_sensor(settings.sensor)))
+
+
+def forget(settings: Any) -> int:
+    """Forget every confirmation: locally if no agent runs on this state, else by command."""
+    from device_agent.state_lock import StateLock
+    from device_agent.store import AgentStore
+
+    lock = StateLock(settings.state_dir)
+    if lock.acquire():
+        try:
+            store = AgentStore(settings.store_path)
+            try:
+                forgotten = store.forget_confirmations()
+            finally:
+                store.close()
+            for state in settings.learned_dir.glob("*.state"):
+                state.unlink()
+        finally:
+            lock.release()
+        print(f"forgot {forgotten} confirmations; the agent will serve the global model")
+        return 0
+    return _send_forget(settings)
+
+
+def _send_forget(settings: Any) -> int:
+    import time
+    import uuid
+
+    from shared import codec
+    from shared.messages import DeviceCommand
+    from shared.mqtt_transport import MqttConnection, Outbound
+    from shared.topics import Topics
+
+    command = DeviceCommand("forget", uuid.uuid4().hex[:16], time.time())
+    client_id = f"{settings.broker.client_id or 'har-agent-' + settings.device_id}-forget"
+    connection = MqttConnection(settings.broker, client_id=client_id, persistent_session=False)
+    connection.start()
+    try:
+        connection.wait_connected_or_raise(10.0)
+        topic = Topics(settings.broker.topic_root).command(settings.device_id)
+        # Raises BrokerError when unacknowledged, PublishRefusedError when the ACL refused it.
+        connection.publish(Outbound(topic, codec.encode_device_command(command))).wait_accepted(
+            10.0
+        )
+    finally:
+        connection.stop()
+    print(
+        f"the agent is running: asked it to forget ({command.request_id}); its status counter "
+        "'forgets' goes up when it has"
+    )
+    return 0

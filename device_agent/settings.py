@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from device_agent.learning import LearningPolicy
 from device_agent.sensors import SensorSettings
 from shared import homeassistant
 from shared.config import BrokerSettings
 from shared.errors import ConfigError
 from shared.topics import is_valid_id
+
+_LEARNING = LearningPolicy()  # the measured defaults
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,12 +24,14 @@ class AgentTuning:
     outbox_max_messages: int = 100_000  # about a day of batches at 1 s
     outbox_max_bytes: int = 256 * 1024 * 1024
     recent_windows: int = 4096  # predictions that can still be confirmed (~4.5 h at 4 s)
-    replay_max_windows: int = 2000  # confirmed windows kept for rehearsal and re-personalising
-    rehearsal_windows: int = 15  # old confirmed windows learned beside each new one
-    # learn steps per confirmed window when a new version is personalised (1: as on the device)
-    personalise_steps_per_window: float = 1.0
-    accept_margin: float = 0.05  # refuse an update that is worse than this on local data
-    min_replay_for_gate: int = 10  # fewer confirmed windows: the local quality gate is skipped
+    replay_max_windows: int = 2000  # confirmed windows kept for learning and new versions
+    # On-device learning (device_agent.learning.LearningPolicy; docs/model.md).
+    alignment_prior: float = _LEARNING.alignment_prior
+    learn_max_per_class: int = _LEARNING.max_per_class
+    memory_tolerance: float = _LEARNING.memory_tolerance
+    guard_window: int = _LEARNING.guard_window
+    accept_margin: float = 0.05  # refuse an update worse than this on held-out confirmations
+    min_replay_for_gate: int = 10  # fewer held-out confirmations: the local gate is skipped
     status_interval_s: float = 30.0
     publish_inflight: int = 50
     work_queue_size: int = 256
@@ -51,6 +56,18 @@ class AgentTuning:
             homeassistant.check_prefix(self.homeassistant_prefix)
         except ValueError as exc:
             raise ConfigError(f"agent.homeassistant_prefix: {exc}") from exc
+        try:
+            self.learning_policy()
+        except ValueError as exc:
+            raise ConfigError(f"agent learning settings: {exc}") from exc
+
+    def learning_policy(self) -> LearningPolicy:
+        return LearningPolicy(
+            alignment_prior=self.alignment_prior,
+            max_per_class=self.learn_max_per_class,
+            memory_tolerance=self.memory_tolerance,
+            guard_window=self.guard_window,
+        )
 
 
 @dataclass(frozen=True, slots=True)

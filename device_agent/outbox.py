@@ -1,0 +1,76 @@
+"""The agent's way out: messages committed to the store's outbox, and handled errors reported.
+
+Every thread that has something to send commits it here; the sender thread
+(``device_agent.sender``) publishes the outbox in order when the broker is reachable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from device_agent.store import AgentStore, Priority
+from shared import codec
+from shared.counters import Counters
+from shared.errors import HarError
+from shared.messages import ErrorEvent
+from shared.mqtt_transport import Outbound
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class Outbox:
+    """Commits outgoing messages to the store (before anything is sent) and wakes the sender."""
+
+    def __init__(self, store: AgentStore) -> None:
+        self._store = store
+        self.ready = threading.Event()  # set whenever something was committed
+
+    def put(
+        self,
+        message: Outbound,
+        priority: Priority,
+        *,
+        counters: Mapping[str, int] | None = None,
+        recent: tuple[str, str, npt.NDArray[np.float32]] | None = None,
+    ) -> None:
+        evicted = self._store.enqueue(message, priority, counters=counters, recent=recent)
+        if evicted:
+            log.warning("outbox full: evicted %d oldest low-priority messages", evicted)
+        self.ready.set()
+
+
+class ErrorReporter:
+    """Log, count and publish (through the outbox) a handled error. Never raises."""
+
+    def __init__(
+        self,
+        device_id: str,
+        topics: Topics,
+        outbox: Outbox,
+        counters: Counters,
+        clock: Callable[[], float],
+    ) -> None:
+        self._device = device_id
+        self._topic = topics.error(device_id)
+        self._outbox = outbox
+        self._counters = counters
+        self._clock = clock
+
+    @property
+    def topic(self) -> str:
+        return self._topic
+
+    def __call__(self, code: str, message: str, topic: str = "") -> None:
+        log.warning("%s: %s", code, message)
+        self._counters.add(f"error_{code}")
+        try:
+            event = ErrorEvent(self._device, code, message[:2000], self._clock(), topic=topic)
+            self._outbox.put(Outbound(self._topic, codec.encode_error(event)), Priority.NORMAL)
+        except (HarError, ValueError):
+            log.exception("could not queue error event %s", code)

@@ -1,0 +1,216 @@
+"""The updater thread's job: receive, verify, personalise and gate a new model version.
+
+A manifest announces a version; its chunks are assembled and the bundle verified (signature,
+size, sha256) before anything is loaded. The candidate is then warmed up and given the wearer's
+learning (``device_agent.learning.personalise``: the same code the device learns with), and
+gated on the wearer's confirmations, each scored by a state that had not learned it. Nothing
+of this runs on the prediction path: the worker swaps a ready candidate in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from device_agent.learning import Learned, LearningPolicy, personalise, served_accuracy
+from device_agent.outbox import ErrorReporter
+from device_agent.releases import ReleaseStore, refuse_replay
+from device_agent.store import AgentStore
+from shared import codec
+from shared.counters import Counters
+from shared.errors import HarError, ModelError
+from shared.messages import ModelManifest
+from shared.model.runtime import ActivityModel
+from shared.model_bundle import ChunkAssembler
+from shared.mqtt_transport import InboundMessage, MqttConnection
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveModel:
+    version: str
+    manifest: ModelManifest
+    model: ActivityModel
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A verified, loaded, personalised model waiting for the worker to swap it in."""
+
+    active: ActiveModel
+    learned: Learned | None  # None: the model cannot learn on the device
+
+
+def open_release(releases: ReleaseStore, version: str) -> ActiveModel:
+    """Load a stored release, verified again, and trace it before it serves."""
+    release = releases.open(version)
+    model = ActivityModel.load(release.saved_model_dir)
+    model.predict(np.zeros((1, model.input_spec.window, 3), np.float32))
+    return ActiveModel(version, release.manifest, model)
+
+
+@dataclass
+class _Download:
+    manifest: ModelManifest
+    assembler: ChunkAssembler
+    topic: str
+
+
+class ReleaseUpdater:
+    """Handles manifest and chunk messages, one at a time, on the updater thread."""
+
+    def __init__(
+        self,
+        releases: ReleaseStore,
+        store: AgentStore,
+        connection: MqttConnection,
+        topics: Topics,
+        *,
+        policy: LearningPolicy,
+        report: ErrorReporter,
+        counters: Counters,
+        accept_margin: float,
+        min_confirmations_for_gate: int,
+        active: Callable[[], ActiveModel | None],
+        hand_over: Callable[[Candidate], None],
+    ) -> None:
+        self._releases = releases
+        self._store = store
+        self._connection = connection
+        self._topics = topics
+        self._policy = policy
+        self._report = report
+        self._counters = counters
+        self._accept_margin = accept_margin
+        self._min_for_gate = min_confirmations_for_gate
+        self._active = active
+        self._hand_over = hand_over
+        self._rejected: set[str] = set()  # manifest sha256s refused: not downloaded again
+        self._download: _Download | None = None
+
+    def handle(self, message: InboundMessage) -> None:
+        """Process one message; a refusal is reported. The message is acknowledged either way:
+        a refused model would be refused again."""
+        try:
+            if message.topic == self._topics.model_manifest():
+                self._on_manifest(message)
+            else:
+                self._on_chunk(message)
+        except HarError as exc:
+            self._counters.add("model_rejections")
+            self._report("model_rejected", str(exc), message.topic)
+        except Exception as exc:
+            log.exception("model update failed")
+            self._report("model_rejected", f"unexpected: {exc}", message.topic)
+        finally:
+            message.ack()
+
+    def _on_manifest(self, message: InboundMessage) -> None:
+        if not message.payload:
+            return  # a cleared retained manifest
+        manifest = codec.decode_manifest(message.payload)
+        active = self._active()
+        if active is not None and manifest.sha256 == active.manifest.sha256:
+            return  # serving it already
+        if manifest.sha256 in self._rejected:
+            return
+        try:
+            self._releases.verify_manifest(manifest)
+            refuse_replay(manifest, active.manifest if active is not None else None)
+        except HarError:
+            self._rejected.add(manifest.sha256)
+            raise
+        log.info(
+            "model %s announced (%d bytes in %d chunks)",
+            manifest.version,
+            manifest.size,
+            manifest.chunks,
+        )
+        if self._releases.has(manifest.version):
+            try:
+                self._prepare(manifest.version)
+            except HarError as exc:
+                log.warning(
+                    "stored copy of %s unusable (%s): downloading again", manifest.version, exc
+                )
+            else:
+                return
+        self._start_download(manifest)
+
+    def _start_download(self, manifest: ModelManifest) -> None:
+        if self._download is not None:
+            self._connection.unsubscribe(self._download.topic)
+        topic = self._topics.model_chunks(manifest.version)
+        self._download = _Download(
+            manifest, ChunkAssembler(manifest.version, manifest.chunks, manifest.size), topic
+        )
+        self._connection.subscribe(topic, 1)
+
+    def _on_chunk(self, message: InboundMessage) -> None:
+        download = self._download
+        located = self._topics.chunk_of(message.topic)
+        if download is None or located is None or located[0] != download.manifest.version:
+            return  # a chunk of a version we are not fetching (retained leftovers)
+        if not message.payload:
+            return
+        chunk = codec.decode_model_chunk(message.payload)
+        try:
+            payload = download.assembler.add(chunk)
+        except HarError:
+            self._abandon_download()
+            raise
+        if payload is None:
+            return
+        self._abandon_download()
+        self._releases.store(download.manifest, payload)  # verifies signature, size, sha256
+        self._prepare(download.manifest.version)
+
+    def _abandon_download(self) -> None:
+        if self._download is not None:
+            self._connection.unsubscribe(self._download.topic)
+            self._download = None
+
+    def _prepare(self, version: str) -> None:
+        """Load, warm up, personalise and gate a verified release; hand it to the worker."""
+        candidate = open_release(self._releases, version)
+        entries = self._store.replay_entries()
+        learned = None
+        if candidate.model.personalisable:
+            learned = personalise(candidate.model, entries, self._policy)
+        current = self._active()
+        window = self._policy.guard_window
+        # Each confirmation scored before it was learned: by the current version as it learned
+        # them on the device, by the candidate as it was just given them again.
+        before, scored_before = served_accuracy(
+            [(e.personal_correct, e.global_correct) for e in entries if e.applied], window
+        )
+        after, scored_after = served_accuracy(
+            list(learned.records.values()) if learned else [], window
+        )
+        log.info(
+            "candidate %s: accuracy %s on %d held-out confirmations (current %s on %d)",
+            version,
+            after,
+            scored_after,
+            before,
+            scored_before,
+        )
+        if (
+            min(scored_before, scored_after) >= self._min_for_gate
+            and before is not None
+            and after is not None
+            and after < before - self._accept_margin
+        ):
+            self._rejected.add(candidate.manifest.sha256)
+            raise ModelError(
+                f"model {version} scores {after:.3f} on this device's {scored_after} held-out "
+                f"confirmations against {before:.3f} for "
+                f"{current.version if current else '-'}: worse by more than the margin "
+                f"{self._accept_margin}"
+            )
+        self._hand_over(Candidate(candidate, learned))
