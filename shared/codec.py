@@ -29,6 +29,7 @@ from shared.messages import (
     MAX_SAMPLES_PER_BATCH,
     SCHEMA_VERSION,
     Confirmation,
+    DeviceCommand,
     DeviceStatus,
     ErrorEvent,
     InputSpec,
@@ -389,9 +390,25 @@ def decode_error(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> ErrorEvent:
 
 
 def encode_command(command: TrainerCommand) -> bytes:
+    return _encode_any_command("command", command)
+
+
+def decode_command(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> TrainerCommand:
+    return _decode_any_command("command", TrainerCommand, payload, limits)
+
+
+def encode_device_command(command: DeviceCommand) -> bytes:
+    return _encode_any_command("device_command", command)
+
+
+def decode_device_command(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> DeviceCommand:
+    return _decode_any_command("device command", DeviceCommand, payload, limits)
+
+
+def _encode_any_command(kind: str, command: TrainerCommand | DeviceCommand) -> bytes:
     return _dump_json(
         {
-            "type": "command",
+            "type": kind,
             "v": command.v,
             "command": command.command,
             "request_id": command.request_id,
@@ -400,12 +417,16 @@ def encode_command(command: TrainerCommand) -> bytes:
     )
 
 
-def decode_command(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> TrainerCommand:
-    kind = "command"
+Command = TypeVar("Command", TrainerCommand, DeviceCommand)
+
+
+def _decode_any_command(
+    kind: str, factory: type[Command], payload: bytes, limits: Limits
+) -> Command:
     doc = _load_json(kind, payload, limits.max_json_bytes)
     return _build(
         kind,
-        lambda: TrainerCommand(
+        lambda: factory(
             command=_field(kind, doc, "command"),
             request_id=_field(kind, doc, "request_id"),
             ts=_field(kind, doc, "ts"),

@@ -392,6 +392,19 @@ class ErrorEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceCommand:
+    """A wearer's (or operator's) request to one device: ``forget`` every confirmation."""
+
+    command: Literal["forget"]
+    request_id: str
+    ts: float
+    v: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _check_command("device command", "forget", self)
+
+
+@dataclass(frozen=True, slots=True)
 class TrainerCommand:
     """An operator's request to the trainer service (e.g. retrain now)."""
 
@@ -401,7 +414,11 @@ class TrainerCommand:
     v: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        _require(self.command == "retrain", f"unknown command {self.command!r}")
-        _check_text("request_id", self.request_id, 64)
-        _check_float("ts", self.ts, 0.0, _EPOCH_MAX_S)
-        _require(self.v == SCHEMA_VERSION, f"unsupported command version {self.v}")
+        _check_command("command", "retrain", self)
+
+
+def _check_command(kind: str, known: str, message: DeviceCommand | TrainerCommand) -> None:
+    _require(message.command == known, f"unknown {kind} {message.command!r}")
+    _check_text("request_id", message.request_id, 64)
+    _check_float("ts", message.ts, 0.0, _EPOCH_MAX_S)
+    _require(message.v == SCHEMA_VERSION, f"unsupported {kind} version {message.v}")

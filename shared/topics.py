@@ -60,6 +60,9 @@ class Topics:
     def error(self, device_id: str) -> str:
         return f"{self.device(device_id)}/error"
 
+    def command(self, device_id: str) -> str:
+        return f"{self.device(device_id)}/command"
+
     # --- fleet-wide subscriptions (single-level wildcard on the device id) ---------------------
     def all_sensor(self) -> str:
         return f"{self.root}/devices/+/sensor"

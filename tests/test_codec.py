@@ -18,6 +18,7 @@ from shared.errors import PayloadError
 from shared.messages import (
     MAX_ABS_ACCELERATION,
     Confirmation,
+    DeviceCommand,
     DeviceStatus,
     ErrorEvent,
     InputSpec,
@@ -227,6 +228,14 @@ def test_error_and_command_round_trip() -> None:
     assert codec.decode_error(codec.encode_error(event)) == event
     command = TrainerCommand("retrain", "r-1", 6.0)
     assert codec.decode_command(codec.encode_command(command)) == command
+    forget = DeviceCommand("forget", "f-1", 7.0)
+    assert codec.decode_device_command(codec.encode_device_command(forget)) == forget
+    with pytest.raises(PayloadError, match="unknown device command"):
+        codec.decode_device_command(
+            b'{"type":"device_command","v":1,"command":"reboot","request_id":"x","ts":1.0}'
+        )
+    with pytest.raises(PayloadError, match="'type' must be 'device_command'"):
+        codec.decode_device_command(codec.encode_command(command))
 
 
 def test_signing_bytes_exclude_the_signature_and_cover_everything_else() -> None:
@@ -342,6 +351,7 @@ DECODERS = [
     codec.decode_manifest,
     codec.decode_error,
     codec.decode_command,
+    codec.decode_device_command,
 ]
 
 VALID_PAYLOADS = [
@@ -354,6 +364,7 @@ VALID_PAYLOADS = [
     codec.encode_manifest(make_manifest()),
     codec.encode_error(ErrorEvent("dev-1", "x", "y", 1.0)),
     codec.encode_command(TrainerCommand("retrain", "r", 1.0)),
+    codec.encode_device_command(DeviceCommand("forget", "f", 1.0)),
 ]
 
 

@@ -37,6 +37,7 @@ JSON_CODECS: dict[str, tuple[Callable[[bytes], Any], Callable[[Any], bytes]]] = 
     "status": (codec.decode_status, codec.encode_status),
     "error": (codec.decode_error, codec.encode_error),
     "command": (codec.decode_command, codec.encode_command),
+    "device_command": (codec.decode_device_command, codec.encode_device_command),
     "model_manifest": (codec.decode_manifest, codec.encode_manifest),
 }
 MSGPACK_CODECS: dict[str, tuple[Callable[[bytes], Any], Callable[[Any], bytes]]] = {
@@ -182,7 +183,10 @@ def test_mosquitto_pub_examples_send_valid_payloads() -> None:
     topics = Topics("har/v1")
     published = [argv for argv in shell_commands() if argv[0] == "mosquitto_pub"]
     assert published, "docs/protocol.md should show how to publish"
-    decoders = {"confirmation": codec.decode_confirmation}
+    decoders = {
+        "confirmation": codec.decode_confirmation,
+        "command": codec.decode_device_command,
+    }
     for argv in published:
         topic = argv[argv.index("-t") + 1]
         payload = argv[argv.index("-m") + 1].encode()
