@@ -139,7 +139,8 @@ def test_people_score_a_pass_first_then_confirm_up_to_their_share_of_the_total()
     one = app.devices["d-1"]
     assert one.before.windows == 4
     assert one.before.accuracy == 0.5
-    assert one.while_confirming.windows == 16
+    assert one.while_confirming.windows == 3  # one prediction per confirmation (share 1.0)
+    assert one.learned.windows == 4  # then one pass with what the device learned
     # 5 in all, split 3 + 2, none during the first pass; always the truth with no mistakes.
     assert [d.confirmations_sent for d in app.devices.values()] == [3, 2]
     assert len(sent) == 5

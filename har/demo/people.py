@@ -2,13 +2,16 @@
 
 Domain logic only: ``PeopleApp.handle`` takes one decoded-or-not message and returns the
 confirmations to publish; the transport lives in ``har.demo.run``. Each device's accuracy is
-scored in three phases, each one pass of its wearer's recording long (so every phase sees every
-activity):
+scored in four phases:
 
-- ``before``: the first model, before anyone confirmed anything;
+- ``before``: the first model, before anyone confirmed anything (one pass of the recording);
 - ``while_confirming``: the first model plus on-device learning, while the person confirms a
   share of the predictions (``SimulatedPerson``: some answers are wrong on purpose);
-- ``after``: the retrained global model, with the person's confirmations re-applied on the device.
+- ``learned``: the first model plus what the device learned, after the person's last
+  confirmation and until the new version arrives (at most one pass): what on-device learning
+  adds on its own;
+- ``after``: the retrained global model, personalised on the device with the person's
+  confirmations (one pass).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class DeviceView:
     confirmations_wanted: int
     before: Score = field(default_factory=Score)
     while_confirming: Score = field(default_factory=Score)
+    learned: Score = field(default_factory=Score)
     after: Score = field(default_factory=Score)
     confirmations_sent: int = 0
     wrong_answers: int = 0
@@ -89,9 +93,11 @@ class DeviceView:
         if self.before.windows < self.windows_per_pass:
             self.before.add(correct, prediction.model_version)
             return None
-        self.while_confirming.add(correct, prediction.model_version)
         if self.confirmations_sent >= self.confirmations_wanted:
+            if self.learned.windows < self.windows_per_pass:
+                self.learned.add(correct, prediction.model_version)
             return None
+        self.while_confirming.add(correct, prediction.model_version)
         answer = self.person.answer(prediction.truth, labels)
         if answer is None:
             return None

@@ -7,11 +7,12 @@ from typing import Any
 
 from har.demo.people import DeviceView, PeopleApp, Score
 
-PHASES = ("before", "while_confirming", "after")
+PHASES = ("before", "while_confirming", "learned", "after")
 PHASE_TITLES = {
     "before": "first model, before any confirmation",
     "while_confirming": "first model + on-device learning, while people confirm",
-    "after": "retrained model, confirmations re-applied on the device",
+    "learned": "first model + what the device learned, after the last confirmation",
+    "after": "retrained model, personalised again on the device",
 }
 
 
@@ -51,6 +52,9 @@ def build(
             "state": status.state if status else None,
             "confirmations_sent": device.confirmations_sent,
             "wrong_answers": device.wrong_answers,
+            "serving_learned_state": bool(status.counters.get("serving_learned_state"))
+            if status
+            else None,
             "counters": dict(status.counters) if status else {},
         }
     overall = {}
@@ -117,6 +121,21 @@ def _percent(score: Mapping[str, Any]) -> str:
     return "   -  " if accuracy is None else f"{100 * accuracy:5.1f}%"
 
 
+def below_first_model(summary: Mapping[str, Any]) -> list[str]:
+    """Devices whose last scored phase (after, else learned) is below their "before"."""
+    below = []
+    for name, row in summary["devices"].items():
+        accuracy = row["accuracy"]
+        first = accuracy["before"]["accuracy"]
+        last = next(
+            (accuracy[p]["accuracy"] for p in ("after", "learned") if accuracy[p]["windows"]),
+            None,
+        )
+        if first is not None and last is not None and last < first:
+            below.append(name)
+    return below
+
+
 def render(summary: Mapping[str, Any]) -> str:
     """The summary as a person reads it."""
     lines = [
@@ -126,8 +145,8 @@ def render(summary: Mapping[str, Any]) -> str:
         f"(held-out-user accuracy {summary['first_model'].get('test_accuracy')})",
         f"new model:   {summary['new_model'] or 'none'}",
         "",
-        "accuracy per device, each phase scored over one pass of its wearer's recording:",
-        f"  {'device':<14} {'before':>7} {'learning':>9} {'after':>7}  "
+        "accuracy per device (before, learned and after: at most one pass of the recording):",
+        f"  {'device':<14} {'before':>7} {'learning':>9} {'learned':>8} {'after':>7}  "
         f"{'model on device':<22} confirmed (wrong)  wearer",
     ]
     rows = [*summary["devices"].items(), ("overall", summary["overall"])]
@@ -139,9 +158,17 @@ def render(summary: Mapping[str, Any]) -> str:
         )
         lines.append(
             f"  {name:<14} {_percent(accuracy['before']):>7} "
-            f"{_percent(accuracy['while_confirming']):>9} {_percent(accuracy['after']):>7}  "
+            f"{_percent(accuracy['while_confirming']):>9} {_percent(accuracy['learned']):>8} "
+            f"{_percent(accuracy['after']):>7}  "
             f"{version:<22} {confirmed:<17}  {row.get('wearer', '')}".rstrip()
         )
+    below = below_first_model(summary)
+    lines += [
+        "",
+        "no device ended below its first model's accuracy"
+        if not below
+        else f"ended below their first model's accuracy: {', '.join(below)}",
+    ]
     lines += ["", "phases: " + "; ".join(f"{k}: {v}" for k, v in PHASE_TITLES.items()), ""]
     lines.append("messages:")
     for kind, counts in summary["messages"].items():
