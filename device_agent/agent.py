@@ -107,8 +107,9 @@ class DeviceAgent:
             self._store,
             settings.learned_dir,
             tuning.learning_policy(),
-            self.counters,
-            self.latencies,
+            counters=self.counters,
+            latencies=self.latencies,
+            report=self._report,
         )
 
         self._stop = threading.Event()

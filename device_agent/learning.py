@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -286,14 +286,17 @@ class DeviceLearner:
         store: AgentStore,
         learned_dir: Path,
         policy: LearningPolicy,
+        *,
         counters: Counters,
         latencies: LatencyRecorder,
+        report: Callable[[str, str], None] = lambda code, message: None,
     ) -> None:
         self._store = store
         self._dir = learned_dir
         self._policy = policy
         self._counters = counters
         self._latencies = latencies
+        self._report = report  # a handled problem worth an error event (the agent publishes)
         self._serving: _Serving | None = None
 
     @property
@@ -322,7 +325,7 @@ class DeviceLearner:
             restored = model.restore_state(self.state_path(version))
         except ModelError as exc:
             self._counters.add("learned_state_unusable")
-            log.warning("%s; learning the confirmed windows again", exc)
+            self._report("state_unusable", f"{exc}; learning the confirmed windows again")
             restored = False
         if restored:
             applied = [e for e in entries if e.applied]

@@ -118,12 +118,14 @@ class Device:
         self.model = model
         self.counters = Counters()
         self.store = AgentStore(root / "agent.sqlite3")
+        self.problems: list[str] = []
         self.learner = DeviceLearner(
             self.store,
             root / "learned",
             policy or LearningPolicy(),
-            self.counters,
-            LatencyRecorder(),
+            counters=self.counters,
+            latencies=LatencyRecorder(),
+            report=lambda code, message: self.problems.append(code),
         )
         self.learner.attach("v1", model)
 
@@ -253,6 +255,7 @@ def test_a_restart_restores_the_state_without_learning_again(
     relearned = Device(tmp_path, ActivityModel.load(version))
     try:
         assert relearned.counters.get("learned_state_unusable") == 1
+        assert relearned.problems == ["state_unusable"]
         np.testing.assert_allclose(
             relearned.model.installed().kernel_delta, learned.kernel_delta, atol=1e-5
         )

@@ -77,6 +77,7 @@ class DeviceView:
     after: Score = field(default_factory=Score)
     confirmations_sent: int = 0
     wrong_answers: int = 0
+    learned_served: bool = False  # its status said it served the learned state in "learned"
     status: DeviceStatus | None = None
     statuses_received: int = 0
 
@@ -96,6 +97,8 @@ class DeviceView:
         if self.confirmations_sent >= self.confirmations_wanted:
             if self.learned.windows < self.windows_per_pass:
                 self.learned.add(correct, prediction.model_version)
+                counters = self.status.counters if self.status is not None else {}
+                self.learned_served |= bool(counters.get("serving_learned_state"))
             return None
         self.while_confirming.add(correct, prediction.model_version)
         answer = self.person.answer(prediction.truth, labels)

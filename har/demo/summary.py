@@ -52,9 +52,7 @@ def build(
             "state": status.state if status else None,
             "confirmations_sent": device.confirmations_sent,
             "wrong_answers": device.wrong_answers,
-            "serving_learned_state": bool(status.counters.get("serving_learned_state"))
-            if status
-            else None,
+            "learned_state_served": device.learned_served,
             "counters": dict(status.counters) if status else {},
         }
     overall = {}
@@ -145,9 +143,11 @@ def render(summary: Mapping[str, Any]) -> str:
         f"(held-out-user accuracy {summary['first_model'].get('test_accuracy')})",
         f"new model:   {summary['new_model'] or 'none'}",
         "",
-        "accuracy per device (before, learned and after: at most one pass of the recording):",
-        f"  {'device':<14} {'before':>7} {'learning':>9} {'learned':>8} {'after':>7}  "
-        f"{'model on device':<22} confirmed (wrong)  wearer",
+        "accuracy per device (before, learned and after: at most one pass of the recording;",
+        "'served': the device answered with what it learned in the 'learned' phase, or with the",
+        "global model because its learned state had not beaten it on the latest confirmations):",
+        f"  {'device':<14} {'before':>7} {'learning':>9} {'learned':>8} {'after':>7} "
+        f"{'served':>7}  {'model on device':<22} confirmed (wrong)  wearer",
     ]
     rows = [*summary["devices"].items(), ("overall", summary["overall"])]
     for name, row in rows:
@@ -156,10 +156,11 @@ def render(summary: Mapping[str, Any]) -> str:
         confirmed = (
             f"{row['confirmations_sent']} ({row['wrong_answers']})" if "wearer" in row else ""
         )
+        served = {True: "learned", False: "global", None: ""}[row.get("learned_state_served")]
         lines.append(
             f"  {name:<14} {_percent(accuracy['before']):>7} "
             f"{_percent(accuracy['while_confirming']):>9} {_percent(accuracy['learned']):>8} "
-            f"{_percent(accuracy['after']):>7}  "
+            f"{_percent(accuracy['after']):>7} {served:>7}  "
             f"{version:<22} {confirmed:<17}  {row.get('wearer', '')}".rstrip()
         )
     below = below_first_model(summary)
