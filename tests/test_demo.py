@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,16 @@ def signal_inside_a_start(signals: StopSignals, finished: list[bool]) -> None:
         finished.append(True)
 
 
+@pytest.fixture
+def python_sigint() -> Iterator[None]:
+    """Python's own SIGINT handler, whatever this process inherited: a shell starts a background
+    job with SIGINT ignored, and the test must not depend on how it was started."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
+@pytest.mark.usefixtures("python_sigint")
 def test_stop_signals_raise_once_defer_inside_a_start_and_only_record_during_clean_up() -> None:
     with StopSignals():
         with pytest.raises(Interrupted) as raised:
