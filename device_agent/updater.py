@@ -9,6 +9,7 @@ of this runs on the prediction path: the worker swaps a ready candidate in.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +55,11 @@ def open_release(releases: ReleaseStore, version: str) -> ActiveModel:
     return ActiveModel(version, release.manifest, model)
 
 
+def _identity(manifest: ModelManifest) -> bytes:
+    """Everything a manifest says, and its signature: two manifests differing anywhere differ."""
+    return hashlib.sha256(codec.manifest_signing_bytes(manifest) + manifest.signature).digest()
+
+
 @dataclass
 class _Download:
     manifest: ModelManifest
@@ -90,7 +96,10 @@ class ReleaseUpdater:
         self._min_for_gate = min_confirmations_for_gate
         self._active = active
         self._hand_over = hand_over
-        self._rejected: set[str] = set()  # manifest sha256s refused: not downloaded again
+        # Manifests refused, by their whole signed content: never downloaded again. Not by the
+        # payload's sha256 alone, or a forged manifest naming a coming release's sha256 would
+        # make the device ignore the real one.
+        self._rejected: set[bytes] = set()
         self._download: _Download | None = None
 
     def handle(self, message: InboundMessage) -> None:
@@ -117,13 +126,13 @@ class ReleaseUpdater:
         active = self._active()
         if active is not None and manifest.sha256 == active.manifest.sha256:
             return  # serving it already
-        if manifest.sha256 in self._rejected:
+        if _identity(manifest) in self._rejected:
             return
         try:
             self._releases.verify_manifest(manifest)
             refuse_replay(manifest, active.manifest if active is not None else None)
         except HarError:
-            self._rejected.add(manifest.sha256)
+            self._rejected.add(_identity(manifest))
             raise
         log.info(
             "model %s announced (%d bytes in %d chunks)",
@@ -206,7 +215,7 @@ class ReleaseUpdater:
             and after is not None
             and after < before - self._accept_margin
         ):
-            self._rejected.add(candidate.manifest.sha256)
+            self._rejected.add(_identity(candidate.manifest))
             raise ModelError(
                 f"model {version} scores {after:.3f} on this device's {scored_after} held-out "
                 f"confirmations against {before:.3f} for "

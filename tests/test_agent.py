@@ -459,3 +459,29 @@ def test_a_wearer_can_make_the_device_forget_every_confirmation(
     assert forget(settings) == 0
     assert "forgot 1 confirmations" in capsys.readouterr().out
     assert not list((tmp_path / "device" / "learned").glob("*.state"))
+
+
+def test_a_forged_manifest_does_not_block_the_real_release_it_imitates(
+    broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, start_agent: AgentFactory
+) -> None:
+    publish_release(broker_settings, releases.first)
+    watcher = Watcher(broker_settings)
+    agent = start_agent(agent_settings(broker_settings, tmp_path / "device", releases))
+    connection: MqttConnection | None = None
+    try:
+        assert agent.model_changed.wait(WAIT)
+        agent.model_changed.clear()
+        # Someone who knows the coming release's sha256 announces it with a bad signature.
+        forged = dataclasses.replace(releases.second.manifest, signature=b"\x00" * 64)
+        topic = Topics(broker_settings.topic_root).model_manifest()
+        connection, _ = connect(broker_settings)
+        assert connection.publish(Outbound(topic, codec.encode_manifest(forged), 1, True)).wait(10)
+        assert "signature" in str(watcher.error_with("model_rejected")["message"])
+
+        publish_release(broker_settings, releases.second)  # the real one, same sha256
+        assert agent.model_changed.wait(WAIT), "the real release was ignored"
+        assert agent.active_version == releases.second.manifest.version
+    finally:
+        if connection is not None:
+            connection.stop()
+        watcher.stop()
