@@ -149,7 +149,7 @@ class DeviceAgent:
             self._store,
             self._connection,
             self._topics,
-            policy=tuning.learning_policy(),
+            policy=self._learner.policy,
             report=self._report,
             counters=self.counters,
             accept_margin=tuning.accept_margin,

@@ -111,22 +111,16 @@ def _send_forget(settings: Any) -> int:
 
     from shared import codec
     from shared.messages import DeviceCommand
-    from shared.mqtt_transport import MqttConnection, Outbound
+    from shared.mqtt_transport import Outbound, short_connection
     from shared.topics import Topics
 
     command = DeviceCommand("forget", uuid.uuid4().hex[:16], time.time())
     client_id = f"{settings.broker.client_id or 'har-agent-' + settings.device_id}-forget"
-    connection = MqttConnection(settings.broker, client_id=client_id, persistent_session=False)
-    connection.start()
-    try:
-        connection.wait_connected_or_raise(10.0)
+    with short_connection(settings.broker, client_id) as connection:
         topic = Topics(settings.broker.topic_root).command(settings.device_id)
         # Raises BrokerError when unacknowledged, PublishRefusedError when the ACL refused it.
-        connection.publish(Outbound(topic, codec.encode_device_command(command))).wait_accepted(
-            10.0
-        )
-    finally:
-        connection.stop()
+        message = Outbound(topic, codec.encode_device_command(command))
+        connection.publish(message).wait_accepted(10.0)
     print(
         f"the agent is running: asked it to forget ({command.request_id}); its status counter "
         "'forgets' goes up when it has"

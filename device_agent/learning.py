@@ -97,16 +97,20 @@ def alignment(
 
 
 def usable(
-    model: ActivityModel, entries: Sequence[ReplayEntry]
+    model: ActivityModel, entries: Sequence[ReplayEntry], most_per_class: int | None = None
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """Confirmed windows this model can learn from: its window length, labels it knows."""
+    """Confirmed windows this model can learn from (its window length, labels it knows), at
+    most the ``most_per_class`` latest of each label."""
     index = {label: i for i, label in enumerate(model.labels)}
     length = model.input_spec.window
     kept = [e for e in entries if e.label in index and e.window.shape == (length, 3)]
+    labels = np.array([index[e.label] for e in kept], np.int64)
+    if most_per_class is not None:
+        chosen = recent_per_class(labels, most_per_class)
+        kept, labels = [kept[i] for i in chosen], labels[chosen]
     if not kept:
-        return np.empty((0, length, 3), np.float32), np.empty(0, np.int64)
-    windows = np.stack([e.window for e in kept]).astype(np.float32)
-    return windows, np.array([index[e.label] for e in kept], np.int64)
+        return np.empty((0, length, 3), np.float32), labels
+    return np.stack([e.window for e in kept]).astype(np.float32), labels
 
 
 def recent_per_class(labels: npt.NDArray[np.int64], most: int) -> npt.NDArray[np.intp]:
@@ -121,11 +125,9 @@ def fit(
     model: ActivityModel, entries: Sequence[ReplayEntry], policy: LearningPolicy
 ) -> PersonalState | None:
     """The personal state these confirmations teach (not served yet); None if none is usable."""
-    windows, labels = usable(model, entries)
+    windows, labels = usable(model, entries, policy.max_per_class)
     if labels.size == 0:
         return None
-    chosen = recent_per_class(labels, policy.max_per_class)
-    windows, labels = windows[chosen], labels[chosen]
     align = (
         alignment(windows, labels, model.class_gravity, policy.alignment_prior)
         if policy.align
@@ -170,20 +172,23 @@ def score(model: ActivityModel, state: PersonalState, entry: ReplayEntry) -> Rec
     return bool(personal.argmax(1)[0] == labels[0]), bool(base.argmax(1)[0] == labels[0])
 
 
+def _tally(records: Sequence[Record], window: int) -> tuple[int, int, int]:
+    """(learned state right, global model right, scored) over the last ``window`` scored."""
+    recent = [r for r in records if r[0] is not None and r[1] is not None][-window:]
+    return sum(bool(p) for p, _ in recent), sum(bool(g) for _, g in recent), len(recent)
+
+
 def serves(records: Sequence[Record], window: int) -> bool:
     """Serve the learned state only if it beat the global model over the last ``window``."""
-    recent = [r for r in records if r[0] is not None and r[1] is not None][-window:]
-    return sum(bool(p) for p, _ in recent) > sum(bool(g) for _, g in recent)
+    personal, base, _ = _tally(records, window)
+    return personal > base
 
 
 def served_accuracy(records: Sequence[Record], window: int) -> tuple[float | None, int]:
-    """(accuracy the device got on the last ``window`` scored confirmations, how many)."""
-    recent = [r for r in records if r[0] is not None and r[1] is not None][-window:]
-    if not recent:
-        return None, 0
-    personal = sum(bool(p) for p, _ in recent)
-    base = sum(bool(g) for _, g in recent)
-    return max(personal, base) / len(recent), len(recent)
+    """(accuracy the device got on the last ``window`` scored confirmations, how many): it
+    serves whichever of the two did better."""
+    personal, base, scored = _tally(records, window)
+    return (max(personal, base) / scored if scored else None), scored
 
 
 @dataclass
@@ -196,7 +201,6 @@ class Learned:
     state: PersonalState
     records: dict[str, Record] = field(default_factory=dict)
     covered: dict[str, str] = field(default_factory=dict)
-    refused: int = 0  # fitted states the memory check refused
 
     def served(self, policy: LearningPolicy) -> PersonalState:
         if not policy.guard:
@@ -224,14 +228,19 @@ def step(
         score(model, learned.state, new) if scored else (None, None)
     )
     learned.covered[new.prediction_id] = new.label
+    return _fit_and_adopt(model, learned, entries, policy)
+
+
+def _fit_and_adopt(
+    model: ActivityModel, learned: Learned, entries: Sequence[ReplayEntry], policy: LearningPolicy
+) -> str | None:
+    """Fit on ``entries``; adopt the fit unless the memory check refuses it (the refusal)."""
     candidate = fit(model, entries, policy)
     if candidate is None:
         return None
     refusal = memory_refusal(model, candidate, entries, policy)
     if refusal is None:
         learned.state = candidate
-    else:
-        learned.refused += 1
     return refusal
 
 
@@ -248,9 +257,7 @@ def personalise(
     start = max(0, len(entries) - policy.guard_window)
     if start:
         bulk = entries[:start]
-        candidate = fit(model, bulk, policy)
-        if candidate is not None and memory_refusal(model, candidate, bulk, policy) is None:
-            learned.state = candidate
+        _fit_and_adopt(model, learned, bulk, policy)
         learned.covered = {e.prediction_id: e.label for e in bulk}
     for i in range(start, len(entries)):
         step(model, learned, entries[: i + 1], entries[i], policy)
@@ -262,7 +269,6 @@ def personalise(
 class ConfirmOutcome:
     stored: Literal["new", "corrected", "duplicate"]
     refusal: str | None = None  # why the fitted state was not adopted
-    serving: bool = False  # the learned state answers predictions now
 
 
 @dataclass
@@ -272,6 +278,7 @@ class _Serving:
     version: str
     model: ActivityModel
     learned: Learned | None = None
+    served: bool = False  # what ``predict`` uses now: the learned state, or the global model
 
 
 class DeviceLearner:
@@ -305,11 +312,12 @@ class DeviceLearner:
 
     @property
     def serving(self) -> bool:
-        """Whether the learned state answers predictions now (else the global model does)."""
+        """Whether the learned state answers predictions now (else the global model does).
+
+        A flag the worker thread sets when it installs a state: the status, on another thread,
+        reads it without touching the guard's records."""
         serving = self._serving
-        if serving is None or serving.learned is None:
-            return False
-        return serving.learned.served(self._policy).serve
+        return serving is not None and serving.served
 
     def state_path(self, version: str) -> Path:
         return self._dir / f"{version}.state"
@@ -328,9 +336,11 @@ class DeviceLearner:
             self._report("state_unusable", f"{exc}; learning the confirmed windows again")
             restored = False
         if restored:
+            installed = model.installed()
+            serving.served = installed.serve
             applied = [e for e in entries if e.applied]
             serving.learned = Learned(
-                model.installed().served(False),
+                installed.served(False),
                 records={e.prediction_id: (e.personal_correct, e.global_correct) for e in applied},
                 covered={e.prediction_id: e.label for e in applied},
             )
@@ -362,7 +372,7 @@ class DeviceLearner:
         refusal = self._learn_pending(
             serving, serving.learned, corrected=prediction_id if stored == "corrected" else None
         )
-        return ConfirmOutcome(stored, refusal, self.serving)
+        return ConfirmOutcome(stored, refusal)
 
     def forget(self) -> int:
         """Drop every confirmation and what was learned from them: the global model answers."""
@@ -428,9 +438,10 @@ class DeviceLearner:
 
     def _persist(self, serving: _Serving, learned: Learned) -> None:
         served = learned.served(self._policy)
-        was_serving = serving.model.installed().serve
+        was_serving = serving.served
         serving.model.install(served)
         serving.model.save_state(self.state_path(serving.version))
+        serving.served = served.serve
         if served.serve != was_serving:
             self._counters.add("learned_state_served" if served.serve else "global_model_served")
             log.info(

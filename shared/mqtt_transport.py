@@ -23,7 +23,8 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -563,3 +564,18 @@ class MqttConnection:
                 self._client.ack(mid, qos)
 
         return ack
+
+
+@contextmanager
+def short_connection(
+    settings: BrokerSettings, client_id: str, timeout: float = 10.0
+) -> Iterator[MqttConnection]:
+    """A connection for one command-line job, without a persistent session: connected (or
+    ``BrokerError`` saying why not), and stopped on the way out."""
+    connection = MqttConnection(settings, client_id=client_id, persistent_session=False)
+    connection.start()
+    try:
+        connection.wait_connected_or_raise(timeout)
+        yield connection
+    finally:
+        connection.stop()

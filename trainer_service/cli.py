@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import add_broker_flags, broker_overrides, load_settings
-from shared.errors import BrokerError, ConfigError
+from shared.errors import ConfigError
 from shared.lifecycle import run_until_signalled
 
 
@@ -106,18 +106,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _connect(settings: Any) -> Any:
-    from shared.mqtt_transport import MqttConnection
+    from shared.mqtt_transport import short_connection
 
-    connection = MqttConnection(
-        settings.broker, client_id=f"har-cli-{uuid.uuid4().hex[:8]}", persistent_session=False
-    )
-    connection.start()
-    try:
-        connection.wait_connected_or_raise(10.0)
-    except BrokerError:
-        connection.stop()
-        raise
-    return connection
+    return short_connection(settings.broker, f"har-cli-{uuid.uuid4().hex[:8]}")
 
 
 def run_retrain_command(args: argparse.Namespace) -> int:
@@ -128,13 +119,10 @@ def run_retrain_command(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     command = TrainerCommand("retrain", uuid.uuid4().hex[:16], time.time())
-    connection = _connect(settings)
-    try:
+    with _connect(settings) as connection:
         topic = Topics(settings.broker.topic_root).trainer_command()
         # Raises BrokerError when unacknowledged, PublishRefusedError when the ACL refused it.
         connection.publish(Outbound(topic, codec.encode_command(command))).wait_accepted(10.0)
-    finally:
-        connection.stop()
     print(f"retrain requested ({command.request_id}); watch the trainer's status and errors")
     return 0
 
@@ -203,13 +191,10 @@ def run_models_promote(args: argparse.Namespace) -> int:
     print(f"current model is now {version}")
     if args.no_publish:
         return 0
-    connection = _connect(settings)
-    try:
+    with _connect(settings) as connection:
         topics = Topics(settings.broker.topic_root)
         messages = current_release_messages(topics, registry, settings.publish.chunk_bytes)
         publish_all(connection, messages, settings.publish.ack_timeout_s)
-    finally:
-        connection.stop()
     print(f"published {version} to {settings.broker.host}:{settings.broker.port}")
     return 0
 

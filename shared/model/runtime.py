@@ -31,7 +31,6 @@ from shared.model import signatures
 
 logger = logging.getLogger(__name__)
 
-_REQUIRED_SIGNATURES: Final = ("predict", "metadata")
 MAX_WINDOWS_PER_CALL: Final = 4096
 
 
@@ -147,7 +146,7 @@ class ActivityModel:
             loaded = tf.saved_model.load(str(saved_model_dir))
         except Exception as exc:  # TF raises many unrelated types for a broken model
             raise ModelError(f"cannot load SavedModel {saved_model_dir}: {exc}") from exc
-        missing = [name for name in _REQUIRED_SIGNATURES if name not in loaded.signatures]
+        missing = [name for name in signatures.COMMON if name not in loaded.signatures]
         if missing:
             raise ModelError(
                 f"{saved_model_dir} lacks the signatures {missing}; is it an ActivityTracker?"

@@ -139,6 +139,23 @@ def _mean_cross_entropy(labels: tf.Tensor, logits: tf.Tensor, weights: tf.Tensor
     return tf.math.divide_no_nan(tf.reduce_sum(per_example * weights), tf.reduce_sum(weights))
 
 
+def _adam_update(
+    slots: Sequence[tuple[tf.Variable, tf.Variable, tf.Variable]],
+    grads: Sequence[tf.Tensor],
+    *,
+    step: tf.Tensor,
+    learning_rate: tf.Tensor,
+) -> None:
+    """One Adam update of each (variable, first moment, second moment) at step ``step`` (1-based),
+    for the trainer's weights and for a device's fit alike."""
+    beta1, beta2, eps = 0.9, 0.999, 1e-7
+    scale = learning_rate * tf.sqrt(1.0 - tf.pow(beta2, step)) / (1.0 - tf.pow(beta1, step))
+    for (variable, m, v), grad in zip(slots, grads, strict=True):
+        m.assign(beta1 * m + (1.0 - beta1) * grad)
+        v.assign(beta2 * v + (1.0 - beta2) * tf.square(grad))
+        variable.assign_sub(scale * m / (tf.sqrt(v) + eps))
+
+
 class ActivityTracker(tf.Module):  # type: ignore[misc]
     """Human activity classifier over windows of raw 3-axis acceleration, personalised on device."""
 
@@ -398,16 +415,14 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
             for name, grad in zip(self._trainable_names, grads, strict=True):
                 self.weights[name].assign_sub(lr * grad)
             return
-        beta1, beta2, eps = 0.9, 0.999, 1e-7
         self.optimizer_step.assign_add(1.0)
-        t = self.optimizer_step
-        scale = lr * tf.sqrt(1.0 - tf.pow(beta2, t)) / (1.0 - tf.pow(beta1, t))
-        for name, grad in zip(self._trainable_names, grads, strict=True):
-            m = self.slots_m[name]
-            v = self.slots_v[name]
-            m.assign(beta1 * m + (1.0 - beta1) * grad)
-            v.assign(beta2 * v + (1.0 - beta2) * tf.square(grad))
-            self.weights[name].assign_sub(scale * m / (tf.sqrt(v) + eps))
+        names = self._trainable_names
+        _adam_update(
+            [(self.weights[n], self.slots_m[n], self.slots_v[n]) for n in names],
+            grads,
+            step=self.optimizer_step,
+            learning_rate=lr,
+        )
 
     def _step(self, sensor_data: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
         """One step of the trainer's optimizer on the global weights."""
@@ -452,8 +467,7 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
         fit = self._fit
         for variable in fit.values():
             variable.assign(tf.zeros_like(variable))
-        beta1, beta2, eps = 0.9, 0.999, 1e-7
-        lr = self.fit_learning_rate
+        slots = [(fit[name], fit[f"{name}_m"], fit[f"{name}_v"]) for name in ("kernel", "bias")]
         loss = tf.constant(0.0)
         for step in tf.range(1, self.fit_steps + 1):
             with tf.GradientTape(watch_accessed_variables=False) as tape:
@@ -475,13 +489,12 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
                     )
                 )
             grads = tape.gradient(loss, [fit["kernel"], fit["bias"]])
-            t = tf.cast(step, tf.float32)
-            scale = lr * tf.sqrt(1.0 - tf.pow(beta2, t)) / (1.0 - tf.pow(beta1, t))
-            for name, grad in zip(("kernel", "bias"), grads, strict=True):
-                m, v = fit[f"{name}_m"], fit[f"{name}_v"]
-                m.assign(beta1 * m + (1.0 - beta1) * grad)
-                v.assign(beta2 * v + (1.0 - beta2) * tf.square(grad))
-                fit[name].assign_sub(scale * m / (tf.sqrt(v) + eps))
+            _adam_update(
+                slots,
+                grads,
+                step=tf.cast(step, tf.float32),
+                learning_rate=self.fit_learning_rate,
+            )
         return {
             "kernel_delta": fit["kernel"].read_value(),
             "bias_delta": fit["bias"].read_value(),
