@@ -6,10 +6,16 @@ message to a bounded queue. Paho's network thread only converts and enqueues: de
 learning and database writes happen on the caller's workers.
 
 Inbound QoS 1 messages are acknowledged manually, by the worker, once it has handled them
-(``InboundMessage.ack``). Together with an MQTT 5 Receive Maximum equal to the queue's capacity,
-the broker never has more unacknowledged messages in flight to us than the queue holds, so a
-QoS 1 message is never dropped here; and a message a crashed worker did not acknowledge is
-redelivered by the broker.
+(``InboundMessage.ack``); a message a crashed worker did not acknowledge is redelivered by the
+broker. The connection asks for an MQTT 5 Receive Maximum equal to the queue's capacity, but
+Mosquitto 2.0 stops honouring it once acknowledgements flow (1,478 messages in flight to one
+client were measured), so a full queue makes paho's network thread wait for room instead: it
+stops reading the socket, and TCP carries the back-pressure to the broker, which queues for us.
+A QoS 1 message is never dropped here. Only QoS 0 messages, whose contract allows it, are
+dropped (and counted) when the queue is full.
+
+Every paho callback is guarded: an exception in one is logged and counted
+(``transport_callback_errors``), never allowed to end paho's network thread.
 
 Outbound messages are QoS 1 (QoS 2 works too). ``publish`` returns a ``PublishHandle`` that
 completes when the broker answers, with the MQTT 5 reason code of its PUBACK: a broker answers a
@@ -18,6 +24,8 @@ publish its ACL forbids too (0x87 Not authorized), so "answered" is not "accepte
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import queue
 import random
@@ -37,6 +45,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from shared.codec import CONTENT_TYPE_JSON
 from shared.config import BrokerSettings
+from shared.counters import Counters
 from shared.errors import BrokerError
 
 log = logging.getLogger(__name__)
@@ -45,6 +54,21 @@ log = logging.getLogger(__name__)
 # not authorised, banned, bad client id).
 _FATAL_CONNACK = frozenset({133, 134, 135, 138, 140})
 _SESSION_EXPIRY_S = 7 * 24 * 3600  # how long the broker keeps a persistent session of ours
+_INBOX_WAIT_S = 0.5  # how often a network thread waiting for inbox room checks for a stop
+
+
+def _guarded(callback: Callable[..., None]) -> Callable[..., None]:
+    """A paho callback that logs and counts its exceptions instead of ending paho's thread."""
+
+    @functools.wraps(callback)
+    def guarded(self: MqttConnection, *args: Any) -> None:
+        try:
+            callback(self, *args)
+        except Exception:
+            log.exception("MQTT callback %s failed", callback.__name__)
+            self.counters.add("transport_callback_errors")
+
+    return guarded
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +263,7 @@ class MqttConnection:
         birth: Callable[[], Sequence[Outbound]] | None = None,
         persistent_session: bool = True,
         on_connection_change: Callable[[bool], None] | None = None,
+        counters: Counters | None = None,
     ) -> None:
         if subscriptions and inbox is None:
             raise ValueError("subscriptions need an inbox queue")
@@ -253,6 +278,8 @@ class MqttConnection:
         self._persistent_session = persistent_session
         self._on_connection_change = on_connection_change
         self._rng = random.Random()
+        # inbox_waits: times paho's thread waited for room; inbox_dropped_qos0: QoS 0 dropped.
+        self.counters = counters if counters is not None else Counters()
 
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -395,6 +422,8 @@ class MqttConnection:
         settings = self._settings
         client.max_inflight_messages_set(settings.max_inflight)  # before connect(), or ignored
         client.max_queued_messages_set(0)
+        # Our callbacks guard themselves (_guarded); this covers paho's own internals as well.
+        client.suppress_exceptions = True
         if settings.username:
             client.username_pw_set(settings.username, settings.resolved_password() or None)
         apply_tls(client, settings)
@@ -433,6 +462,7 @@ class MqttConnection:
         # min == max pins paho's own doubling to exactly the delay we chose.
         self._client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
 
+    @_guarded
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         log.warning(
             "cannot reach broker %s:%d (attempt %d)",
@@ -442,6 +472,7 @@ class MqttConnection:
         )
         self._schedule_retry()
 
+    @_guarded
     def _on_connect(
         self,
         client: paho.Client,
@@ -481,6 +512,7 @@ class MqttConnection:
         if self._on_connection_change is not None:
             self._on_connection_change(True)
 
+    @_guarded
     def _on_disconnect(
         self,
         client: paho.Client,
@@ -501,6 +533,7 @@ class MqttConnection:
             if self._on_connection_change is not None:
                 self._on_connection_change(False)
 
+    @_guarded
     def _on_subscribe(
         self,
         client: paho.Client,
@@ -514,6 +547,7 @@ class MqttConnection:
             log.error("broker refused subscriptions of %s: %s", self._client_id, refused)
         self._subscribed.set()
 
+    @_guarded
     def _on_publish(
         self,
         client: paho.Client,
@@ -532,6 +566,7 @@ class MqttConnection:
         if handle is not None:
             handle._complete(outcome)
 
+    @_guarded
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         # Runs on paho's network thread: convert, enqueue, return. Nothing slow here.
         assert self._inbox is not None
@@ -548,13 +583,31 @@ class MqttConnection:
             content_type=content_type,
             _ack=ack,
         )
-        try:
+        if message.qos == 0:
+            try:
+                self._inbox.put_nowait(inbound)
+            except queue.Full:
+                # Dropping a QoS 0 message is its contract; not knowing about it is not.
+                self.counters.add("inbox_dropped_qos0")
+                log.warning("inbox full, dropped a QoS 0 message on %s", message.topic)
+            return
+        self._enqueue_waiting(inbound)
+
+    def _enqueue_waiting(self, inbound: InboundMessage) -> None:
+        """Put a QoS 1 message into the inbox, waiting for room as long as it takes.
+
+        Not acknowledged while it waits, so if we stop first the broker delivers it again.
+        """
+        assert self._inbox is not None
+        with contextlib.suppress(queue.Full):
             self._inbox.put_nowait(inbound)
-        except queue.Full:
-            # Only QoS 0 can get here (Receive Maximum bounds QoS 1): dropping it is its contract.
-            log.warning("inbox full, dropped a QoS %d message on %s", message.qos, message.topic)
-            if ack is not None:
-                ack()
+            return
+        self.counters.add("inbox_waits")
+        log.debug("inbox full: waiting for room before reading more from the broker")
+        while not self._stop_requested.is_set():
+            with contextlib.suppress(queue.Full):
+                self._inbox.put(inbound, timeout=_INBOX_WAIT_S)
+                return
 
     def _make_ack(self, mid: int, qos: int, generation: int) -> Callable[[], None]:
         def ack() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import shutil
@@ -113,3 +114,40 @@ def no_threads_left_behind() -> Iterator[None]:
         thread.join(timeout=10)
     alive = [thread.name for thread in leftovers if thread.is_alive()]
     assert not alive, f"threads left running after the test: {alive}"
+
+
+class _ExceptionRecords(logging.Handler):
+    """Keeps every record that carries a traceback or is critical, from whatever thread."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+        self.expected = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info is not None or record.levelno >= logging.CRITICAL:
+            self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def fail_on_logged_exceptions() -> Iterator[_ExceptionRecords]:
+    """Fail a test during which any thread logged an exception (as Home Assistant's tests do):
+    a loop that catches a bug and carries on must not hide it from the suite."""
+    handler = _ExceptionRecords()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+    described = [
+        f"{record.threadName}: {record.name}: {record.getMessage()}" for record in handler.records
+    ]
+    assert handler.expected or not described, f"exceptions were logged during the test: {described}"
+
+
+@pytest.fixture
+def logged_exceptions(fail_on_logged_exceptions: _ExceptionRecords) -> list[logging.LogRecord]:
+    """For a test that provokes logged exceptions on purpose: they are its to assert on."""
+    fail_on_logged_exceptions.expected = True
+    return fail_on_logged_exceptions.records

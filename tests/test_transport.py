@@ -172,6 +172,30 @@ def test_an_unacknowledged_message_is_redelivered(broker_settings: BrokerSetting
         publisher.stop()
 
 
+def test_a_qos_1_burst_bigger_than_the_inbox_loses_nothing(broker_settings: BrokerSettings) -> None:
+    """Mosquitto 2.0 overruns Receive Maximum once acks flow; a full inbox must wait, not drop."""
+    topics = Topics(broker_settings.topic_root)
+    subscriber, inbox = connect(broker_settings, [(topics.all_sensor(), 1)], inbox_size=10)
+    publisher, _ = connect(broker_settings)
+    sent = 2000
+    try:
+        handles = [
+            publisher.publish(Outbound(topics.sensor("d1"), str(i).encode())) for i in range(sent)
+        ]
+        received: list[int] = []
+        while len(received) < sent:
+            message = inbox.get(timeout=30)
+            received.append(int(message.payload))
+            message.ack()  # a slow worker: one at a time, while the burst keeps coming
+        assert all(handle.wait(30) for handle in handles)
+        assert sorted(received) == list(range(sent))
+        assert subscriber.counters.get("inbox_dropped_qos0") == 0
+        assert subscriber.counters.get("inbox_waits") > 0  # the inbox really was full
+    finally:
+        publisher.stop()
+        subscriber.stop()
+
+
 def login(broker: MosquittoProcess, topic_root: str, user: str, password: str) -> BrokerSettings:
     return BrokerSettings(
         host=broker.host,
