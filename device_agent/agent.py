@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from device_agent.learning import DeviceLearner, LearningPolicy
 from device_agent.outbox import ErrorReporter, Outbox
 from device_agent.releases import ReleaseStore
-from device_agent.sender import OutboxSender
+from device_agent.sender import OutboxSender, Receipts
 from device_agent.sensing import SensorPump
 from device_agent.sensors import SensorSource
 from device_agent.settings import AgentSettings
@@ -126,6 +126,7 @@ class DeviceAgent:
             subscriptions=[
                 (self._topics.confirmation(self._device), 1),
                 (self._topics.command(self._device), 1),
+                (self._topics.receipt(self._device), 1),
                 (self._topics.model_manifest(), 1),
             ],
             inbox=self._inbox,
@@ -143,6 +144,7 @@ class DeviceAgent:
             self.counters,
             inflight=tuning.publish_inflight,
             flush_s=tuning.shutdown_flush_s,
+            receipts=Receipts(tuning.await_receipts, tuning.receipt_timeout_s, tuning.max_resends),
         )
         self._updater = ReleaseUpdater(
             self._releases,
@@ -290,6 +292,7 @@ class DeviceAgent:
         depth, depth_bytes = self._store.outbox_size()
         counts["outbox_depth"] = depth
         counts["outbox_bytes"] = depth_bytes
+        counts["outbox_awaiting_receipt"] = self._store.outbox_awaiting_receipt()
         counts["replay_windows"] = self._store.replay_count()
         counts["serving_learned_state"] = int(self._learner.serving)
         counts.update(self._store.counters())
@@ -474,11 +477,39 @@ class DeviceAgent:
         elif topic == self._topics.command(self._device):
             self.counters.add("commands_received")
             self._work.put(_Command(message))
+        elif topic == self._topics.receipt(self._device):
+            self._receipt(message)
         elif topic == self._topics.model_manifest() or self._topics.chunk_of(topic):
             self._updates.put(message)
         else:
             log.warning("message on unexpected topic %s ignored", topic)
             message.ack()
+
+    def _receipt(self, message: InboundMessage) -> None:
+        """The trainer stored these batches: they leave the outbox. Not acknowledged unless
+        that was written (the broker then delivers the receipt again)."""
+        try:
+            receipt = codec.decode_receipt(message.payload)
+        except PayloadError as exc:
+            self._report("malformed_receipt", str(exc), message.topic)
+            message.ack()
+            return
+        if receipt.device_id != self._device:
+            self._report(
+                "malformed_receipt",
+                f"receipt for {receipt.device_id!r} on this device's topic",
+                message.topic,
+            )
+            message.ack()
+            return
+        try:
+            removed = self._store.outbox_receipted(receipt.ranges)
+        except StorageError as exc:
+            self._report("storage_error", f"receipt not applied: {exc}", message.topic)
+            return
+        self.counters.add("receipts")
+        self.counters.add("batches_receipted", removed)
+        message.ack()
 
     # ================================================================== updater thread
     def _updater_loop(self) -> None:

@@ -38,8 +38,9 @@ class Outbox:
         *,
         counters: Mapping[str, int] | None = None,
         recent: tuple[str, str, npt.NDArray[np.float32]] | None = None,
+        seq: int | None = None,
     ) -> None:
-        evicted = self._store.enqueue(message, priority, counters=counters, recent=recent)
+        evicted = self._store.enqueue(message, priority, counters=counters, recent=recent, seq=seq)
         if evicted:
             log.warning("outbox full: evicted %d oldest low-priority messages", evicted)
         self.ready.set()

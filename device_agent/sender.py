@@ -1,4 +1,11 @@
-"""The sender thread's job: publish the outbox in order, delete each message once answered."""
+"""The sender thread's job: publish the outbox in order; keep each sensor batch until stored.
+
+A message leaves the outbox once the broker answered it, except a sensor batch: the broker's
+acknowledgement only says the broker took it, and a broker that crashes, or that answers "no
+matching subscribers" while the trainer is away, loses it. A sensor batch stays until the
+trainer's receipt names its sequence number (``DeviceAgent`` hands receipts to the store), and is
+sent again when a later one was receipted and it was not (end-to-end delivery, docs/protocol.md).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +13,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from device_agent.outbox import ErrorReporter, Outbox
-from device_agent.store import AgentStore
+from device_agent.store import AgentStore, OutboxEntry
 from shared.counters import Counters
 from shared.mqtt_transport import MqttConnection, PublishHandle
 
@@ -17,11 +25,20 @@ log = logging.getLogger(__name__)
 _RESEND_AFTER_S = 60.0
 
 
+@dataclass(frozen=True, slots=True)
+class Receipts:
+    """How sensor batches are confirmed: by the trainer's receipts, or by the broker alone."""
+
+    awaited: bool = True
+    timeout_s: float = 30.0  # sent this long ago, not receipted though a later one was: resend
+    max_resends: int = 10
+
+
 class OutboxSender:
     """Publishes the outbox in order when the broker is reachable.
 
-    A message is deleted from the outbox only once the broker answered it. A message the broker
-    refuses (its ACL, say) is reported and deleted too: it would be refused again.
+    A message the broker refuses (its ACL, say) is reported and deleted: it would be refused
+    again.
     """
 
     def __init__(
@@ -34,6 +51,7 @@ class OutboxSender:
         *,
         inflight: int,
         flush_s: float,
+        receipts: Receipts,
     ) -> None:
         self._store = store
         self._outbox = outbox
@@ -42,14 +60,17 @@ class OutboxSender:
         self._counters = counters
         self._inflight = inflight
         self._flush_s = flush_s
+        self._receipts = receipts
 
     def run(self, producers_done: Callable[[], bool]) -> None:
         """Until ``producers_done()`` and the outbox is flushed (or ``flush_s`` has passed, or
-        the broker is away): then the rest waits in the outbox for the next start."""
-        in_flight: list[tuple[int, PublishHandle]] = []
+        the broker is away): then the rest waits in the outbox for the next start. Sensor
+        batches waiting for a receipt are not waited for."""
+        in_flight: list[tuple[OutboxEntry, PublishHandle]] = []
         last_sent = 0
         flush_deadline: float | None = None
         oldest_in_flight_since = 0.0
+        next_resend_check = time.monotonic() + self._receipts.timeout_s / 4
         while True:
             if producers_done():
                 if flush_deadline is None:
@@ -61,11 +82,7 @@ class OutboxSender:
                 continue
             if in_flight:
                 answered = self._await_answers(in_flight)
-                self._store.outbox_remove([entry_id for entry_id, _ in answered])
-                refused = [handle for _, handle in answered if handle.refused]
-                for handle in refused:
-                    self._report_refused(handle)
-                self._counters.add("messages_sent", len(answered) - len(refused))
+                self._settle(answered)
                 in_flight = in_flight[len(answered) :]
                 if answered:
                     oldest_in_flight_since = time.monotonic()
@@ -76,15 +93,57 @@ class OutboxSender:
                     in_flight, last_sent = [], 0
                 continue
             entries = self._store.outbox_after(last_sent, self._inflight)
+            if entries:
+                last_sent = entries[-1].id
+            elif time.monotonic() >= next_resend_check and flush_deadline is None:
+                next_resend_check = time.monotonic() + self._receipts.timeout_s / 4
+                entries = self._unreceipted()
             if not entries:
                 if flush_deadline is not None:
                     break  # everything is out
                 self._wait_for_more(self._outbox.ready)
                 continue
             oldest_in_flight_since = time.monotonic()
-            for entry in entries:
-                in_flight.append((entry.id, self._connection.publish(entry.message)))
-                last_sent = entry.id
+            in_flight = [(entry, self._connection.publish(entry.message)) for entry in entries]
+
+    def _unreceipted(self) -> list[OutboxEntry]:
+        """Sensor batches to send again (their resend counted), after dropping those that used
+        up their resends."""
+        if not self._receipts.awaited:
+            return []
+        due = self._store.outbox_unreceipted(
+            time.time() - self._receipts.timeout_s,
+            self._store.counter("receipted_seq_max", 0),
+            self._inflight,
+        )
+        spent = [entry for entry in due if entry.resends >= self._receipts.max_resends]
+        spent_ids = {entry.id for entry in spent}
+        if spent:
+            self._store.outbox_remove(entry.id for entry in spent)
+            self._counters.add("batches_unreceipted_dropped", len(spent))
+            self._report(
+                "batches_unreceipted",
+                f"{len(spent)} sensor batches sent {self._receipts.max_resends + 1} times and "
+                f"never receipted (first seq {spent[0].seq}): dropped from the outbox",
+            )
+        resend = [replace(e, resends=e.resends + 1) for e in due if e.id not in spent_ids]
+        self._counters.add("batches_resent", len(resend))
+        return resend
+
+    def _settle(self, answered: list[tuple[OutboxEntry, PublishHandle]]) -> None:
+        """Keep answered sensor batches until receipted; delete everything else answered."""
+        kept = [
+            entry
+            for entry, handle in answered
+            if entry.seq is not None and self._receipts.awaited and not handle.refused
+        ]
+        kept_ids = {entry.id for entry in kept}
+        self._store.outbox_mark_sent(kept, time.time())
+        self._store.outbox_remove(entry.id for entry, _ in answered if entry.id not in kept_ids)
+        refused = [handle for _, handle in answered if handle.refused]
+        for handle in refused:
+            self._report_refused(handle)
+        self._counters.add("messages_sent", len(answered) - len(refused))
 
     @staticmethod
     def _wait_for_more(ready: threading.Event) -> None:
@@ -93,14 +152,14 @@ class OutboxSender:
 
     @staticmethod
     def _await_answers(
-        in_flight: list[tuple[int, PublishHandle]],
-    ) -> list[tuple[int, PublishHandle]]:
+        in_flight: list[tuple[OutboxEntry, PublishHandle]],
+    ) -> list[tuple[OutboxEntry, PublishHandle]]:
         """The leading messages the broker answered (order kept: stop at the first pending)."""
         answered = []
-        for entry_id, handle in in_flight:
+        for entry, handle in in_flight:
             if not handle.wait(1.0):
                 break
-            answered.append((entry_id, handle))
+            answered.append((entry, handle))
         return answered
 
     def _report_refused(self, handle: PublishHandle) -> None:

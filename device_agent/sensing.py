@@ -114,6 +114,7 @@ class SensorPump:
             ),
             Priority.BULK,
             counters={"next_seq": seq + 1},
+            seq=seq,
         )
         self._next_seq = seq + 1
         self._counters.add("batches_queued")

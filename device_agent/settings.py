@@ -34,6 +34,13 @@ class AgentTuning:
     min_replay_for_gate: int = 10  # fewer held-out confirmations: the local gate is skipped
     status_interval_s: float = 30.0
     publish_inflight: int = 50
+    # End-to-end delivery (docs/protocol.md): a sensor batch leaves the outbox only when the
+    # trainer's receipt names it. One the broker took this long ago, and no receipt named though
+    # a later one was named, is sent again, at most max_resends times. Without a trainer that
+    # sends receipts, set await_receipts = false: the broker's acknowledgement then suffices.
+    await_receipts: bool = True
+    receipt_timeout_s: float = 30.0
+    max_resends: int = 10
     work_queue_size: int = 256
     inbox_size: int = 256
     shutdown_flush_s: float = 5.0
@@ -52,6 +59,8 @@ class AgentTuning:
             raise ConfigError("agent.accept_margin must be within 0..1")
         if not 1 <= self.publish_inflight <= 1000:
             raise ConfigError("agent.publish_inflight must be within 1..1000")
+        if self.receipt_timeout_s <= 0 or self.max_resends < 0:
+            raise ConfigError("agent.receipt_timeout_s must be > 0 and agent.max_resends >= 0")
         try:
             homeassistant.check_prefix(self.homeassistant_prefix)
         except ValueError as exc:

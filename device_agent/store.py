@@ -8,6 +8,10 @@ commit survive power loss, not only a process crash; at about one commit a secon
 Outbox policy when full (``outbox_max_messages`` or ``outbox_max_bytes``): the oldest message of
 the lowest priority goes first. Sensor batches are BULK: the trainer sees the gap in their
 sequence numbers. Predictions and error events are NORMAL and only go when no BULK message is left.
+
+A sensor batch stays in the outbox after the broker took it (``sent_at`` set) until the trainer's
+receipt names its sequence number (end-to-end delivery, docs/protocol.md); every other message
+goes once the broker took it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -28,7 +32,7 @@ from shared.codec import samples_from_bytes, samples_to_bytes
 from shared.errors import StorageError
 from shared.mqtt_transport import Outbound
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -70,6 +74,15 @@ ALTER TABLE replay ADD COLUMN personal_correct INTEGER;
 ALTER TABLE replay ADD COLUMN global_correct INTEGER;
 """
 
+# Version 3: a sensor batch keeps its sequence number, when the broker took it and how often it
+# was sent again, until the trainer's receipt names it.
+_MIGRATE_TO_3 = """
+ALTER TABLE outbox ADD COLUMN seq INTEGER;
+ALTER TABLE outbox ADD COLUMN sent_at REAL;
+ALTER TABLE outbox ADD COLUMN resends INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS outbox_by_seq ON outbox (seq) WHERE seq IS NOT NULL;
+"""
+
 Window = npt.NDArray[np.float32]
 Stored = Literal["new", "corrected", "duplicate"]
 
@@ -83,6 +96,8 @@ class Priority(enum.IntEnum):
 class OutboxEntry:
     id: int
     message: Outbound
+    seq: int | None = None  # a sensor batch's: kept until the trainer's receipt names it
+    resends: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +159,8 @@ class AgentStore:
             self._db.executescript(_SCHEMA)
         if version < 2:
             self._db.executescript(_MIGRATE_TO_2)
+        if version < 3:
+            self._db.executescript(_MIGRATE_TO_3)
         if version < SCHEMA_VERSION:
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -159,13 +176,15 @@ class AgentStore:
         *,
         counters: Mapping[str, int] | None = None,
         recent: tuple[str, str, Window] | None = None,
+        seq: int | None = None,
     ) -> int:
         """Append ``message``; in the same transaction set ``counters`` and remember ``recent``
-        (prediction id, model version, window). Returns how many old messages were evicted."""
+        (prediction id, model version, window). ``seq``: a sensor batch's sequence number, which
+        keeps it until a receipt names it. Returns how many old messages were evicted."""
         with self._lock, self._transaction():
             self._db.execute(
-                "INSERT INTO outbox (topic, payload, qos, retain, content_type, priority, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO outbox (topic, payload, qos, retain, content_type, priority, created,"
+                " seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     message.topic,
                     message.payload,
@@ -174,6 +193,7 @@ class AgentStore:
                     message.content_type,
                     int(priority),
                     time.time(),
+                    seq,
                 ),
             )
             self._outbox_count += 1
@@ -202,26 +222,62 @@ class AgentStore:
         return evicted
 
     def outbox_after(self, after_id: int, limit: int) -> list[OutboxEntry]:
-        """Up to ``limit`` queued messages with an id above ``after_id``, oldest first."""
+        """Up to ``limit`` messages not sent yet with an id above ``after_id``, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, topic, payload, qos, retain, content_type FROM outbox"
-                " WHERE id > ? ORDER BY id LIMIT ?",
+                f"SELECT {_ENTRY_COLUMNS} FROM outbox"  # noqa: S608 - a constant
+                " WHERE id > ? AND sent_at IS NULL ORDER BY id LIMIT ?",
                 (after_id, limit),
             ).fetchall()
-        return [
-            OutboxEntry(
-                id=row[0],
-                message=Outbound(
-                    topic=row[1],
-                    payload=bytes(row[2]),
-                    qos=row[3],
-                    retain=bool(row[4]),
-                    content_type=row[5],
-                ),
-            )
-            for row in rows
-        ]
+        return [_entry(row) for row in rows]
+
+    def outbox_unreceipted(
+        self, sent_before: float, below_seq: int, limit: int
+    ) -> list[OutboxEntry]:
+        """Sensor batches the broker took before ``sent_before`` and no receipt named, though a
+        receipt named a later sequence number (``below_seq``): lost on the way, send again."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM outbox"  # noqa: S608 - a constant
+                " WHERE seq IS NOT NULL AND sent_at < ? AND seq < ? ORDER BY id LIMIT ?",
+                (sent_before, below_seq, limit),
+            ).fetchall()
+        return [_entry(row) for row in rows]
+
+    def outbox_mark_sent(self, entries: Iterable[OutboxEntry], now: float) -> None:
+        """The broker took these sensor batches: keep them until a receipt names them."""
+        rows = [(now, entry.resends, entry.id) for entry in entries]
+        if rows:
+            with self._lock, self._transaction():
+                self._db.executemany(
+                    "UPDATE outbox SET sent_at = ?, resends = ? WHERE id = ?", rows
+                )
+
+    def outbox_receipted(self, ranges: Iterable[tuple[int, int]]) -> int:
+        """Delete the sensor batches a receipt names; how many were still here."""
+        removed = 0
+        with self._lock, self._transaction():
+            for first, last in ranges:
+                sizes = self._db.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
+                    " WHERE seq BETWEEN ? AND ?",
+                    (first, last),
+                ).fetchone()
+                self._db.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (first, last))
+                removed += int(sizes[0])
+                self._outbox_count -= int(sizes[0])
+                self._outbox_bytes -= int(sizes[1])
+                self._db.execute(
+                    "INSERT INTO counters (name, value) VALUES ('receipted_seq_max', ?)"
+                    " ON CONFLICT(name) DO UPDATE SET value = MAX(value, excluded.value)",
+                    (last,),
+                )
+        return removed
+
+    def outbox_awaiting_receipt(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) FROM outbox WHERE sent_at IS NOT NULL")
+            return int(row.fetchone()[0])
 
     def outbox_remove(self, ids: Iterable[int]) -> None:
         id_list = list(ids)
@@ -399,6 +455,24 @@ class _Transaction:
             raise StorageError(f"cannot commit to {self._path}: {error}") from error
         if isinstance(exc, sqlite3.Error):
             raise StorageError(f"cannot write {self._path}: {exc}") from exc
+
+
+_ENTRY_COLUMNS = "id, topic, payload, qos, retain, content_type, seq, resends"
+
+
+def _entry(row: tuple[Any, ...]) -> OutboxEntry:
+    return OutboxEntry(
+        id=int(row[0]),
+        message=Outbound(
+            topic=str(row[1]),
+            payload=bytes(row[2]),
+            qos=int(row[3]),
+            retain=bool(row[4]),
+            content_type=str(row[5]),
+        ),
+        seq=None if row[6] is None else int(row[6]),
+        resends=int(row[7]),
+    )
 
 
 def _flag(value: bool | None) -> int | None:

@@ -28,6 +28,7 @@ from shared.errors import PayloadError
 from shared.messages import (
     MAX_SAMPLES_PER_BATCH,
     SCHEMA_VERSION,
+    BatchReceipt,
     Confirmation,
     DeviceCommand,
     DeviceStatus,
@@ -297,6 +298,36 @@ def decode_prediction(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Predic
             model_version=_field(kind, doc, "model_version"),
             ts=_field(kind, doc, "ts"),
             truth=doc.get("truth"),
+        ),
+    )
+
+
+def encode_receipt(receipt: BatchReceipt) -> bytes:
+    return _dump_json(
+        {
+            "type": "receipt",
+            "v": receipt.v,
+            "device_id": receipt.device_id,
+            "ranges": [list(pair) for pair in receipt.ranges],
+            "ts": receipt.ts,
+        }
+    )
+
+
+def decode_receipt(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> BatchReceipt:
+    kind = "receipt"
+    doc = _load_json(kind, payload, limits.max_json_bytes)
+    ranges = _field(kind, doc, "ranges")
+    if not isinstance(ranges, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 for pair in ranges
+    ):
+        raise PayloadError("receipt: ranges must be a list of [first, last] pairs")
+    return _build(
+        kind,
+        lambda: BatchReceipt(
+            device_id=_field(kind, doc, "device_id"),
+            ranges=tuple((pair[0], pair[1]) for pair in ranges),
+            ts=_field(kind, doc, "ts"),
         ),
     )
 

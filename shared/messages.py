@@ -404,6 +404,50 @@ class DeviceCommand:
         _check_command("device command", "forget", self)
 
 
+MAX_RECEIPT_RANGES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class BatchReceipt:
+    """The trainer's word that it has committed these sensor batches of one device.
+
+    ``ranges`` are inclusive ``(first, last)`` sequence numbers, sorted and disjoint. The agent
+    deletes a batch from its outbox only once a receipt names it (end-to-end delivery).
+    """
+
+    device_id: str
+    ranges: tuple[tuple[int, int], ...]
+    ts: float
+    v: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _check_device_id(self.device_id)
+        _require(0 < len(self.ranges) <= MAX_RECEIPT_RANGES, "receipt needs 1-4096 ranges")
+        previous = -1
+        for pair in self.ranges:
+            _require(isinstance(pair, tuple) and len(pair) == 2, "a range is [first, last]")
+            first = _check_int("range first", pair[0], 0, _INT64_MAX)
+            last = _check_int("range last", pair[1], first, _INT64_MAX)
+            _require(first > previous, "receipt ranges must be sorted and disjoint")
+            previous = last
+        _check_float("ts", self.ts, 0.0, _EPOCH_MAX_S)
+        _require(self.v == SCHEMA_VERSION, f"unsupported receipt version {self.v}")
+
+    @classmethod
+    def of(cls, device_id: str, seqs: Sequence[int], ts: float) -> BatchReceipt:
+        """The receipt naming ``seqs`` (any order, repeats allowed) as few ranges."""
+        ranges: list[tuple[int, int]] = []
+        for seq in sorted(set(seqs)):
+            if ranges and seq == ranges[-1][1] + 1:
+                ranges[-1] = (ranges[-1][0], seq)
+            else:
+                ranges.append((seq, seq))
+        return cls(device_id, tuple(ranges), ts)
+
+    def names(self, seq: int) -> bool:
+        return any(first <= seq <= last for first, last in self.ranges)
+
+
 @dataclass(frozen=True, slots=True)
 class TrainerCommand:
     """An operator's request to the trainer service (e.g. retrain now)."""

@@ -63,6 +63,9 @@ class Topics:
     def command(self, device_id: str) -> str:
         return f"{self.device(device_id)}/command"
 
+    def receipt(self, device_id: str) -> str:
+        return f"{self.device(device_id)}/receipt"
+
     # --- fleet-wide subscriptions (single-level wildcard on the device id) ---------------------
     def all_sensor(self) -> str:
         return f"{self.root}/devices/+/sensor"

@@ -21,7 +21,7 @@ from device_agent.learning import (
     served_accuracy,
     serves,
 )
-from device_agent.store import AgentStore
+from device_agent.store import SCHEMA_VERSION, AgentStore
 from shared.counters import Counters, LatencyRecorder
 from tests.model_helpers import LABELS, synthetic_windows
 from tests.release_helpers import export_tiny_version
@@ -318,4 +318,4 @@ def test_a_version_1_store_is_migrated_with_its_confirmations(tmp_path: Path) ->
         assert store.forget_confirmations() == 2
     finally:
         store.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -38,6 +38,7 @@ JSON_CODECS: dict[str, tuple[Callable[[bytes], Any], Callable[[Any], bytes]]] = 
     "error": (codec.decode_error, codec.encode_error),
     "command": (codec.decode_command, codec.encode_command),
     "device_command": (codec.decode_device_command, codec.encode_device_command),
+    "receipt": (codec.decode_receipt, codec.encode_receipt),
     "model_manifest": (codec.decode_manifest, codec.encode_manifest),
 }
 MSGPACK_CODECS: dict[str, tuple[Callable[[bytes], Any], Callable[[Any], bytes]]] = {

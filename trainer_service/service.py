@@ -28,6 +28,7 @@ from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound, Publ
 from shared.signing import load_private_key
 from shared.topics import Topics
 from trainer_service.distribution import current_release_messages, publish_all
+from trainer_service.receipts import ReceiptBook
 from trainer_service.registry import ModelRegistry
 from trainer_service.retrain import RetrainOutcome, load_base, run_retrain
 from trainer_service.settings import TrainerSettings
@@ -60,6 +61,7 @@ class TrainerService:
         self._new_confirmations = 0
         self._last_retrain = clock()
         self._inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=settings.ingest.queue_size)
+        self._receipts = ReceiptBook()
         group = settings.ingest.shared_group
         root = self._topics
         self._connection = MqttConnection(
@@ -196,6 +198,7 @@ class TrainerService:
         delay = 0.1
         while True:
             problems.clear()
+            self._receipts.clear()
             try:
                 with self.store.transaction() as writer:
                     new_confirmations = sum(
@@ -214,6 +217,9 @@ class TrainerService:
         for message in group:
             message.ack()  # committed: now, and only now, accepted
         self.counters.add("messages_ingested", len(group))
+        self.counters.add(
+            "receipts_sent", self._receipts.send(self._connection, self._topics, self._clock())
+        )
         for code, text, topic in problems:
             self._report(code, text, topic)
         if new_confirmations:
@@ -261,6 +267,7 @@ class TrainerService:
             batch = codec.decode_sensor_batch(payload)
             self._check_device(batch.device_id, device)
             self.counters.add("batches" if writer.add_batch(batch) else "batches_duplicate")
+            self._receipts.stored(batch.device_id, batch.seq)
         elif kind == "prediction":
             prediction = codec.decode_prediction(payload)
             self._check_device(prediction.device_id, device)

@@ -1,0 +1,161 @@
+"""End-to-end delivery of sensor batches: a batch leaves the agent's outbox only once stored.
+
+Against a real Mosquitto, a real trainer service and a real agent (synthetic sensor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_agent.agent import DeviceAgent
+from device_agent.sensors import SensorSettings, open_sensor
+from device_agent.settings import AgentSettings, AgentTuning
+from shared import codec
+from shared.config import BrokerSettings
+from shared.messages import BatchReceipt, SensorBatch
+from shared.mqtt_transport import Outbound
+from shared.signing import PRIVATE_KEY_FILE, generate_keypair
+from shared.topics import Topics
+from tests.mosquitto import MosquittoProcess
+from tests.mqtt_helpers import connect, receive
+from trainer_service.service import TrainerService
+from trainer_service.settings import RetrainSettings, TrainerSettings
+
+pytestmark = pytest.mark.broker
+
+DEVICE = "wrist-1"
+WAIT = 60.0
+START_MS = 1_700_000_000_000  # the agent's first sequence number (its clock is pinned)
+
+
+def trainer(broker_settings: BrokerSettings, tmp_path: Path) -> TrainerService:
+    private_key = tmp_path / "keys" / PRIVATE_KEY_FILE
+    if not private_key.exists():
+        generate_keypair(tmp_path / "keys")
+    return TrainerService(
+        TrainerSettings(
+            instance="trainer-test",
+            data_dir=tmp_path / "data",
+            registry_dir=tmp_path / "registry",
+            private_key=private_key,
+            broker=dataclasses.replace(broker_settings, client_id=""),
+            retrain=RetrainSettings(min_new_confirmations=1000, interval_s=0),
+            status_interval_s=1.0,
+        )
+    )
+
+
+@pytest.fixture
+def service(broker_settings: BrokerSettings, tmp_path: Path) -> Iterator[TrainerService]:
+    running = trainer(broker_settings, tmp_path / "trainer")
+    running.start()
+    assert running.wait_connected(WAIT)
+    yield running
+    running.shutdown()
+
+
+def agent(broker_settings: BrokerSettings, state_dir: Path) -> DeviceAgent:
+    settings = AgentSettings(
+        device_id=DEVICE,
+        state_dir=state_dir,
+        broker=broker_settings,
+        sensor=SensorSettings(kind="synthetic", speed=5.0),
+        agent=AgentTuning(status_interval_s=2.0, receipt_timeout_s=1.0),
+    )
+    return DeviceAgent(settings, open_sensor(settings.sensor), wall_clock=lambda: START_MS / 1000)
+
+
+def batch(seq: int) -> SensorBatch:
+    return SensorBatch(DEVICE, seq, 20.0, 0, np.zeros((20, 3), np.float32))
+
+
+def wait_for(condition: object, timeout: float = WAIT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)  # polling a real condition, with a deadline
+    return False
+
+
+def test_the_trainer_receipts_every_stored_batch_duplicates_included(
+    broker_settings: BrokerSettings, service: TrainerService
+) -> None:
+    topics = Topics(broker_settings.topic_root)
+    device, inbox = connect(broker_settings, [(topics.receipt(DEVICE), 1)])
+
+    def send(seq: int) -> None:
+        message = Outbound(
+            topics.sensor(DEVICE),
+            codec.encode_sensor_batch(batch(seq)),
+            content_type=codec.CONTENT_TYPE_MSGPACK,
+        )
+        assert device.publish(message).wait(10)
+
+    def named_by_next_receipt() -> set[int]:
+        receipt = codec.decode_receipt(receive(inbox).payload)
+        assert receipt.device_id == DEVICE
+        return {seq for first, last in receipt.ranges for seq in range(first, last + 1)}
+
+    try:
+        send(5)
+        send(6)
+        named: set[int] = set()
+        while named != {5, 6}:
+            named |= named_by_next_receipt()
+        send(5)  # a resend of a batch already stored: stored, so receipted again
+        assert named_by_next_receipt() == {5}
+        assert service.store.batch_seqs(DEVICE) == [5, 6]
+        assert service.counters.get("batches_duplicate") == 1
+    finally:
+        device.stop()
+
+
+def test_a_receipt_is_a_few_sorted_ranges() -> None:
+    receipt = BatchReceipt.of(DEVICE, [9, 3, 4, 5, 3, 12, 11], 1.0)
+    assert receipt.ranges == ((3, 5), (9, 9), (11, 12))
+    assert codec.decode_receipt(codec.encode_receipt(receipt)) == receipt
+    assert receipt.names(4)
+    assert not receipt.names(6)
+
+
+def test_a_broker_that_crashes_and_forgets_everything_loses_no_batch(
+    broker: MosquittoProcess, broker_settings: BrokerSettings, tmp_path: Path
+) -> None:
+    """The worst crash: kill -9 and the persistence file gone, so the trainer's session and
+    every queued message with it. The broker acknowledged those batches; the receipts did not."""
+    service = trainer(broker_settings, tmp_path / "trainer")
+    device = agent(broker_settings, tmp_path / "device")
+    service.start()
+    try:
+        assert service.wait_connected(WAIT)
+        device.start()
+        # Stop the trainer (its session stays, the broker queues for it), let the agent stream
+        # into that queue, then crash the broker and lose its state.
+        assert wait_for(lambda: len(service.store.batch_seqs(DEVICE)) >= 3)
+        service.shutdown()
+        queued = device.counters.get("messages_sent")
+        assert device.counters.wait_until("messages_sent", queued + 10, WAIT)
+        broker.kill()
+        (broker.workdir / "mosquitto.db").unlink(missing_ok=True)
+        broker.start()
+
+        service = trainer(broker_settings, tmp_path / "trainer")
+        service.start()
+        assert service.wait_connected(WAIT)
+        produced = device.counters.get("batches_queued") + 10
+        assert device.counters.wait_until("batches_queued", produced, WAIT)
+        expected = list(range(START_MS, START_MS + produced))
+        assert wait_for(lambda: service.store.batch_seqs(DEVICE)[:produced] == expected), (
+            "a batch the broker acknowledged and then lost was never stored"
+        )
+        assert device.counters.get("batches_resent") >= 10
+    finally:
+        device.shutdown()
+        service.shutdown()
