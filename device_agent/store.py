@@ -100,7 +100,8 @@ class ReplayEntry:
 
 
 class AgentStore:
-    """Thread-safe access to the agent's SQLite file."""
+    """Thread-safe access to the agent's SQLite file. Every ``sqlite3.Error``, of a read or of a
+    write, surfaces as ``StorageError``; a failed write leaves the file as it was."""
 
     def __init__(
         self,
@@ -148,8 +149,21 @@ class AgentStore:
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._reading():
             self._db.close()
+
+    def limit_pages(self, max_pages: int) -> int:
+        """Cap the file at ``max_pages`` pages (SQLite's ``max_page_count``, which holds for this
+        connection only); returns the cap in force. Beyond it every write fails with SQLite's
+        own "database or disk is full" (SQLITE_FULL), exactly as on a full disk: the tests use
+        it to fill the disk and, by raising it again, to free space."""
+        with self._lock, self._reading():
+            return int(self._db.execute(f"PRAGMA max_page_count = {int(max_pages)}").fetchone()[0])
+
+    def page_count(self) -> int:
+        """Pages the file uses now (see ``limit_pages``)."""
+        with self._lock, self._reading():
+            return int(self._db.execute("PRAGMA page_count").fetchone()[0])
 
     # --------------------------------------------------------------------------- outbox
     def enqueue(
@@ -203,7 +217,7 @@ class AgentStore:
 
     def outbox_after(self, after_id: int, limit: int) -> list[OutboxEntry]:
         """Up to ``limit`` queued messages with an id above ``after_id``, oldest first."""
-        with self._lock:
+        with self._lock, self._reading():
             rows = self._db.execute(
                 "SELECT id, topic, payload, qos, retain, content_type FROM outbox"
                 " WHERE id > ? ORDER BY id LIMIT ?",
@@ -247,12 +261,12 @@ class AgentStore:
 
     # --------------------------------------------------------------------------- counters
     def counter(self, name: str, default: int = 0) -> int:
-        with self._lock:
+        with self._lock, self._reading():
             row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
         return default if row is None else int(row[0])
 
     def counters(self) -> dict[str, int]:
-        with self._lock:
+        with self._lock, self._reading():
             rows = self._db.execute("SELECT name, value FROM counters").fetchall()
         return {name: int(value) for name, value in rows}
 
@@ -289,7 +303,7 @@ class AgentStore:
 
     def recent_window(self, prediction_id: str) -> Window | None:
         """The window a recent prediction was made on, or None if unknown or expired."""
-        with self._lock:
+        with self._lock, self._reading():
             row = self._db.execute(
                 "SELECT window FROM recent_windows WHERE prediction_id = ?", (prediction_id,)
             ).fetchone()
@@ -353,7 +367,7 @@ class AgentStore:
 
     def replay_entries(self) -> list[ReplayEntry]:
         """Confirmed windows, oldest first."""
-        with self._lock:
+        with self._lock, self._reading():
             rows = self._db.execute(
                 "SELECT prediction_id, label, window, applied, personal_correct, global_correct"
                 " FROM replay ORDER BY created, rowid"
@@ -371,12 +385,29 @@ class AgentStore:
         ]
 
     def replay_count(self) -> int:
-        with self._lock:
+        with self._lock, self._reading():
             return int(self._db.execute("SELECT COUNT(*) FROM replay").fetchone()[0])
 
     # --------------------------------------------------------------------------- plumbing
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db, self._path)
+
+    def _reading(self) -> _Reading:
+        return _Reading(self._path)
+
+
+class _Reading:
+    """Turns an ``sqlite3.Error`` of a read into ``StorageError``, like ``_Transaction`` does."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
+        if isinstance(exc, sqlite3.Error):
+            raise StorageError(f"cannot read {self._path}: {exc}") from exc
 
 
 class _Transaction:
@@ -394,8 +425,13 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
         try:
-            self._db.execute("COMMIT" if exc is None else "ROLLBACK")
+            if exc is None:
+                self._db.execute("COMMIT")
+            elif self._db.in_transaction:  # SQLITE_FULL, for one, has rolled it back already
+                self._db.execute("ROLLBACK")
         except sqlite3.Error as error:
+            if self._db.in_transaction:  # a failed COMMIT leaves it open
+                self._db.execute("ROLLBACK")
             raise StorageError(f"cannot commit to {self._path}: {error}") from error
         if isinstance(exc, sqlite3.Error):
             raise StorageError(f"cannot write {self._path}: {exc}") from exc
