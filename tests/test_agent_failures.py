@@ -16,8 +16,10 @@ import pytest
 from device_agent.agent import DeviceAgent
 from device_agent.sensors import SensorReading, SensorSource, open_sensor
 from device_agent.settings import AgentSettings
+from device_agent.store import AgentStore
 from shared import codec
 from shared.config import BrokerSettings
+from shared.errors import StorageError
 from shared.messages import DeviceCommand
 from shared.model_bundle import sha256_hex
 from shared.mqtt_transport import InboundMessage, Outbound
@@ -255,3 +257,14 @@ def test_a_full_disk_is_reported_survived_and_recovered_from(
         assert agent.counters.get("batches_queued") >= 40
     finally:
         watcher.stop()
+
+
+def test_every_store_error_is_a_storage_error_reads_included(tmp_path: Path) -> None:
+    store = AgentStore(tmp_path / "agent.sqlite3")
+    store.close()  # any sqlite3.Error will do: this one is "Cannot operate on a closed database"
+    with pytest.raises(StorageError, match="cannot read"):
+        store.counters()
+    with pytest.raises(StorageError, match="cannot read"):
+        store.recent_window("p")
+    with pytest.raises(StorageError):
+        store.set_counters({"a": 1})
