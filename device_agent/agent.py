@@ -13,6 +13,11 @@ Threads, and whose job each one runs:
 - **dispatcher**: routes inbound messages from the transport's queue and publishes status.
 
 paho's network thread only enqueues (see ``shared.mqtt_transport``).
+
+Failure policy (``shared.supervision``): each loop handles a failing message or job itself
+(logged, counted, reported on the error topic, skipped; a message that was not stored is not
+acknowledged). A loop that dies anyway ends ``run`` with ``EXIT_THREAD_DIED`` after a
+``thread_died`` error event and the offline status, so systemd restarts the agent.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
 
 from device_agent.learning import DeviceLearner, LearningPolicy
 from device_agent.outbox import ErrorReporter, Outbox
@@ -40,8 +48,9 @@ from shared.counters import Counters, LatencyRecorder
 from shared.errors import HarError, ModelError, PayloadError, StorageError
 from shared.messages import DeviceStatus, Prediction
 from shared.model.runtime import ActivityModel
-from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound
+from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound, PublishHandle
 from shared.signing import load_public_key
+from shared.supervision import EXIT_THREAD_DIED, Supervisor
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -89,28 +98,11 @@ class DeviceAgent:
         self._lock = StateLock(settings.state_dir)
 
         public_key = load_public_key(settings.public_key) if settings.public_key else None
-        self._releases = ReleaseStore(settings.models_dir, public_key)
-        self._store = AgentStore(
-            settings.store_path,
-            outbox_max_messages=tuning.outbox_max_messages,
-            outbox_max_bytes=tuning.outbox_max_bytes,
-            recent_max=tuning.recent_windows,
-            replay_max=tuning.replay_max_windows,
+        self._releases = ReleaseStore(
+            settings.models_dir, public_key, max_bytes=tuning.max_model_bytes
         )
-        self._outbox = Outbox(self._store)
-        self._report = ErrorReporter(
-            self._device, self._topics, self._outbox, self.counters, wall_clock
-        )
-        self._windower = StreamWindower()
         self._active: ActiveModel | None = None
-        self._learner = DeviceLearner(
-            self._store,
-            settings.learned_dir,
-            tuning.learning_policy(),
-            counters=self.counters,
-            latencies=self.latencies,
-            report=self._report,
-        )
+        self._predictions_unstored = False  # reported once per store outage
 
         self._stop = threading.Event()
         self._shutdown_lock = threading.Lock()
@@ -136,6 +128,31 @@ class DeviceAgent:
             birth=lambda: [self._status_message("online", self._last_counters)],
             persistent_session=True,
         )
+        self._store = AgentStore(
+            settings.store_path,
+            outbox_max_messages=tuning.outbox_max_messages,
+            outbox_max_bytes=tuning.outbox_max_bytes,
+            recent_max=tuning.recent_windows,
+            replay_max=tuning.replay_max_windows,
+        )
+        self._outbox = Outbox(self._store)
+        self._report = ErrorReporter(
+            self._device,
+            self._topics,
+            self._outbox,
+            self.counters,
+            wall_clock,
+            publish_directly=self._connection.publish,
+        )
+        self._windower = StreamWindower()
+        self._learner = DeviceLearner(
+            self._store,
+            settings.learned_dir,
+            tuning.learning_policy(),
+            counters=self.counters,
+            latencies=self.latencies,
+            report=self._report,
+        )
         self._sender = OutboxSender(
             self._store,
             self._outbox,
@@ -158,14 +175,18 @@ class DeviceAgent:
             min_confirmations_for_gate=tuning.min_replay_for_gate,
             active=lambda: self._active,
             hand_over=lambda candidate: self._work.put(_Swap(candidate)),
+            max_bundle_bytes=tuning.max_model_bytes,
+            stall_s=tuning.download_stall_s,
+            stall_retries=tuning.download_retries,
         )
         self._pump: SensorPump | None = None  # built in start(), once the sequence is known
+        self._supervisor = Supervisor()
         self._threads = [
-            threading.Thread(target=self._sensor_loop, name="agent-sensor", daemon=True),
-            threading.Thread(target=self._worker_loop, name="agent-worker", daemon=True),
-            threading.Thread(target=self._updater_loop, name="agent-updater", daemon=True),
-            threading.Thread(target=self._sender_loop, name="agent-sender", daemon=True),
-            threading.Thread(target=self._dispatch_loop, name="agent-dispatch", daemon=True),
+            self._supervisor.add("agent-sensor", self._sensor_loop),
+            self._supervisor.add("agent-worker", self._worker_loop),
+            self._supervisor.add("agent-updater", self._updater_loop),
+            self._supervisor.add("agent-sender", self._sender_loop),
+            self._supervisor.add("agent-dispatch", self._dispatch_loop),
         ]
 
     # ================================================================== lifecycle
@@ -207,6 +228,7 @@ class DeviceAgent:
             batch_seconds=self._tuning.batch_seconds,
             next_seq=next_seq,
             on_window=self._submit_window,
+            hold_unstored_s=self._tuning.hold_unstored_s,
         )
         self._releases.remove_leftovers()
         self._load_installed_model()
@@ -216,8 +238,7 @@ class DeviceAgent:
                 self._topics, self._device, prefix=self._tuning.homeassistant_prefix
             ):
                 self._outbox.put(message, Priority.NORMAL)
-        for thread in self._threads:
-            thread.start()
+        self._supervisor.start()
         self._connection.start()
 
     def request_stop(self) -> None:
@@ -225,15 +246,44 @@ class DeviceAgent:
         self._stop.set()
 
     def run(self) -> int:
-        """Start, serve until asked to stop, shut down cleanly; the process exit code."""
+        """Start, serve until asked to stop, shut down cleanly; the process exit code:
+        0 after a stop, 3 when the broker refuses this device, ``EXIT_THREAD_DIED`` (70) when
+        one of the agent's threads died."""
         self.start()
-        while not self._stop.wait(1.0):
+        while not self._stop.is_set():
+            if self._supervisor.wait(0.5):  # at once when a loop dies; a stop within 0.5 s
+                break
             if self._connection.fatal_error is not None:
                 log.error("broker refused this device: %s", self._connection.fatal_error)
                 self.shutdown()
                 return 3
+        death = self._supervisor.death
+        if death is not None:
+            self._report_death(*death)
+            self.shutdown()  # what it can: the dead thread's part is simply not waited for
+            return EXIT_THREAD_DIED
         self.shutdown()
         return 0
+
+    def _report_death(self, thread: str, exc: BaseException) -> None:
+        """The ``thread_died`` error event: directly when connected (the dead thread may be the
+        sender), else through the outbox, to be sent after the restart."""
+        text = (
+            f"thread {thread} died ({type(exc).__name__}: {exc}): the agent exits with code "
+            f"{EXIT_THREAD_DIED} to be restarted"
+        )
+        log.error("%s", text)
+        self.counters.add("error_thread_died")
+        event = self._report.encode("thread_died", text)
+        if self._connection.connected:
+            handle = self._report.publish_now(event)
+            if isinstance(handle, PublishHandle) and not handle.wait(2.0):
+                log.warning("thread_died event not acknowledged before the exit")
+            return
+        try:
+            self._outbox.put(event, Priority.NORMAL)
+        except StorageError as error:
+            log.warning("thread_died event lost: not connected and not stored (%s)", error)
 
     def shutdown(self) -> None:
         """Flush and persist everything, say goodbye, disconnect. Idempotent."""
@@ -250,7 +300,8 @@ class DeviceAgent:
         sensor.join(10)  # flushes its partial batch into the outbox
         self._updates.put(_STOP)
         updater.join(30)
-        self._work.put(_STOP)  # behind every queued window and confirmation
+        if worker.is_alive():  # a dead worker would leave a full queue that never drains
+            self._work.put(_STOP)  # behind every queued window and confirmation
         worker.join(30)
         dispatcher.join(5)
         self._outbox.ready.set()
@@ -303,10 +354,9 @@ class DeviceAgent:
     def _sensor_loop(self) -> None:
         assert self._pump is not None  # built in start()
         try:
+            # The pump handles a batch the store refuses itself; anything else (a sensor that
+            # fails for good) ends the loop, and the Supervisor has the agent restarted.
             self._pump.run(self._stop)
-        except Exception:
-            log.exception("sensor thread failed: stopping the agent")
-            self._stop.set()
         finally:
             self._sensor_done.set()
 
@@ -332,6 +382,9 @@ class DeviceAgent:
                     self._command(job.message)
                 elif isinstance(job, _Swap):
                     self._swap(job.candidate)
+            except StorageError as exc:
+                # Not kept; a message behind the job is not acknowledged, so it comes again.
+                self._report("storage_error", f"{type(job).__name__} not stored: {exc}")
             except Exception as exc:
                 # One bad job must not end the worker: report it and carry on.
                 log.exception("worker job %s failed", type(job).__name__)
@@ -345,10 +398,26 @@ class DeviceAgent:
         started = time.perf_counter()
         result = active.model.predict(window.samples[None, ...])
         self.latencies.record("predict", time.perf_counter() - started)
+        try:
+            self._store_prediction(active, window, result.probabilities[0])
+        except StorageError as exc:
+            self.counters.add("predictions_unstored")
+            if not self._predictions_unstored:  # reported once per outage, not per window
+                self._predictions_unstored = True
+                self._report("storage_error", f"predictions cannot be stored: {exc}")
+            return
+        if self._predictions_unstored:
+            self._predictions_unstored = False
+            log.warning("the store takes predictions again")
+        self.counters.add("predictions")
+
+    def _store_prediction(
+        self, active: ActiveModel, window: StreamWindow, probabilities: npt.NDArray[np.float32]
+    ) -> None:
         prediction = Prediction.new(
             device_id=self._device,
             window=window.ref,
-            probabilities=result.probabilities[0],
+            probabilities=probabilities,
             labels=active.model.labels,
             model_version=active.version,
             ts=self._clock(),
@@ -359,7 +428,6 @@ class DeviceAgent:
             Priority.NORMAL,
             recent=(prediction.prediction_id, active.version, window.samples),
         )
-        self.counters.add("predictions")
 
     def _confirm(self, message: InboundMessage) -> None:
         """Keep and learn a confirmation; acknowledged once kept, or when it can never be."""
@@ -464,19 +532,29 @@ class DeviceAgent:
             except queue.Empty:
                 message = None
             if message is not None:
-                self._route(message)
+                try:
+                    self._route(message)
+                except Exception as exc:
+                    # One message must not end the dispatcher. It was not handed on, so it is
+                    # not acknowledged: the broker delivers it again after a reconnect.
+                    log.exception("routing a message on %s failed", message.topic)
+                    self.counters.add("dispatch_failures")
+                    self._report("internal_error", f"message not routed: {exc}", message.topic)
             if time.monotonic() >= next_status:
                 next_status = time.monotonic() + self._tuning.status_interval_s
-                self._publish_status()
+                try:
+                    self._publish_status()
+                except StorageError as exc:
+                    self._report("storage_error", f"status not published: {exc}")
 
     def _route(self, message: InboundMessage) -> None:
         topic = message.topic
         if topic == self._topics.confirmation(self._device):
             self.counters.add("confirmations_received")
-            self._work.put(_Confirm(message))  # blocking is fine: not paho's thread
+            self._hand_to_worker(_Confirm(message))
         elif topic == self._topics.command(self._device):
             self.counters.add("commands_received")
-            self._work.put(_Command(message))
+            self._hand_to_worker(_Command(message))
         elif topic == self._topics.receipt(self._device):
             self._receipt(message)
         elif topic == self._topics.model_manifest() or self._topics.chunk_of(topic):
@@ -484,6 +562,16 @@ class DeviceAgent:
         else:
             log.warning("message on unexpected topic %s ignored", topic)
             message.ack()
+
+    def _hand_to_worker(self, job: _Confirm | _Command) -> None:
+        """Queue a job, waiting while the worker is behind (this is not paho's thread); at a
+        stop it stays unacknowledged, and the broker delivers it again."""
+        while not self._stop.is_set():
+            try:
+                self._work.put(job, timeout=0.5)
+            except queue.Full:
+                continue
+            return
 
     def _receipt(self, message: InboundMessage) -> None:
         """The trainer stored these batches: they leave the outbox. Not acknowledged unless
@@ -514,21 +602,41 @@ class DeviceAgent:
     # ================================================================== updater thread
     def _updater_loop(self) -> None:
         while True:
-            message = self._updates.get()
+            # Woken by a message, or when a download in progress would be stalled.
+            try:
+                message = self._updates.get(timeout=self._updater.wake_in())
+            except queue.Empty:
+                message = None
             if message is _STOP:
                 break
-            assert isinstance(message, InboundMessage)
-            self._updater.handle(message)
+            if message is not None:
+                assert isinstance(message, InboundMessage)
+                self._updater.handle(message)
+            self._updater.check_stalled()
 
     # ================================================================== sender thread
     def _sender_loop(self) -> None:
-        self._sender.run(
-            lambda: (
-                self._stop.is_set()
-                and self._sensor_done.is_set()
-                and not self._threads[1].is_alive()
-            )
-        )
+        """The sender, restarted with a backoff after a storage error (a full disk passes, and
+        the outbox is durable: a restart only sends again what was in flight, which receivers
+        deduplicate). Any other exception is a bug: it ends the loop, and the agent restarts."""
+        backoff_s = 0.5
+        while True:
+            try:
+                self._sender.run(
+                    lambda: (
+                        self._stop.is_set()
+                        and self._sensor_done.is_set()
+                        and not self._threads[1].is_alive()
+                    )
+                )
+            except StorageError as exc:
+                self.counters.add("sender_restarts")
+                self._report("storage_error", f"sender restarts in {backoff_s:g} s: {exc}")
+            else:
+                return
+            if self._stop.wait(backoff_s):
+                return  # stopping: what is left stays in the outbox for the next start
+            backoff_s = min(30.0, backoff_s * 2)
 
 
 __all__ = ["ActiveModel", "DeviceAgent", "LearningPolicy"]

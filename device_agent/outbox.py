@@ -16,7 +16,7 @@ import numpy.typing as npt
 from device_agent.store import AgentStore, Priority
 from shared import codec
 from shared.counters import Counters
-from shared.errors import HarError
+from shared.errors import HarError, StorageError
 from shared.messages import ErrorEvent
 from shared.mqtt_transport import Outbound
 from shared.topics import Topics
@@ -47,7 +47,12 @@ class Outbox:
 
 
 class ErrorReporter:
-    """Log, count and publish (through the outbox) a handled error. Never raises."""
+    """Log, count and publish (through the outbox) a handled error. Never raises.
+
+    When the outbox cannot take the event (the store refuses writes: a full disk), it is
+    published directly by ``publish_directly``: an error must reach the broker most of all
+    when the device cannot store anything.
+    """
 
     def __init__(
         self,
@@ -56,12 +61,15 @@ class ErrorReporter:
         outbox: Outbox,
         counters: Counters,
         clock: Callable[[], float],
+        *,
+        publish_directly: Callable[[Outbound], object],
     ) -> None:
         self._device = device_id
         self._topic = topics.error(device_id)
         self._outbox = outbox
         self._counters = counters
         self._clock = clock
+        self._publish_directly = publish_directly
 
     @property
     def topic(self) -> str:
@@ -71,7 +79,28 @@ class ErrorReporter:
         log.warning("%s: %s", code, message)
         self._counters.add(f"error_{code}")
         try:
-            event = ErrorEvent(self._device, code, message[:2000], self._clock(), topic=topic)
-            self._outbox.put(Outbound(self._topic, codec.encode_error(event)), Priority.NORMAL)
-        except (HarError, ValueError):
-            log.exception("could not queue error event %s", code)
+            event = self.encode(code, message, topic)
+        except (HarError, ValueError) as exc:
+            log.warning("error event %s cannot be encoded: %s", code, exc)
+            return
+        try:
+            self._outbox.put(event, Priority.NORMAL)
+        except StorageError as exc:
+            log.warning("error event %s not stored (%s): publishing it directly", code, exc)
+            self.publish_now(event)
+
+    def publish_now(self, event: Outbound) -> object:
+        """Publish an encoded event without the outbox (its handle, or None if that failed)."""
+        self._counters.add("error_events_published_directly")
+        try:
+            return self._publish_directly(event)
+        except (HarError, ValueError) as exc:
+            log.warning("error event on %s could not be published: %s", event.topic, exc)
+            return None
+
+    def encode(self, code: str, message: str, topic: str = "") -> Outbound:
+        """An error event as a message, for a caller that publishes it itself."""
+        return Outbound(self._topic, codec.encode_error(self._event(code, message, topic)))
+
+    def _event(self, code: str, message: str, topic: str) -> ErrorEvent:
+        return ErrorEvent(self._device, code, message[:2000], self._clock(), topic=topic)

@@ -28,7 +28,7 @@ from shared import codec
 from shared.errors import ModelError, ModelVerificationError, PayloadError
 from shared.fileio import write_atomically
 from shared.messages import ModelManifest
-from shared.model_bundle import read_bundle, write_files
+from shared.model_bundle import DEFAULT_MAX_BUNDLE_BYTES, read_bundle, write_files
 from shared.signing import verify_manifest, verify_payload
 from shared.topics import is_valid_id
 
@@ -58,9 +58,16 @@ class VerifiedRelease:
 
 
 class ReleaseStore:
-    def __init__(self, models_dir: Path, public_key: Ed25519PublicKey | None) -> None:
+    def __init__(
+        self,
+        models_dir: Path,
+        public_key: Ed25519PublicKey | None,
+        *,
+        max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+    ) -> None:
         self._dir = models_dir
         self._public_key = public_key
+        self._max_bytes = max_bytes  # of a bundle, and of its files once inflated
         models_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ verification
@@ -84,7 +91,8 @@ class ReleaseStore:
         """Keep a verified release on disk (all or nothing)."""
         self.verify_manifest(manifest)
         verify_payload(manifest, payload)
-        read_bundle(payload)  # refuse a payload that is not a well-formed bundle
+        # Refuse a payload that is not a well-formed bundle, or too large once inflated.
+        read_bundle(payload, max_bytes=self._max_bytes)
         target = self._release_dir(manifest.version)
         if target.exists():
             shutil.rmtree(target)
@@ -111,7 +119,7 @@ class ReleaseStore:
             )
         self.verify_manifest(manifest)
         verify_payload(manifest, payload)
-        files = read_bundle(payload)
+        files = read_bundle(payload, max_bytes=self._max_bytes)
         saved_model = release / SAVED_MODEL_DIR
         if not self._matches(saved_model, files):
             if saved_model.exists():

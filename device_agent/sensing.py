@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -14,6 +15,7 @@ from device_agent.store import Priority
 from device_agent.windowing import StreamWindow, StreamWindower
 from shared import codec
 from shared.counters import Counters
+from shared.errors import StorageError
 from shared.messages import MAX_SAMPLES_PER_BATCH, SensorBatch
 from shared.mqtt_transport import Outbound
 from shared.topics import Topics
@@ -27,6 +29,10 @@ class SensorPump:
 
     A gap in the samples (more than three periods) ends the batch and the window: a window never
     joins samples from either side of one.
+
+    A batch the store refuses (a full disk) is held in memory, up to ``hold_unstored_s`` of
+    sensor time, and committed before the next one as soon as the store takes it again; its
+    sequence number is not used until then, so the numbers on disk never skip or repeat.
     """
 
     def __init__(
@@ -42,6 +48,7 @@ class SensorPump:
         batch_seconds: float,
         next_seq: int,
         on_window: Callable[[StreamWindow], None],
+        hold_unstored_s: float = 60.0,
     ) -> None:
         self._device = device_id
         self._sensor = sensor
@@ -53,6 +60,9 @@ class SensorPump:
         self._batch_seconds = batch_seconds
         self._next_seq = next_seq
         self._on_window = on_window
+        self._hold_unstored_s = hold_unstored_s
+        self._unstored: deque[list[SensorReading]] = deque()
+        self._store_failing = False
 
     def run(self, stop: threading.Event) -> None:
         """Until ``stop`` is set or the sensor is exhausted (which sets ``stop``); the partial
@@ -81,10 +91,40 @@ class SensorPump:
                     self._publish(pending, rate)
                     pending = []
         self._publish(pending, rate)
+        if self._unstored:
+            lost = sum(len(batch) for batch in self._unstored)
+            log.error("stopping with %d samples the store never took: they are lost", lost)
+            self._counters.add("samples_unstored_lost", lost)
 
     def _publish(self, readings: list[SensorReading], rate: float) -> None:
-        if not readings:
-            return
+        """Commit ``readings`` as a batch, after any batch still held from a store failure."""
+        if readings:
+            self._unstored.append(readings)
+        while self._unstored:
+            try:
+                self._commit(self._unstored[0], rate)
+            except StorageError as exc:
+                self._counters.add("batch_store_failures")
+                if not self._store_failing:  # reported once per outage, not once per batch
+                    self._store_failing = True
+                    self._report(
+                        "storage_error",
+                        f"sensor batches cannot be stored ({exc}): up to "
+                        f"{self._hold_unstored_s:g} s of them are held in memory and retried",
+                    )
+                break
+            self._unstored.popleft()
+            if self._store_failing:
+                self._store_failing = False
+                self._counters.add("storage_recoveries")
+                log.warning("the store takes sensor batches again")
+        held_max = round(self._hold_unstored_s * self._sensor.sample_rate_hz)
+        while self._unstored and sum(len(batch) for batch in self._unstored) > held_max:
+            dropped = self._unstored.popleft()
+            self._counters.add("samples_unstored_dropped", len(dropped))
+            self._windower.reset()  # the next window must not join samples across the loss
+
+    def _commit(self, readings: list[SensorReading], rate: float) -> None:
         seq = self._next_seq  # this thread alone advances it, with each batch's commit
         samples = np.array([r.xyz for r in readings], dtype=np.float32)
         t0 = readings[0].t_ns

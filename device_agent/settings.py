@@ -44,6 +44,17 @@ class AgentTuning:
     work_queue_size: int = 256
     inbox_size: int = 256
     shutdown_flush_s: float = 5.0
+    # A model bundle larger than this (downloaded, or all its files inflated) is refused before
+    # it is downloaded or inflated: 64 MiB is about 60 times the largest model here (1.1 MB),
+    # and a device holds the download and the inflated files in memory together while verifying.
+    max_model_bytes: int = 64 * 1024 * 1024
+    # A download that gets no new chunk for this long is stalled: it asks the broker for the
+    # retained chunks again, this many times, then waits for the next manifest.
+    download_stall_s: float = 60.0
+    download_retries: int = 3
+    # While the store refuses writes (a full disk), sensor batches wait in memory this long
+    # (in sensor time), retried with every new batch; older ones are dropped and counted.
+    hold_unstored_s: float = 60.0
     # Publish retained Home Assistant MQTT discovery configs at start (docs/dashboards.md).
     homeassistant_discovery: bool = False
     homeassistant_prefix: str = homeassistant.DEFAULT_PREFIX
@@ -61,6 +72,12 @@ class AgentTuning:
             raise ConfigError("agent.publish_inflight must be within 1..1000")
         if self.receipt_timeout_s <= 0 or self.max_resends < 0:
             raise ConfigError("agent.receipt_timeout_s must be > 0 and agent.max_resends >= 0")
+        if self.max_model_bytes < 1024:
+            raise ConfigError("agent.max_model_bytes must be >= 1024")
+        if self.download_stall_s <= 0 or self.download_retries < 0:
+            raise ConfigError("agent.download_stall_s must be > 0, agent.download_retries >= 0")
+        if self.hold_unstored_s < 0:
+            raise ConfigError("agent.hold_unstored_s must be >= 0")
         try:
             homeassistant.check_prefix(self.homeassistant_prefix)
         except ValueError as exc:

@@ -115,7 +115,8 @@ class ReplayEntry:
 
 
 class AgentStore:
-    """Thread-safe access to the agent's SQLite file."""
+    """Thread-safe access to the agent's SQLite file. Every ``sqlite3.Error``, of a read or of a
+    write, surfaces as ``StorageError``; a failed write leaves the file as it was."""
 
     def __init__(
         self,
@@ -165,8 +166,21 @@ class AgentStore:
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._reading():
             self._db.close()
+
+    def limit_pages(self, max_pages: int) -> int:
+        """Cap the file at ``max_pages`` pages (SQLite's ``max_page_count``, which holds for this
+        connection only); returns the cap in force. Beyond it every write fails with SQLite's
+        own "database or disk is full" (SQLITE_FULL), exactly as on a full disk: the tests use
+        it to fill the disk and, by raising it again, to free space."""
+        with self._lock, self._reading():
+            return int(self._db.execute(f"PRAGMA max_page_count = {int(max_pages)}").fetchone()[0])
+
+    def page_count(self) -> int:
+        """Pages the file uses now (see ``limit_pages``)."""
+        with self._lock, self._reading():
+            return int(self._db.execute("PRAGMA page_count").fetchone()[0])
 
     # --------------------------------------------------------------------------- outbox
     def enqueue(
@@ -223,7 +237,7 @@ class AgentStore:
 
     def outbox_after(self, after_id: int, limit: int) -> list[OutboxEntry]:
         """Up to ``limit`` messages not sent yet with an id above ``after_id``, oldest first."""
-        with self._lock:
+        with self._lock, self._reading():
             rows = self._db.execute(
                 f"SELECT {_ENTRY_COLUMNS} FROM outbox"  # noqa: S608 - a constant
                 " WHERE id > ? AND sent_at IS NULL ORDER BY id LIMIT ?",
@@ -236,7 +250,7 @@ class AgentStore:
     ) -> list[OutboxEntry]:
         """Sensor batches the broker took before ``sent_before`` and no receipt named, though a
         receipt named a later sequence number (``below_seq``): lost on the way, send again."""
-        with self._lock:
+        with self._lock, self._reading():
             rows = self._db.execute(
                 f"SELECT {_ENTRY_COLUMNS} FROM outbox"  # noqa: S608 - a constant
                 " WHERE seq IS NOT NULL AND sent_at < ? AND seq < ? ORDER BY id LIMIT ?",
@@ -275,7 +289,7 @@ class AgentStore:
         return removed
 
     def outbox_awaiting_receipt(self) -> int:
-        with self._lock:
+        with self._lock, self._reading():
             row = self._db.execute("SELECT COUNT(*) FROM outbox WHERE sent_at IS NOT NULL")
             return int(row.fetchone()[0])
 
@@ -303,12 +317,12 @@ class AgentStore:
 
     # --------------------------------------------------------------------------- counters
     def counter(self, name: str, default: int = 0) -> int:
-        with self._lock:
+        with self._lock, self._reading():
             row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
         return default if row is None else int(row[0])
 
     def counters(self) -> dict[str, int]:
-        with self._lock:
+        with self._lock, self._reading():
             rows = self._db.execute("SELECT name, value FROM counters").fetchall()
         return {name: int(value) for name, value in rows}
 
@@ -345,7 +359,7 @@ class AgentStore:
 
     def recent_window(self, prediction_id: str) -> Window | None:
         """The window a recent prediction was made on, or None if unknown or expired."""
-        with self._lock:
+        with self._lock, self._reading():
             row = self._db.execute(
                 "SELECT window FROM recent_windows WHERE prediction_id = ?", (prediction_id,)
             ).fetchone()
@@ -409,7 +423,7 @@ class AgentStore:
 
     def replay_entries(self) -> list[ReplayEntry]:
         """Confirmed windows, oldest first."""
-        with self._lock:
+        with self._lock, self._reading():
             rows = self._db.execute(
                 "SELECT prediction_id, label, window, applied, personal_correct, global_correct"
                 " FROM replay ORDER BY created, rowid"
@@ -427,12 +441,29 @@ class AgentStore:
         ]
 
     def replay_count(self) -> int:
-        with self._lock:
+        with self._lock, self._reading():
             return int(self._db.execute("SELECT COUNT(*) FROM replay").fetchone()[0])
 
     # --------------------------------------------------------------------------- plumbing
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db, self._path)
+
+    def _reading(self) -> _Reading:
+        return _Reading(self._path)
+
+
+class _Reading:
+    """Turns an ``sqlite3.Error`` of a read into ``StorageError``, like ``_Transaction`` does."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
+        if isinstance(exc, sqlite3.Error):
+            raise StorageError(f"cannot read {self._path}: {exc}") from exc
 
 
 class _Transaction:
@@ -450,8 +481,13 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
         try:
-            self._db.execute("COMMIT" if exc is None else "ROLLBACK")
+            if exc is None:
+                self._db.execute("COMMIT")
+            elif self._db.in_transaction:  # SQLITE_FULL, for one, has rolled it back already
+                self._db.execute("ROLLBACK")
         except sqlite3.Error as error:
+            if self._db.in_transaction:  # a failed COMMIT leaves it open
+                self._db.execute("ROLLBACK")
             raise StorageError(f"cannot commit to {self._path}: {error}") from error
         if isinstance(exc, sqlite3.Error):
             raise StorageError(f"cannot write {self._path}: {exc}") from exc

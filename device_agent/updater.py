@@ -5,12 +5,18 @@ size, sha256) before anything is loaded. The candidate is then warmed up and giv
 learning (``device_agent.learning.personalise``: the same code the device learns with), and
 gated on the wearer's confirmations, each scored by a state that had not learned it. Nothing
 of this runs on the prediction path: the worker swaps a ready candidate in.
+
+A download that gets no new chunk for ``stall_s`` is stalled: it is counted and reported, and the
+chunk topic subscribed again, which makes the broker send the retained chunks again; after
+``stall_retries`` such retries it is abandoned until a manifest announces it again. A manifest
+announcing more than ``max_bundle_bytes`` is refused before anything is downloaded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,7 +28,7 @@ from device_agent.releases import ReleaseStore, refuse_replay
 from device_agent.store import AgentStore
 from shared import codec
 from shared.counters import Counters
-from shared.errors import HarError, ModelError
+from shared.errors import HarError, ModelError, StorageError
 from shared.messages import ModelManifest
 from shared.model.runtime import ActivityModel
 from shared.model_bundle import ChunkAssembler
@@ -65,6 +71,8 @@ class _Download:
     manifest: ModelManifest
     assembler: ChunkAssembler
     topic: str
+    last_progress: float  # monotonic time of the manifest or of the last new chunk
+    retries: int = 0  # resubscriptions after a stall
 
 
 class ReleaseUpdater:
@@ -84,6 +92,10 @@ class ReleaseUpdater:
         min_confirmations_for_gate: int,
         active: Callable[[], ActiveModel | None],
         hand_over: Callable[[Candidate], None],
+        max_bundle_bytes: int,
+        stall_s: float,
+        stall_retries: int,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._releases = releases
         self._store = store
@@ -96,6 +108,10 @@ class ReleaseUpdater:
         self._min_for_gate = min_confirmations_for_gate
         self._active = active
         self._hand_over = hand_over
+        self._max_bundle_bytes = max_bundle_bytes
+        self._stall_s = stall_s
+        self._stall_retries = stall_retries
+        self._monotonic = monotonic
         # Manifests refused, by their whole signed content: never downloaded again. Not by the
         # payload's sha256 alone, or a forged manifest naming a coming release's sha256 would
         # make the device ignore the real one.
@@ -103,21 +119,62 @@ class ReleaseUpdater:
         self._download: _Download | None = None
 
     def handle(self, message: InboundMessage) -> None:
-        """Process one message; a refusal is reported. The message is acknowledged either way:
-        a refused model would be refused again."""
+        """Process one message; a refusal is reported. The message is acknowledged unless
+        something could not be stored (then the broker delivers it again): a refused model
+        would be refused again."""
         try:
             if message.topic == self._topics.model_manifest():
                 self._on_manifest(message)
             else:
                 self._on_chunk(message)
+        except StorageError as exc:
+            self._report("storage_error", f"model update not stored: {exc}", message.topic)
+            return
         except HarError as exc:
             self._counters.add("model_rejections")
             self._report("model_rejected", str(exc), message.topic)
         except Exception as exc:
             log.exception("model update failed")
             self._report("model_rejected", f"unexpected: {exc}", message.topic)
-        finally:
-            message.ack()
+        message.ack()
+
+    def wake_in(self) -> float | None:
+        """Seconds until a download in progress would be stalled; None when none is."""
+        download = self._download
+        if download is None:
+            return None
+        return max(0.0, download.last_progress + self._stall_s - self._monotonic())
+
+    def check_stalled(self) -> None:
+        """Retry or abandon a download that got no new chunk for ``stall_s`` seconds."""
+        download = self._download
+        if download is None or self._monotonic() - download.last_progress < self._stall_s:
+            return
+        self._counters.add("download_stalled")
+        version = download.manifest.version
+        progress = f"{download.assembler.received} of {download.manifest.chunks} chunks"
+        if download.retries < self._stall_retries:
+            download.retries += 1
+            download.last_progress = self._monotonic()
+            self._report(
+                "download_stalled",
+                f"model {version}: no new chunk for {self._stall_s:g} s ({progress}); asking "
+                f"for the retained chunks again (retry {download.retries} of "
+                f"{self._stall_retries})",
+                download.topic,
+            )
+            # A new subscription makes the broker send every retained chunk again.
+            self._connection.unsubscribe(download.topic)
+            self._connection.subscribe(download.topic, 1)
+            return
+        self._abandon_download()
+        self._counters.add("downloads_abandoned")
+        self._report(
+            "download_stalled",
+            f"model {version}: no new chunk for {self._stall_s:g} s ({progress}) after "
+            f"{self._stall_retries} retries; abandoned until a manifest announces it again",
+            download.topic,
+        )
 
     def _on_manifest(self, message: InboundMessage) -> None:
         if not message.payload:
@@ -131,6 +188,11 @@ class ReleaseUpdater:
         try:
             self._releases.verify_manifest(manifest)
             refuse_replay(manifest, active.manifest if active is not None else None)
+            if manifest.size > self._max_bundle_bytes:
+                raise ModelError(
+                    f"model {manifest.version} is {manifest.size} bytes, over this device's "
+                    f"limit agent.max_model_bytes = {self._max_bundle_bytes}: not downloaded"
+                )
         except HarError:
             self._rejected.add(_identity(manifest))
             raise
@@ -155,9 +217,10 @@ class ReleaseUpdater:
         if self._download is not None:
             self._connection.unsubscribe(self._download.topic)
         topic = self._topics.model_chunks(manifest.version)
-        self._download = _Download(
-            manifest, ChunkAssembler(manifest.version, manifest.chunks, manifest.size), topic
+        assembler = ChunkAssembler(
+            manifest.version, manifest.chunks, manifest.size, max_bytes=self._max_bundle_bytes
         )
+        self._download = _Download(manifest, assembler, topic, self._monotonic())
         self._connection.subscribe(topic, 1)
 
     def _on_chunk(self, message: InboundMessage) -> None:
@@ -167,13 +230,17 @@ class ReleaseUpdater:
             return  # a chunk of a version we are not fetching (retained leftovers)
         if not message.payload:
             return
+        self._counters.add("model_chunks_received")
         chunk = codec.decode_model_chunk(message.payload)
+        held = download.assembler.received
         try:
             payload = download.assembler.add(chunk)
         except HarError:
             self._abandon_download()
             raise
         if payload is None:
+            if download.assembler.received > held:  # a repeated chunk is no progress
+                download.last_progress = self._monotonic()
             return
         self._abandon_download()
         self._releases.store(download.manifest, payload)  # verifies signature, size, sha256

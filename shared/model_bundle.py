@@ -5,8 +5,10 @@ sorted, so the same directory gives the same bytes and the same sha256 with the 
 Version 2 deflates each file: a SavedModel is mostly its graph protobuf, which shrinks about
 8x, and every device of a fleet downloads every version. Version 1 bundles (files stored as
 they are) are still read. Unpacking trusts nothing: paths are checked against traversal, sizes
-and counts are bounded (also while inflating: a small entry cannot inflate into a huge one), and
-the files land in a temporary directory that is renamed into place only when complete.
+and counts are bounded (the files' declared sizes are added up and checked before anything is
+inflated, and each is held to its declared size while inflating: a small entry cannot inflate
+into a huge one), and the files land in a temporary directory that is renamed into place only
+when complete.
 """
 
 from __future__ import annotations
@@ -67,14 +69,12 @@ def pack_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
     return packed
 
 
-def _entry_data(entry: object, version: int, budget: int) -> tuple[object, bytes]:
-    """(raw path, file bytes) of one bundle entry; the bytes may not exceed ``budget``."""
+def _declared_size(entry: object, version: int) -> int:
+    """The size one bundle entry says its file has, once its shape is checked."""
     if version == 1:
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], bytes)):
             raise ModelVerificationError("model bundle entry is not [path, bytes]")
-        if len(entry[1]) > budget:
-            raise ModelVerificationError("model bundle exceeds its size limit")
-        return entry[0], entry[1]
+        return len(entry[1])
     if not (
         isinstance(entry, list)
         and len(entry) == 4
@@ -83,6 +83,32 @@ def _entry_data(entry: object, version: int, budget: int) -> tuple[object, bytes
         and isinstance(entry[3], bytes)
     ):
         raise ModelVerificationError("model bundle entry is not [path, 'zlib', size, bytes]")
+    return entry[2]
+
+
+def _check_declared_total(entries: list[Any], version: int, max_bytes: int) -> None:
+    """Every entry's declared size, added up before anything is inflated: a bundle announcing
+    more than ``max_bytes`` is refused without inflating a byte. (Each entry is still held to
+    its declared size while it inflates, so a small entry cannot turn into a huge one.)"""
+    declared = 0
+    for entry in entries:
+        size = _declared_size(entry, version)
+        if size < 0:
+            raise ModelVerificationError("model bundle entry declares a negative size")
+        declared += size
+    if declared > max_bytes:
+        raise ModelVerificationError(
+            f"model bundle's files add up to {declared} bytes, over its size limit of "
+            f"{max_bytes} bytes"
+        )
+
+
+def _entry_data(entry: list[Any], version: int, budget: int) -> tuple[object, bytes]:
+    """(raw path, file bytes) of one checked bundle entry; the bytes may not exceed ``budget``."""
+    if version == 1:
+        if len(entry[1]) > budget:
+            raise ModelVerificationError("model bundle exceeds its size limit")
+        return entry[0], entry[1]
     size = entry[2]
     if not 0 <= size <= budget:
         raise ModelVerificationError("model bundle exceeds its size limit")
@@ -137,6 +163,7 @@ def read_bundle(
     entries = doc.get("files")
     if not isinstance(entries, list) or not entries:
         raise ModelVerificationError("model bundle lists no files")
+    _check_declared_total(entries, version, max_bytes)
     files: dict[PurePosixPath, bytes] = {}
     total = 0
     for entry in entries:
@@ -205,8 +232,26 @@ class ChunkAssembler:
     version: str
     count: int
     size: int
+    max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES  # never holds more, whatever the manifest says
     _parts: dict[int, bytes] = field(default_factory=dict)
     _received: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size > self.max_bytes:
+            raise ModelVerificationError(
+                f"model {self.version} is {self.size} bytes, over the limit of "
+                f"{self.max_bytes} bytes"
+            )
+        if not 1 <= self.count <= max(1, self.size):
+            # Each chunk but an empty payload's one holds a byte at least.
+            raise ModelVerificationError(
+                f"model {self.version}: {self.count} chunks cannot make {self.size} bytes"
+            )
+
+    @property
+    def received(self) -> int:
+        """Distinct chunks held so far."""
+        return len(self._parts)
 
     def add(self, chunk: ModelChunk) -> bytes | None:
         """Store ``chunk``; return the whole payload once every chunk has arrived."""
@@ -220,7 +265,7 @@ class ChunkAssembler:
             )
         if chunk.index not in self._parts:
             self._received += len(chunk.data)
-            if self._received > self.size:
+            if self._received > min(self.size, self.max_bytes):
                 raise ModelVerificationError(
                     f"chunks of {self.version} exceed the manifest's {self.size} bytes"
                 )

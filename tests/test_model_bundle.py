@@ -129,6 +129,22 @@ def test_inflated_total_is_bounded(tmp_path: Path) -> None:
         read_bundle(_deflated(entries), max_bytes=1024 * 1024)
 
 
+def test_declared_sizes_are_added_up_before_anything_is_inflated() -> None:
+    # Not deflate data at all: inflating either entry would fail with "does not inflate".
+    entries: list[list[object]] = [
+        [name, "zlib", 600 * 1024, b"not deflate data"] for name in ("a", "b")
+    ]
+    with pytest.raises(ModelVerificationError, match="add up to 1228800 bytes, over its size"):
+        read_bundle(_deflated(entries), max_bytes=1024 * 1024)
+
+
+def test_the_assembler_never_holds_more_than_its_bound() -> None:
+    with pytest.raises(ModelVerificationError, match="over the limit of 1000 bytes"):
+        ChunkAssembler("v1", 2, 2000, max_bytes=1000)
+    with pytest.raises(ModelVerificationError, match="cannot make"):
+        ChunkAssembler("v1", 10**9, 100)
+
+
 def test_size_limit_and_symlinks(tmp_path: Path) -> None:
     model = write_model_dir(tmp_path)
     with pytest.raises(ModelVerificationError, match="exceeds"):
