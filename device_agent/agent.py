@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from device_agent.learning import DeviceLearner, LearningPolicy
+from device_agent.local_requests import LocalRequests
 from device_agent.outbox import ErrorReporter, Outbox
 from device_agent.releases import ReleaseStore
 from device_agent.sender import OutboxSender
@@ -120,6 +121,7 @@ class DeviceAgent:
         self._work: queue.Queue[object] = queue.Queue(maxsize=tuning.work_queue_size)
         self._updates: queue.Queue[object] = queue.Queue()
         self._inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=tuning.inbox_size)
+        self._local = LocalRequests(settings.state_dir, self._topics.command(self._device))
         self._connection = MqttConnection(
             settings.broker,
             client_id=settings.broker.client_id or f"har-agent-{self._device}",
@@ -462,6 +464,8 @@ class DeviceAgent:
                 message = None
             if message is not None:
                 self._route(message)
+            if (request := self._local.take()) is not None:  # `har agent forget`
+                self._route(request)
             if time.monotonic() >= next_status:
                 next_status = time.monotonic() + self._tuning.status_interval_s
                 self._publish_status()
