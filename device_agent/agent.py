@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from device_agent.learning import DeviceLearner, LearningPolicy
+from device_agent.local_requests import LocalRequests
 from device_agent.outbox import ErrorReporter, Outbox
 from device_agent.releases import ReleaseStore
 from device_agent.sender import OutboxSender, Receipts
@@ -112,6 +113,7 @@ class DeviceAgent:
         self._work: queue.Queue[object] = queue.Queue(maxsize=tuning.work_queue_size)
         self._updates: queue.Queue[object] = queue.Queue()
         self._inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=tuning.inbox_size)
+        self._local = LocalRequests(settings.state_dir, self._topics.command(self._device))
         self._connection = MqttConnection(
             settings.broker,
             client_id=settings.broker.client_id or f"har-agent-{self._device}",
@@ -533,20 +535,25 @@ class DeviceAgent:
             except queue.Empty:
                 message = None
             if message is not None:
-                try:
-                    self._route(message)
-                except Exception as exc:
-                    # One message must not end the dispatcher. It was not handed on, so it is
-                    # not acknowledged: the broker delivers it again after a reconnect.
-                    log.exception("routing a message on %s failed", message.topic)
-                    self.counters.add("dispatch_failures")
-                    self._report("internal_error", f"message not routed: {exc}", message.topic)
+                self._route_safely(message)
+            if (request := self._local.take()) is not None:  # `har agent forget`
+                self._route_safely(request)
             if time.monotonic() >= next_status:
                 next_status = time.monotonic() + self._tuning.status_interval_s
                 try:
                     self._publish_status()
                 except StorageError as exc:
                     self._report("storage_error", f"status not published: {exc}")
+
+    def _route_safely(self, message: InboundMessage) -> None:
+        try:
+            self._route(message)
+        except Exception as exc:
+            # One message must not end the dispatcher. It was not handed on, so it is not
+            # acknowledged: the broker delivers it again after a reconnect.
+            log.exception("routing a message on %s failed", message.topic)
+            self.counters.add("dispatch_failures")
+            self._report("internal_error", f"message not routed: {exc}", message.topic)
 
     def _route(self, message: InboundMessage) -> None:
         topic = message.topic

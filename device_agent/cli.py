@@ -39,8 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         choices=("run", "rollback", "forget", "show-config"),
         help="run (default); rollback: make the previous model current (agent stopped); "
         "forget: drop every confirmation and what was learned from them, so the device serves "
-        "the global model (done here when the agent is stopped, else sent to the running agent "
-        "on its command topic); show-config: print the effective settings",
+        "the global model (done here when the agent is stopped, else by the running agent, "
+        "asked through a file in its state folder); show-config: print the effective settings",
     )
     parser.set_defaults(func=run)
 
@@ -84,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def forget(settings: Any) -> int:
-    """Forget every confirmation: locally if no agent runs on this state, else by command."""
+    """Forget every confirmation: locally if no agent runs on this state, else by asking it
+    through a request file in its state folder (no broker connection: see local_requests)."""
+    from device_agent.local_requests import clear_forget_request
     from device_agent.state_lock import StateLock
     from device_agent.store import AgentStore
 
@@ -98,31 +100,33 @@ def forget(settings: Any) -> int:
                 store.close()
             for state in settings.learned_dir.glob("*.state"):
                 state.unlink()
+            clear_forget_request(settings.state_dir)
         finally:
             lock.release()
         print(f"forgot {forgotten} confirmations; the agent will serve the global model")
         return 0
-    return _send_forget(settings)
+    return _ask_running_agent(settings)
 
 
-def _send_forget(settings: Any) -> int:
+FORGET_WAIT_S = 30.0
+
+
+def _ask_running_agent(settings: Any) -> int:
     import time
     import uuid
 
-    from shared import codec
+    from device_agent.local_requests import FORGET_REQUEST, request_forget
     from shared.messages import DeviceCommand
-    from shared.mqtt_transport import Outbound, short_connection
-    from shared.topics import Topics
 
     command = DeviceCommand("forget", uuid.uuid4().hex[:16], time.time())
-    client_id = f"{settings.broker.client_id or 'har-agent-' + settings.device_id}-forget"
-    with short_connection(settings.broker, client_id) as connection:
-        topic = Topics(settings.broker.topic_root).command(settings.device_id)
-        # Raises BrokerError when unacknowledged, PublishRefusedError when the ACL refused it.
-        message = Outbound(topic, codec.encode_device_command(command))
-        connection.publish(message).wait_accepted(10.0)
+    if request_forget(settings.state_dir, command, FORGET_WAIT_S):
+        print(
+            f"the running agent forgot every confirmation ({command.request_id}); it serves "
+            "the global model"
+        )
+        return 0
     print(
-        f"the agent is running: asked it to forget ({command.request_id}); its status counter "
-        "'forgets' goes up when it has"
+        f"the running agent has not handled the request within {FORGET_WAIT_S:.0f} s; it will "
+        f"when it can (delete {settings.state_dir / FORGET_REQUEST} to cancel)"
     )
-    return 0
+    return 1

@@ -218,13 +218,15 @@ def adapt_config(
     acl_file: Path | None,
     tls_port: int | None = None,
     certs_dir: Path | None = None,
+    bind_as_shipped: bool = False,
 ) -> str:
     """A shipped config with its listeners, absolute paths and log destination made local.
 
     Only those lines change; everything else (limits, persistence, anonymous access, TLS version)
-    runs as shipped. Listeners bind to loopback: 1883 becomes ``port``, the TLS listener 8883
-    ``tls_port``, and the certificate paths point into ``certs_dir``. Any other absolute path is
-    an error, so a new one cannot slip through unadapted.
+    runs as shipped. 1883 becomes ``port``, the TLS listener 8883 ``tls_port``, and the
+    certificate paths point into ``certs_dir``. Listeners bind to loopback, or with
+    ``bind_as_shipped`` to the address the shipped line names (none: every interface). Any other
+    absolute path is an error, so a new one cannot slip through unadapted.
     """
     local = {
         "password_file": f"password_file {workdir / 'passwd'}",
@@ -239,10 +241,12 @@ def adapt_config(
         option = line.split(maxsplit=1)[0] if line.strip() and not line.startswith("#") else ""
         value = line.split(maxsplit=1)[1].strip() if option and " " in line.strip() else ""
         if option == "listener":
-            if listeners.get(value) is None:
+            shipped_port, _, address = value.partition(" ")
+            if listeners.get(shipped_port) is None:
                 raise BrokerError(f"no local port for the config line {line!r}")
-            lines.append(f"listener {listeners[value]} {LOOPBACK}")
-            replaced.add(f"listener {value}")
+            bind = address.strip() if bind_as_shipped else LOOPBACK
+            lines.append(f"listener {listeners[shipped_port]} {bind}".rstrip())
+            replaced.add(f"listener {shipped_port}")
         elif option in ("cafile", "certfile", "keyfile"):
             if certs_dir is None or not value.startswith(CONTAINER_CERTS):
                 raise BrokerError(f"no certs_dir, or a certificate outside it: {line}")
@@ -270,7 +274,8 @@ class ShippedMosquitto(MosquittoProcess):
     """A mosquitto process running one of the shipped config files, adapted by ``adapt_config``.
 
     ``passwords`` become users of a fresh password file (``workdir/passwd``, made with
-    mosquitto_passwd; more can be added before ``start``). A config with the TLS listener gets it
+    mosquitto_passwd; more can be added before ``start``). ``bind_as_shipped``: see
+    ``adapt_config``. A config with the TLS listener gets it
     on ``tls_port``, with a CA and a server certificate for 127.0.0.1 and localhost made by
     deploy/make-certs.sh in ``workdir/certs``.
     """
@@ -281,8 +286,11 @@ class ShippedMosquitto(MosquittoProcess):
         config: Path = SHIPPED_CONF,
         passwords: Mapping[str, str] | None = None,
         acl_file: Path | None = SHIPPED_ACL,
+        *,
+        bind_as_shipped: bool = False,
     ) -> None:
         self._shipped = config
+        self._bind_as_shipped = bind_as_shipped
         self._passwords = dict(passwords or {})
         self._acl_file = acl_file
         self.tls_port = free_port()
@@ -312,5 +320,6 @@ class ShippedMosquitto(MosquittoProcess):
                 acl_file=self._acl_file,
                 tls_port=self.tls_port,
                 certs_dir=self.certs_dir,
+                bind_as_shipped=self._bind_as_shipped,
             )
         )

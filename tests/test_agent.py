@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from device_agent.agent import DeviceAgent
+from device_agent.local_requests import FORGET_REQUEST
 from device_agent.sensors import SensorSettings, open_sensor
 from device_agent.settings import AgentSettings, AgentTuning
 from shared import codec
@@ -442,12 +443,15 @@ def test_a_wearer_can_make_the_device_forget_every_confirmation(
         assert connection.publish(Outbound(topic, b'{"type":"device_command"}')).wait(10)
         watcher.error_with("malformed_command")
 
-        # `har agent forget` on the device while the agent runs: sent as a command.
+        # `har agent forget` on the device while the agent runs: a request file, no broker
+        # connection (the broker would let it take the agent's place); it returns once done.
         confirm(broker_settings, watcher.prediction().prediction_id, "Laying")
         assert agent.counters.wait_until("confirmations_applied", 4, WAIT)
         assert forget(settings) == 0
-        assert "asked it to forget" in capsys.readouterr().out
-        assert agent.counters.wait_until("forgets", 2, WAIT)
+        assert "the running agent forgot" in capsys.readouterr().out
+        assert agent.counters.get("forgets") == 2
+        assert agent.counters.get("confirmations_forgotten") == 4
+        assert not (settings.state_dir / FORGET_REQUEST).exists()
         confirm(broker_settings, watcher.prediction().prediction_id, "Laying")
         assert agent.counters.wait_until("confirmations_applied", 5, WAIT)
     finally:

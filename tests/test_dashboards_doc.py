@@ -41,8 +41,9 @@ REPO = Path(__file__).resolve().parent.parent
 DOC = (REPO / "docs" / "dashboards.md").read_text(encoding="utf-8")
 ROOT = "har/v1"
 DEVICE = "wrist-0001"
-DOC_BROKER = '-h broker.lan -u dashboard -P "$DASHBOARD_PASSWORD"'
-DOC_DEVICE_BROKER = '-h broker.lan -u wrist-0001 -P "$DEVICE_PASSWORD"'
+# The page's broker: the shipped one, over TLS (its plain port answers on its own host only).
+DOC_BROKER = '-h broker.lan -p 8883 --cafile ca.crt -u dashboard -P "$DASHBOARD_PASSWORD"'
+DOC_DEVICE_BROKER = '-h broker.lan -p 8883 --cafile ca.crt -u wrist-0001 -P "$DEVICE_PASSWORD"'
 
 _BLOCK = re.compile(r"^```(\w+)(?: ([\w-]+))?\n(.*?)\n```$", re.MULTILINE | re.DOTALL)
 

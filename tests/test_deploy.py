@@ -11,6 +11,7 @@ have arrived (the broker delivers one publisher's messages in order). No sleeps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -20,6 +21,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -200,6 +203,10 @@ def test_shipped_config_has_the_production_settings() -> None:
     options = conf_options(SHIPPED_CONF)
     assert options["allow_anonymous"] == ["false"]
     assert options["persistence"] == ["true"]
+    # Sessions and retained messages reach the disk within seconds (a kill -9 keeps them), and
+    # on a timer, not per queued message (bench/broker_persistence.py).
+    assert int(options["autosave_interval"][0]) <= 10
+    assert "autosave_on_changes" not in options
     assert "password_file" in options
     assert "acl_file" in options
     assert int(options["max_queued_messages"][0]) >= 100_000
@@ -209,8 +216,14 @@ def test_shipped_config_has_the_production_settings() -> None:
     # Model chunks (256 KiB of data by default) and the decoders' JSON / batch limits must fit.
     assert int(options["max_packet_size"][0]) >= 256 * 1024 + 4096
     assert int(options["max_packet_size"][0]) >= codec.DEFAULT_LIMITS.max_batch_bytes
-    # Plain MQTT and the TLS listener, whose files make-certs.sh names and compose mounts.
-    assert options["listener"] == ["1883", "8883"]
+    # Plain MQTT on loopback only (no cleartext password crosses a network), and the TLS
+    # listener on every interface, whose files make-certs.sh names and compose mounts.
+    assert options["listener"] == ["1883 127.0.0.1", "8883"]
+    # No client can take over another's session with its client id: a listener option, on both.
+    listener_blocks = SHIPPED_CONF.read_text().split("\nlistener ")[1:]
+    assert len(listener_blocks) == 2
+    for block in listener_blocks:
+        assert "\nuse_username_as_clientid true\n" in block, block.splitlines()[0]
     for option, name in (
         ("cafile", "ca.crt"),
         ("certfile", "server.crt"),
@@ -287,6 +300,9 @@ def test_device_publishes_only_under_its_own_id(clients: Clients) -> None:
         TOPICS.prediction("wrist-0002"),
         TOPICS.status("wrist-0002"),
         TOPICS.confirmation("wrist-0001"),  # only people (dashboard) confirm
+        TOPICS.command("wrist-0001"),  # `har agent forget` needs no broker
+        receipt("wrist-0001"),  # only the trainer confirms it stored a batch
+        receipt("wrist-0002"),
         TOPICS.model_manifest(),
         TOPICS.model_chunk("v9999", 0),
         TOPICS.trainer_command(),
@@ -304,6 +320,21 @@ def test_device_publishes_only_under_its_own_id(clients: Clients) -> None:
         assert message in seen, f"the device could not publish on {message[0]}"
     for message in sent_forbidden:
         assert message not in seen, f"the device published on {message[0]}"
+
+
+def receipt(device: str) -> str:
+    """The trainer's receipts of one device's stored sensor batches."""
+    return f"{ROOT}/devices/{device}/receipt"
+
+
+def test_device_reads_only_its_own_receipts(clients: Clients) -> None:
+    device = clients.join("wrist-0001", [f"{ROOT}/devices/+/receipt"])  # the ACL filters delivery
+    trainer = clients.join("trainer")
+    other = (receipt("wrist-0002"), unique("receipt-other"))
+    own = (receipt("wrist-0001"), unique("receipt-own"))
+    trainer.publish(*other)
+    trainer.publish(*own)
+    assert other not in device.until(*own), "a device received another device's receipt"
 
 
 def test_trainer_shared_subscriptions_receive_what_the_trainer_ingests(
@@ -504,6 +535,140 @@ def test_tls_client_with_the_ca_logs_in_and_the_acl_applies_there_too(clients: C
     seen = trainer.until(*allowed)
     for message in forbidden:
         assert message not in seen, f"over TLS the device published on {message[0]}"
+
+
+def test_a_device_cannot_take_over_another_devices_session(
+    shipped: ShippedMosquitto, clients: Clients
+) -> None:
+    """Its own valid login with the victim's client id must neither end the victim's connection
+    nor destroy the queued messages of its persistent session."""
+    victim_id = "har-agent-wrist-0002"  # the client id the agent asks for
+    victim_settings = settings_for(shipped, "wrist-0002")
+    confirmations = [TOPICS.confirmation("wrist-0002")]
+    online = clients.join_as(victim_settings, confirmations, client_id=victim_id, persistent=True)
+    dashboard = clients.join("dashboard")
+    attacker = settings_for(shipped, "wrist-0001")
+
+    def attack() -> None:
+        for client_id in (victim_id, "wrist-0002"):  # as asked for, and as the broker names it
+            intruder, _ = connect(attacker, client_id=client_id)  # clean start
+            intruder.stop()
+
+    attack()
+    first = (TOPICS.confirmation("wrist-0002"), unique("confirmed-online"))
+    dashboard.publish(*first)
+    online.until(*first)
+    assert online.connection.connect_count == 1, "the victim was disconnected"
+
+    # Offline, with a confirmation queued for it: the attack must not wipe the queue.
+    online.connection.stop()
+    queued = (TOPICS.confirmation("wrist-0002"), unique("confirmed-offline"))
+    dashboard.publish(*queued)
+    attack()
+    back = clients.join_as(victim_settings, confirmations, client_id=victim_id, persistent=True)
+    assert queued in back.until(*queued)
+
+
+def non_loopback_ipv4() -> str | None:
+    """An IPv4 address of this machine outside 127.0.0.0/8, or None."""
+    try:
+        output = subprocess.run(
+            ["ip", "-4", "-o", "addr", "show", "scope", "global"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        found = re.findall(r"\binet (\d+\.\d+\.\d+\.\d+)/", output)
+    except (OSError, subprocess.SubprocessError):
+        found = []
+    with contextlib.suppress(OSError):
+        found.append(socket.gethostbyname(socket.gethostname()))
+    return next((address for address in found if not address.startswith("127.")), None)
+
+
+def test_plain_mqtt_listens_on_loopback_only_and_tls_everywhere(tmp_path: Path) -> None:
+    address = non_loopback_ipv4()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to try the plain port on")
+    # Bound as shipped: plain on 127.0.0.1, TLS on every interface (this one test binds beyond
+    # loopback, to show what a host on the network would reach).
+    broker = ShippedMosquitto(tmp_path, SHIPPED_CONF, PASSWORDS, SHIPPED_ACL, bind_as_shipped=True)
+    broker.start()
+    try:
+        assert accepts_connections(LOOPBACK, broker.port)
+        assert not accepts_connections(address, broker.port, timeout=2.0), (
+            f"the plain listener accepts connections on {address}"
+        )
+        # The positive control: the address is reachable, and TLS answers there.
+        trusting = ssl.create_default_context(cafile=broker.ca_file)
+        with (
+            socket.create_connection((address, broker.tls_port), timeout=WAIT_S) as raw,
+            trusting.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    finally:
+        broker.stop()
+
+
+def raw_session(broker: MosquittoProcess, user: str) -> tuple[paho.Client, bool, queue.Queue]:
+    """``user``'s persistent session, resumed as it is, subscribing to nothing: a bare paho
+    client, so the session-present flag and the broker's own subscriptions show."""
+    connacks: queue.Queue[bool] = queue.Queue()
+    messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id=user, protocol=paho.MQTTv5
+    )
+    client.username_pw_set(user, PASSWORDS[user])
+    client.on_connect = lambda _c, _u, flags, reason, _p: connacks.put(
+        not reason.is_failure and bool(flags.session_present)
+    )
+    client.on_message = lambda _c, _u, message: messages.put((message.topic, message.payload))
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = 3600
+    client.connect(broker.host, broker.port, clean_start=False, properties=properties)
+    client.loop_start()
+    return client, connacks.get(timeout=WAIT_S), messages
+
+
+def test_a_session_and_retained_messages_survive_kill_9(tmp_path: Path) -> None:
+    """A broker killed with SIGKILL one autosave interval after a change still has it."""
+    interval = int(conf_options(SHIPPED_CONF)["autosave_interval"][0])
+    (tmp_path / "broker").mkdir()
+    broker = ShippedMosquitto(tmp_path / "broker", SHIPPED_CONF, PASSWORDS, SHIPPED_ACL)
+    broker.start()
+    opened = Clients(broker)
+    try:
+        # The trainer's persistent session and its subscription, then it goes offline.
+        trainer = opened.join("trainer", [TOPICS.all_sensor()], persistent=True)
+        trainer.connection.stop()
+        device = opened.join("wrist-0001")
+        status = (TOPICS.status("wrist-0001"), unique("status"))
+        device.publish(*status, retain=True)
+        # Wait, with a deadline, for the next save: mosquitto writes a new file and renames it.
+        database = tmp_path / "broker" / "mosquitto.db"
+        before = database.stat().st_ino if database.exists() else None
+        deadline = time.monotonic() + interval + 3
+        while not database.exists() or database.stat().st_ino == before:
+            assert time.monotonic() < deadline, f"no save within {interval} s + 3 s"
+            time.sleep(0.05)
+        broker.kill()
+        broker.start()
+
+        client, session_present, messages = raw_session(broker, "trainer")
+        try:
+            assert session_present, "the trainer's session did not survive"
+            fresh = (TOPICS.sensor("wrist-0001"), unique("after-restart"))
+            opened.join("wrist-0001").publish(*fresh)
+            assert messages.get(timeout=WAIT_S) == fresh, "its subscription did not survive"
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        operator = opened.join("operator", [TOPICS.status("wrist-0001")])
+        assert operator.until(*status) == [status], "the retained status did not survive"
+    finally:
+        opened.close()
+        broker.stop()
 
 
 def test_production_broker_refuses_to_start_without_its_tls_files(tmp_path: Path) -> None:
@@ -711,3 +876,27 @@ def test_sim_example_config_loads_with_the_sim_settings() -> None:
     overridden = load_settings(module.SimSettings, config_file=example, environ=env)
     assert overridden.devices == 7
     assert overridden.broker.host == "mosquitto"
+
+
+def test_compose_containers_reach_the_production_broker_over_tls() -> None:
+    """The production config answers plain MQTT on the broker's own loopback only, so the
+    containers' broker settings follow HAR_BROKER_CONTAINER_*: plain by default (test.conf),
+    TLS to "mosquitto" in production."""
+    module = pytest.importorskip("trainer_service.settings", reason="trainer settings not merged")
+    for name in ("trainer", "sim"):
+        block = compose_services()[name]
+        assert compose_value(block, "HAR_BROKER_PORT") == '"${HAR_BROKER_CONTAINER_PORT:-1883}"'
+        assert compose_value(block, "HAR_BROKER_TLS") == '"${HAR_BROKER_CONTAINER_TLS:-false}"'
+        assert compose_value(block, "HAR_BROKER_CA_FILE") == '"${HAR_BROKER_CONTAINER_CA:-}"'
+    example = DEPLOY / "trainer.example.toml"
+    defaults = {"HAR_BROKER_PORT": "1883", "HAR_BROKER_TLS": "false", "HAR_BROKER_CA_FILE": ""}
+    plain = load_settings(module.TrainerSettings, config_file=example, environ=defaults)
+    assert (plain.broker.port, plain.broker.tls, plain.broker.ca_file) == (1883, False, None)
+    production = {
+        "HAR_BROKER_PORT": "8883",
+        "HAR_BROKER_TLS": "true",
+        "HAR_BROKER_CA_FILE": "/etc/har/ca.crt",
+    }
+    tls = load_settings(module.TrainerSettings, config_file=example, environ=production)
+    assert (tls.broker.port, tls.broker.tls) == (8883, True)
+    assert tls.broker.ca_file == Path("/etc/har/ca.crt")
