@@ -46,7 +46,21 @@ def _check_text(name: str, value: object, max_len: int = MAX_TEXT, *, empty: boo
     assert isinstance(value, str)
     _require(empty or len(value) > 0, f"{name} must not be empty")
     _require(len(value) <= max_len, f"{name} longer than {max_len} characters")
+    # A lone surrogate cannot be encoded (UTF-8 on the wire, SQLite): no message may hold one.
+    _require(value == escape_unencodable(value), f"{name} holds a lone surrogate")
     return value
+
+
+def escape_unencodable(text: str) -> str:
+    """``text`` with every character UTF-8 cannot encode (lone surrogates) written as ``\\udxxx``.
+
+    For text that reports on bad input (error events, logs): it must say what came, not fail.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _check_device_id(value: object) -> str:
@@ -385,6 +399,11 @@ class ErrorEvent:
     def __post_init__(self) -> None:
         _check_text("source", self.source, 64)
         _check_text("code", self.code, 64)
+        # The message and topic quote what went wrong, which may be unencodable text: escaped.
+        for name in ("message", "topic"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, escape_unencodable(value))
         _check_text("message", self.message, MAX_MESSAGE_TEXT, empty=True)
         _check_text("topic", self.topic, 512, empty=True)
         _check_float("ts", self.ts, 0.0, _EPOCH_MAX_S)
