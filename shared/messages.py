@@ -28,8 +28,10 @@ MAX_SAMPLES_PER_BATCH = 4096
 MAX_LABELS = 64
 MAX_TEXT = 256
 MAX_MESSAGE_TEXT = 2048
+MAX_ERROR_TOPIC = 512
 
-DeviceState = Literal["online", "offline"]
+# "failed": a service one of whose loops died, published just before it exits to be restarted.
+DeviceState = Literal["online", "offline", "failed"]
 ConfirmationSource = Literal["user", "app", "import", "auto"]
 
 Float32Samples = npt.NDArray[np.float32]
@@ -289,7 +291,9 @@ class DeviceStatus:
 
     def __post_init__(self) -> None:
         _check_device_id(self.device_id)
-        _require(self.state in ("online", "offline"), "state must be online or offline")
+        _require(
+            self.state in ("online", "offline", "failed"), "state must be online, offline or failed"
+        )
         if self.model_version is not None:
             _check_text("model_version", self.model_version, 64)
         _check_float("ts", self.ts, 0.0, _EPOCH_MAX_S)
@@ -405,7 +409,7 @@ class ErrorEvent:
             if isinstance(value, str):
                 object.__setattr__(self, name, escape_unencodable(value))
         _check_text("message", self.message, MAX_MESSAGE_TEXT, empty=True)
-        _check_text("topic", self.topic, 512, empty=True)
+        _check_text("topic", self.topic, MAX_ERROR_TOPIC, empty=True)
         _check_float("ts", self.ts, 0.0, _EPOCH_MAX_S)
         _require(self.v == SCHEMA_VERSION, f"unsupported error version {self.v}")
 
