@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import queue
+import signal
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -540,27 +541,41 @@ def test_a_version_chunked_otherwise_is_published_and_again_after_the_broker_los
 
 
 @pytest.mark.broker
-def test_a_dead_thread_makes_run_report_it_and_return_70(
+def test_a_dead_thread_makes_har_trainer_serve_report_it_and_exit_70(
     trainer_settings: TrainerSettings,
     broker_settings: BrokerSettings,
     monkeypatch: pytest.MonkeyPatch,
     logged_exceptions: list[logging.LogRecord],
 ) -> None:
+    from har.cli import main
+
     topics = Topics(broker_settings.topic_root)
     status_topic = topics.trainer_status(trainer_settings.instance)
     watcher, errors = connect(broker_settings, [(topics.trainer_error(), 1)])
-    service = TrainerService(trainer_settings)
 
     def broken_scheduling(*args: object, **kwargs: object) -> bool:
         raise RuntimeError("a bug outside the per-job handling")
 
     # The upkeep loop's own scheduling fails: nothing inside it can catch that.
-    monkeypatch.setattr(service, "_upkeep_job", broken_scheduling)
+    monkeypatch.setattr(TrainerService, "_upkeep_job", broken_scheduling)
+    settings = trainer_settings
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        assert service.run() == EXIT_THREAD_DIED
+        code = main(
+            [
+                *("trainer", "serve", "--instance", settings.instance),
+                *("--data-dir", str(settings.data_dir)),
+                *("--registry-dir", str(settings.registry_dir)),
+                *("--broker-port", str(broker_settings.port)),
+                *("--topic-root", broker_settings.topic_root),
+            ]
+        )
         event = next_event(errors, "thread_died")
     finally:
         watcher.stop()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)  # `har trainer serve` took them for its service
+    assert code == EXIT_THREAD_DIED
     assert "trainer-upkeep" in str(event["message"])
     assert "a bug outside the per-job handling" in str(event["message"])
     status_reader, statuses = connect(broker_settings, [(status_topic, 1)])
@@ -570,7 +585,6 @@ def test_a_dead_thread_makes_run_report_it_and_return_70(
         status_reader.stop()
     assert status.state == "failed"
     assert [r.threadName for r in logged_exceptions] == ["trainer-upkeep"]
-    assert all(not thread.is_alive() for thread in service._supervisor.threads)
 
 
 @pytest.mark.broker

@@ -477,4 +477,6 @@ class TrainerService:
         self.counters.add("retention_removed", removed)
 
     def _publish_status(self) -> None:
+        # Here, off paho's thread: `har models promote` may have changed it behind our back.
+        self._current_version = self.registry.current()
         self._connection.publish(self._status("online", self._refresh_counters()))
