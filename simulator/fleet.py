@@ -233,6 +233,8 @@ class FleetSimulator:
 
     def _monitor(self) -> None:
         """A line in the log now and then: is the fleet up, and is it flowing?"""
+        if not self._stopping:  # first: a monitor that fails once still runs next time
+            self.loop.call_later(self._monitor_interval(), self._monitor)
         connected = sum(link.connected for link in self._links.values())
         versions = Counter(device.model_version for device in self.devices)
         sent = sum(device.counters["batches_sent"] for device in self.devices)
@@ -243,8 +245,6 @@ class FleetSimulator:
             sent,
             dict(versions),
         )
-        if not self._stopping:
-            self.loop.call_later(self._monitor_interval(), self._monitor)
 
     def _in_thread(
         self, pool: ThreadPoolExecutor, work: Callable[[], T], done: Callable[[Future[T]], None]
@@ -281,6 +281,13 @@ class FleetSimulator:
         return start
 
     def _on_connected(self, device: SimDevice, link: Link) -> None:
+        try:
+            self._greet(device, link)
+        except Exception as exc:
+            self._internal_error(device, "connecting", exc)
+
+    def _greet(self, device: SimDevice, link: Link) -> None:
+        """What a device publishes and subscribes to on every (re)connect."""
         if self._settings.homeassistant_discovery and device.counters["connects"] == 1:
             for message in homeassistant.discovery_messages(
                 self._topics, device.device_id, prefix=self._settings.homeassistant_prefix

@@ -159,11 +159,7 @@ class TrainerService:
             if thread.ident is not None:
                 thread.join(60)
         if self._connection.connected:
-            try:
-                counters = self._refresh_counters()
-            except StorageError as exc:  # the goodbye goes out all the same
-                log.warning("final status without the store's counts: %s", exc)
-                counters = self._last_counters
+            counters = self._counters_or_last()  # the goodbye goes out even if the store fails
             self._connection.publish(self._status(final_state, counters)).wait(2.0)
         self._connection.stop()
         try:
@@ -199,6 +195,14 @@ class TrainerService:
     def _refresh_counters(self) -> dict[str, int]:
         self._last_counters = self.status_counters()
         return self._last_counters
+
+    def _counters_or_last(self) -> dict[str, int]:
+        """Fresh counters, or the last ones when the store cannot be read (said in the log)."""
+        try:
+            return self._refresh_counters()
+        except StorageError as exc:
+            log.warning("status with the last known counts: %s", exc)
+            return self._last_counters
 
     def status_counters(self) -> dict[str, int]:
         counts = self.counters.snapshot()
@@ -421,7 +425,8 @@ class TrainerService:
             publish_all(self._connection, messages, self._settings.publish.ack_timeout_s)
             self.counters.add("models_published")
             log.info("published model %s to the fleet", self._current_version)
-        self._connection.publish(self._status("online", self._refresh_counters()))
+        # The model is out: a store that cannot be counted now must not make this a failure.
+        self._connection.publish(self._status("online", self._counters_or_last()))
 
     # ================================================================== upkeep
     def _upkeep_loop(self) -> None:
