@@ -413,6 +413,20 @@ class ErrorEvent:
         _check_float("ts", self.ts, 0.0, _EPOCH_MAX_S)
         _require(self.v == SCHEMA_VERSION, f"unsupported error version {self.v}")
 
+    @classmethod
+    def quoting(
+        cls, source: str, code: str, message: str, ts: float, topic: str = ""
+    ) -> ErrorEvent:
+        """An event whose message and topic may quote anything (bad input, a huge topic):
+        unencodable characters escaped, then cut to the contract's limits."""
+        return cls(
+            source,
+            code,
+            escape_unencodable(message)[:MAX_MESSAGE_TEXT],
+            ts,
+            escape_unencodable(topic)[:MAX_ERROR_TOPIC],
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceCommand:

@@ -557,3 +557,7 @@ def test_an_error_event_about_unencodable_text_escapes_it() -> None:
     decoded = codec.decode_error(codec.encode_error(event))
     assert decoded.message == "counter \\ud800 is bad"
     assert decoded.topic == "a/\\udc80"
+    quoting = ErrorEvent.quoting("trainer-1", "malformed_payload", "\ud800" * 3000, 1.0, "t" * 600)
+    assert quoting.message == ("\\ud800" * 3000)[:2048]  # escaped, then cut to size
+    assert len(quoting.topic) == 512
+    codec.encode_error(quoting)

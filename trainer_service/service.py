@@ -30,14 +30,7 @@ from typing import Any
 from shared import codec
 from shared.counters import Counters
 from shared.errors import HarError, PayloadError, StorageError
-from shared.messages import (
-    MAX_ERROR_TOPIC,
-    MAX_MESSAGE_TEXT,
-    DeviceState,
-    DeviceStatus,
-    ErrorEvent,
-    escape_unencodable,
-)
+from shared.messages import DeviceState, DeviceStatus, ErrorEvent
 from shared.mqtt_transport import (
     InboundMessage,
     MqttConnection,
@@ -223,15 +216,13 @@ class TrainerService:
     def _report(self, code: str, message: str, topic: str = "") -> PublishHandle | None:
         """Log, count and publish a handled error. Never raises: a report that cannot be
         published is counted (``error_events_lost``), and the loop that made it carries on."""
-        # Bad input quoted in a report may be unencodable or huge: escape, then cut to size.
-        message = escape_unencodable(message)[:MAX_MESSAGE_TEXT]
-        topic = escape_unencodable(topic)[:MAX_ERROR_TOPIC]
         log.warning("%s: %s (%s)", code, message, topic)
         self.counters.add(f"error_{code}")
         if not self._connection.connected:
             return None
         try:
-            event = ErrorEvent(self._settings.instance, code, message, self._clock(), topic)
+            # Bad input quoted in a report may be unencodable or huge: escaped and cut to size.
+            event = ErrorEvent.quoting(self._settings.instance, code, message, self._clock(), topic)
             return self._connection.publish(
                 Outbound(self._topics.trainer_error(), codec.encode_error(event))
             )
