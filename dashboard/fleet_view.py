@@ -1,11 +1,12 @@
 """What the dashboard knows about the fleet: pure state, fed decoded messages, no I/O.
 
-Per device it keeps the latest prediction, presence (online or offline, from the retained status
-and its last will), the model version and a few counts. Across the fleet it keeps the accuracy of
-confirmed predictions per model version: a confirmation names a prediction id, and the pair
-counts once, as right when the confirmed label is the predicted one and as wrong otherwise. A
-confirmation may arrive before its prediction (different topics are not ordered), after it, or
-never meet it. As in the trainer, the first prediction and the first confirmation of an id win.
+Per device it keeps the latest prediction, presence (online, offline or failed, from the
+retained status and its last will), the model version and a few counts. Across the fleet it
+keeps the accuracy of confirmed predictions per model version: a confirmation names a prediction
+id, and the pair counts once, as right when the confirmed label is the predicted one and as
+wrong otherwise. A confirmation may arrive before its prediction (different topics are not
+ordered), after it, or never meet it. As in the trainer, the first prediction and the first
+confirmation of an id win.
 
 Memory is bounded: per device, the most recent predictions (for joining) and unmatched
 confirmations are LRU caches; the number of devices and of model versions is capped too. The
@@ -23,7 +24,7 @@ from typing import Any, Literal
 
 from shared.messages import Confirmation, DeviceStatus, ErrorEvent, ModelManifest, Prediction
 
-Presence = Literal["online", "offline", "unknown"]
+Presence = Literal["online", "offline", "failed", "unknown"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -226,6 +227,35 @@ def _dump_json(doc: Mapping[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
+# Valid UTF-8 cannot hold a surrogate; a JSON ``\\uD800``-``\\uDFFF`` escape can. Only text
+# with such an escape needs the walk below (a false alarm only costs the walk).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _refuse_lone_surrogates(kind: str, value: Any, path: str = "") -> None:
+    """PayloadError naming the first string (key or value, at any depth) that is not Unicode.
+
+    A paired ``\\uD83D\\uDE00`` escape decodes to one real character; a lone surrogate cannot be
+    encoded as UTF-8, so no database, log or reply could carry it: refuse it here, where it is
+    still a bad payload.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PayloadError(
+                f"invalid {kind}: {path or 'the payload'} holds a lone surrogate "
+                f"(\\u{ord(value[exc.start]):04x}), which is not Unicode text"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_lone_surrogates(kind, key, f"a key of {path or 'the payload'}")
+            _refuse_lone_surrogates(kind, item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_lone_surrogates(kind, item, f"{path}[{index}]")
+
+
 def _load_json(kind: str, payload: bytes, limit: int) -> dict[str, Any]:
     _check_size(kind, payload, limit)
     try:
@@ -235,6 +265,8 @@ def _load_json(kind: str, payload: bytes, limit: int) -> dict[str, Any]:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PayloadError(f"{kind} is not valid UTF-8 JSON: {exc}") from exc
+    if _SURROGATE_ESCAPE.search(text):
+        _refuse_lone_surrogates(kind, doc)
     if not isinstance(doc, dict):
         raise PayloadError(f"{kind} must be a JSON object, got {type(doc).__name__}")
     declared = doc.get("type")

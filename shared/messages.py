@@ -28,8 +28,10 @@ MAX_SAMPLES_PER_BATCH = 4096
 MAX_LABELS = 64
 MAX_TEXT = 256
 MAX_MESSAGE_TEXT = 2048
+MAX_ERROR_TOPIC = 512
 
-DeviceState = Literal["online", "offline"]
+# "failed": a service one of whose loops died, published just before it exits to be restarted.
+DeviceState = Literal["online", "offline", "failed"]
 ConfirmationSource = Literal["user", "app", "import", "auto"]
 
 Float32Samples = npt.NDArray[np.float32]
@@ -46,7 +48,21 @@ def _check_text(name: str, value: object, max_len: int = MAX_TEXT, *, empty: boo
     assert isinstance(value, str)
     _require(empty or len(value) > 0, f"{name} must not be empty")
     _require(len(value) <= max_len, f"{name} longer than {max_len} characters")
+    # A lone surrogate cannot be encoded (UTF-8 on the wire, SQLite): no message may hold one.
+    _require(value == escape_unencodable(value), f"{name} holds a lone surrogate")
     return value
+
+
+def escape_unencodable(text: str) -> str:
+    """``text`` with every character UTF-8 cannot encode (lone surrogates) written as ``\\udxxx``.
+
+    For text that reports on bad input (error events, logs): it must say what came, not fail.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _check_device_id(value: object) -> str:
@@ -275,7 +291,9 @@ class DeviceStatus:
 
     def __post_init__(self) -> None:
         _check_device_id(self.device_id)
-        _require(self.state in ("online", "offline"), "state must be online or offline")
+        _require(
+            self.state in ("online", "offline", "failed"), "state must be online, offline or failed"
+        )
         if self.model_version is not None:
             _check_text("model_version", self.model_version, 64)
         _check_float("ts", self.ts, 0.0, _EPOCH_MAX_S)
@@ -385,10 +403,29 @@ class ErrorEvent:
     def __post_init__(self) -> None:
         _check_text("source", self.source, 64)
         _check_text("code", self.code, 64)
+        # The message and topic quote what went wrong, which may be unencodable text: escaped.
+        for name in ("message", "topic"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, escape_unencodable(value))
         _check_text("message", self.message, MAX_MESSAGE_TEXT, empty=True)
-        _check_text("topic", self.topic, 512, empty=True)
+        _check_text("topic", self.topic, MAX_ERROR_TOPIC, empty=True)
         _check_float("ts", self.ts, 0.0, _EPOCH_MAX_S)
         _require(self.v == SCHEMA_VERSION, f"unsupported error version {self.v}")
+
+    @classmethod
+    def quoting(
+        cls, source: str, code: str, message: str, ts: float, topic: str = ""
+    ) -> ErrorEvent:
+        """An event whose message and topic may quote anything (bad input, a huge topic):
+        unencodable characters escaped, then cut to the contract's limits."""
+        return cls(
+            source,
+            code,
+            escape_unencodable(message)[:MAX_MESSAGE_TEXT],
+            ts,
+            escape_unencodable(topic)[:MAX_ERROR_TOPIC],
+        )
 
 
 @dataclass(frozen=True, slots=True)

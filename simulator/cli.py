@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "its status, and installs signed model versions; simulated people confirm a share of "
             "the predictions and sometimes get it wrong. Settings: --config TOML < HAR_* "
             "environment variables < flags. Stops on SIGINT/SIGTERM (or after --duration) and "
-            "prints a JSON report."
+            "prints a JSON report; exits with 70 if its event loop died (the report's 'failed')."
         ),
     )
     parser.add_argument("--config", type=Path, help="sim TOML file")
@@ -70,6 +70,8 @@ def settings_from(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print the fleet's report; exit ``EXIT_THREAD_DIED`` if its event loop died (``failed``)."""
+    from shared.supervision import EXIT_THREAD_DIED
     from simulator.runner import run_fleet
 
     report = run_fleet(settings_from(args), duration_s=args.duration)
@@ -77,4 +79,4 @@ def run(args: argparse.Namespace) -> int:
     if args.report is not None:
         args.report.write_text(text + "\n")
     print(text, flush=True)
-    return 0
+    return EXIT_THREAD_DIED if "failed" in report else 0

@@ -133,7 +133,7 @@ class SimDevice:
         )
 
     def error_message(self, code: str, message: str, topic: str = "") -> Outbound:
-        event = ErrorEvent(self.device_id, code, message[:2000], self._clock(), topic)
+        event = ErrorEvent.quoting(self.device_id, code, message, self._clock(), topic)
         return Outbound(self._topics.error(self.device_id), codec.encode_error(event))
 
     # ------------------------------------------------------------------ model updates

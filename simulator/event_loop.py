@@ -5,11 +5,16 @@ for a thousand simulated devices in one process both cost more than the devices 
 supports an external event loop (``on_socket_open`` and friends, ``loop_read``/``loop_write``/
 ``loop_misc``); this is that loop, and nothing else. Other threads (the model runner) hand work
 back through ``call_soon_threadsafe``, which wakes the selector through a socket pair.
+
+Every callback, timer and client's socket event is one job: a job that raises is logged with its
+traceback, counted (``failures``) and skipped, and the loop goes on with the next. What fails
+outside a job (the selector itself) ends ``run`` with the exception: the loop died.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -55,6 +60,7 @@ class EventLoop:
         self._clients: set[paho.Client] = set()
         self._to_write: set[paho.Client] = set()  # queued packets, not yet tried
         self._watching_write: set[paho.Client] = set()  # the socket was full: wait for room
+        self.failures = 0  # jobs that raised (each logged with its traceback)
 
     def time(self) -> float:
         return self._clock()
@@ -113,16 +119,17 @@ class EventLoop:
         while self._to_write:
             clients, self._to_write = self._to_write, set()
             for client in clients:
-                sock = client.socket()
-                if sock is None:
-                    continue
-                client.loop_write()
-                if client.want_write() and client not in self._watching_write:
-                    self._watching_write.add(client)
-                    with contextlib.suppress(KeyError, ValueError):
-                        self._selector.modify(
-                            sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client
-                        )
+                self._guarded(functools.partial(self._flush, client), "writing")
+
+    def _flush(self, client: paho.Client) -> None:
+        sock = client.socket()
+        if sock is None:
+            return
+        client.loop_write()
+        if client.want_write() and client not in self._watching_write:
+            self._watching_write.add(client)
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
 
     # ------------------------------------------------------------------ running
     def run(self, until: Callable[[], bool]) -> None:
@@ -133,11 +140,11 @@ class EventLoop:
             if now >= next_misc:
                 next_misc = now + MISC_INTERVAL_S
                 for client in list(self._clients):
-                    client.loop_misc()
+                    self._guarded(client.loop_misc, "keepalive")
             self._flush_writes()
             deadline = min(next_misc, self._timers[0][0] if self._timers else next_misc)
             for key, mask in self._selector.select(max(0.0, deadline - self._clock())):
-                self._dispatch(key, mask)
+                self._guarded(functools.partial(self._dispatch, key, mask), "socket event")
             self._run_calls()
             self._run_timers()
 
@@ -166,24 +173,31 @@ class EventLoop:
                 callback = self._calls.get_nowait()
             except queue.Empty:
                 return
-            self._guarded(callback)
+            self._guarded(callback, "call")
 
     def _run_timers(self) -> None:
         now = self._clock()
         while self._timers and self._timers[0][0] <= now:
             _, _, timer = heapq.heappop(self._timers)
             if not timer.cancelled:
-                self._guarded(timer.callback)
+                self._guarded(timer.callback, "timer")
 
-    @staticmethod
-    def _guarded(callback: Callable[[], None]) -> None:
+    def _guarded(self, job: Callable[[], object], kind: str) -> None:
         try:
-            callback()
+            job()
         except Exception:
-            # One device's bug must not stop the fleet: log it and carry on.
-            log.exception("callback %r failed", callback)
+            # One device's bug must not stop the fleet: log it, count it, carry on.
+            self.failures += 1
+            log.exception("%s failed: %r", kind, job)
 
     def close(self) -> None:
+        # Clients still attached after ``run`` ended belong to a loop that died: drop their
+        # connections, so that the broker publishes their last wills.
+        for client in list(self._clients):
+            sock = client.socket()
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()

@@ -7,6 +7,12 @@ makes a device lightweight is shared: one model runtime per version for the whol
 windows of every device are predicted together, on a worker thread), and one verified copy of
 each release on disk. The simulated people confirm predictions through one separate "app"
 connection, because with the shipped ACL only people (the dashboard user) may confirm.
+
+Failures follow ``shared.supervision``: a device's job that fails (a tick, a message, a model
+check or load) is logged, counted (``internal_errors``), published on that device's error topic
+and skipped; a job the event loop cannot pin on a device is logged and counted
+(``loop_failures``). If the event loop dies anyway, ``run`` returns the report with ``failed``
+set, and ``har sim`` exits with ``EXIT_THREAD_DIED``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from shared.messages import Confirmation, ModelManifest
 from shared.model.runtime import MAX_WINDOWS_PER_CALL, ActivityModel
 from shared.mqtt_transport import Outbound, PropertiesCache
 from shared.signing import verify_payload
+from shared.supervision import Supervisor
 from shared.topics import Topics
 from simulator.device import SimDevice
 from simulator.event_loop import EventLoop
@@ -130,8 +137,13 @@ class FleetSimulator:
         self.loop.wake()
 
     def run(self) -> dict[str, Any]:
-        """Simulate until ``request_stop``; flush what was produced; return the fleet's report."""
+        """Simulate until ``request_stop``; flush what was produced; return the fleet's report.
+
+        The report has ``failed`` (which thread, and why) when the event loop died: the devices'
+        connections are then dropped, and the broker publishes their last wills.
+        """
         started = self._clock()
+        supervisor = Supervisor()
         try:
             self._start_app()
             period = self._settings.batch_seconds / self._settings.speed
@@ -141,12 +153,20 @@ class FleetSimulator:
                 first_tick = index / CONNECTS_PER_SECOND + self._rng.random() * period
                 self.loop.call_later(first_tick, self._ticker(device))
             self.loop.call_later(self._monitor_interval(), self._monitor)
-            self.loop.run(until=self._finished)
+            supervisor.add("sim-loop", lambda: self.loop.run(until=self._finished))
+            supervisor.start()
+            for thread in supervisor.threads:
+                while thread.is_alive():
+                    thread.join(0.5)  # in slices: signal handlers run on this thread meanwhile
         finally:
             for pool in (self._load_thread, self._hash_threads):
                 pool.shutdown(wait=True, cancel_futures=True)
             self.loop.close()
-        return self.report(self._clock() - started)
+        report = self.report(self._clock() - started)
+        if supervisor.death is not None:
+            name, exc = supervisor.death
+            report["failed"] = {"thread": name, "error": f"{type(exc).__name__}: {exc}"}
+        return report
 
     def _finished(self) -> bool:
         if not self._stop_requested.is_set():
@@ -178,6 +198,7 @@ class FleetSimulator:
 
     def report(self, seconds: float) -> dict[str, Any]:
         totals: Counter[str] = Counter(self.counters)
+        totals["loop_failures"] = self.loop.failures
         per_device = {}
         for device in self.devices:
             totals.update(device.counters)
@@ -212,6 +233,8 @@ class FleetSimulator:
 
     def _monitor(self) -> None:
         """A line in the log now and then: is the fleet up, and is it flowing?"""
+        if not self._stopping:  # first: a monitor that fails once still runs next time
+            self.loop.call_later(self._monitor_interval(), self._monitor)
         connected = sum(link.connected for link in self._links.values())
         versions = Counter(device.model_version for device in self.devices)
         sent = sum(device.counters["batches_sent"] for device in self.devices)
@@ -222,8 +245,6 @@ class FleetSimulator:
             sent,
             dict(versions),
         )
-        if not self._stopping:
-            self.loop.call_later(self._monitor_interval(), self._monitor)
 
     def _in_thread(
         self, pool: ThreadPoolExecutor, work: Callable[[], T], done: Callable[[Future[T]], None]
@@ -260,6 +281,13 @@ class FleetSimulator:
         return start
 
     def _on_connected(self, device: SimDevice, link: Link) -> None:
+        try:
+            self._greet(device, link)
+        except Exception as exc:
+            self._internal_error(device, "connecting", exc)
+
+    def _greet(self, device: SimDevice, link: Link) -> None:
+        """What a device publishes and subscribes to on every (re)connect."""
         if self._settings.homeassistant_discovery and device.counters["connects"] == 1:
             for message in homeassistant.discovery_messages(
                 self._topics, device.device_id, prefix=self._settings.homeassistant_prefix
@@ -282,16 +310,20 @@ class FleetSimulator:
             nonlocal next_tick
             if self._stopping:
                 return
-            link = self._links.get(device.device_id)
-            batch, windows = device.next_batch()
-            if link is not None:
-                link.publish(batch)
-            else:
-                device.counters["batches_before_start"] += 1
-            self._submit(device, windows)
-            # Absolute deadlines: a late tick does not shift every later one.
+            # Absolute deadlines: a late tick does not shift every later one. Scheduled first, so
+            # that a tick that fails does not stop the device's clock.
             next_tick = max(next_tick + period, self.loop.time() - period)
             self.loop.call_later(next_tick - self.loop.time(), tick)
+            try:
+                link = self._links.get(device.device_id)
+                batch, windows = device.next_batch()
+                if link is not None:
+                    link.publish(batch)
+                else:
+                    device.counters["batches_before_start"] += 1
+                self._submit(device, windows)
+            except Exception as exc:
+                self._internal_error(device, "sensor tick", exc)
 
         return tick
 
@@ -339,6 +371,10 @@ class FleetSimulator:
                     log.warning("prediction failed: %s", exc)
                     self.counters["prediction_failures"] += len(batch)
                     continue
+                except Exception as exc:
+                    self.counters["prediction_failures"] += len(batch)
+                    self._internal_error(None, f"predicting {len(batch)} windows", exc)
+                    continue
                 for job, row in zip(batch, probabilities, strict=True):
                     self._deliver(job, row.astype(np.float64))
 
@@ -373,6 +409,20 @@ class FleetSimulator:
                 self._on_chunk(device, payload)
         except HarError as exc:
             self._reject(device, str(exc), topic)
+        except Exception as exc:
+            self._internal_error(device, f"message on {topic}", exc, topic)
+
+    def _internal_error(
+        self, device: SimDevice | None, job: str, exc: Exception, topic: str = ""
+    ) -> None:
+        """A bug in one job: logged with its traceback, counted, published on the device's error
+        topic (when the job was one device's), and skipped: the fleet carries on."""
+        log.error("%s%s failed", f"{device.device_id}: " if device else "", job, exc_info=exc)
+        self.counters["internal_errors"] += 1
+        if device is not None:
+            device.counters["internal_errors"] += 1
+            text = f"{job}: {type(exc).__name__}: {exc}"
+            self._publish(device, device.error_message("internal_error", text, topic))
 
     def _reject(self, device: SimDevice, reason: str, topic: str = "") -> None:
         device.counters["model_rejections"] += 1
@@ -428,6 +478,9 @@ class FleetSimulator:
             device.rejected.add(manifest.sha256)
             self._reject(device, str(exc))
             return
+        except Exception as exc:
+            self._internal_error(device, f"verifying model {manifest.version}", exc)
+            return
         self._with_runtime(manifest, payload, lambda runtime: self._install(device, runtime))
 
     def _with_runtime(
@@ -468,6 +521,9 @@ class FleetSimulator:
             runtime: LoadedModel | None = future.result()
         except HarError as exc:
             log.warning("model could not be loaded: %s", exc)
+            runtime = None
+        except Exception as exc:
+            self._internal_error(None, "loading a model", exc)  # its devices hear of it below
             runtime = None
         if runtime is not None:
             self._loaded[key] = runtime

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -29,6 +30,7 @@ from shared.messages import (
     TrainerCommand,
     WindowRef,
 )
+from trainer_service.store import TrainerStore
 
 SAMPLES = np.array([[0.0, 9.80665, -1.5], [1.25, -0.5, 3.0]], dtype=np.float32)
 
@@ -457,3 +459,105 @@ def test_msgpack_fields_of_any_type_only_raise_payload_error(key: str, value: ob
         except OverflowError:  # integers msgpack cannot carry never reach a decoder
             continue
         _decode_or_payload_error(decoder, packed)
+
+
+# ------------------------------------------------------------------------------ unencodable text
+
+# Any code point, lone surrogates often (hypothesis leaves them out of st.text by default).
+any_text = st.text(
+    alphabet=st.characters(categories=["Cs"]) | st.characters(exclude_categories=()), max_size=12
+)
+any_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(0, 9) | st.integers() | st.floats() | any_text,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(any_text, children, max_size=4)
+    ),
+    max_leaves=20,
+)
+PLANTED_KEYS = (
+    *("counters", "window", "input", "metrics", "labels", "label", "prediction_id", "source"),
+    *("message", "topic", "request_id", "model_version", "state", "version"),
+)
+JSON_CODECS = {
+    codec.decode_prediction: codec.encode_prediction,
+    codec.decode_confirmation: codec.encode_confirmation,
+    codec.decode_status: codec.encode_status,
+    codec.decode_manifest: codec.encode_manifest,
+    codec.decode_error: codec.encode_error,
+    codec.decode_command: codec.encode_command,
+    codec.decode_device_command: codec.encode_device_command,
+}
+
+
+def _store_decoded(store: TrainerStore, message: object) -> None:
+    """What the trainer stores of a decoded message; StorageError only for a broken disk."""
+    with store.transaction() as writer:
+        if isinstance(message, Prediction):
+            writer.add_prediction(message)
+        elif isinstance(message, Confirmation):
+            writer.add_confirmation("dev-1", message)
+        elif isinstance(message, DeviceStatus):
+            writer.update_status(message)
+
+
+@settings(max_examples=400)
+@given(
+    original=st.sampled_from(VALID_PAYLOADS[3:]),
+    path=st.lists(
+        st.sampled_from(PLANTED_KEYS) | any_text,
+        min_size=1,
+        max_size=3,
+    ),
+    value=any_text | any_json_values,
+)
+# The issue's case: a provisioned device's status with a counter named by a lone surrogate.
+@example(original=VALID_PAYLOADS[5], path=["counters", "\ud800"], value=1)
+@example(original=VALID_PAYLOADS[4], path=["label"], value="\udfff")
+def test_no_json_payload_raises_anything_but_payload_error_and_what_decodes_is_kept(
+    original: bytes, path: list[str], value: object
+) -> None:
+    doc = json.loads(original)
+    target = doc
+    for key in path[:-1]:  # plant ``value`` at any depth, under any key
+        if not isinstance(target.get(key), dict):
+            target[key] = {}
+        target = target[key]
+    target[path[-1]] = value
+    payload = json.dumps(doc).encode()  # ensure_ascii: a lone surrogate travels as \udxxx
+    store = TrainerStore(Path(":memory:"))
+    try:
+        for decode, encode in JSON_CODECS.items():
+            try:
+                message = decode(payload)
+            except PayloadError:
+                continue
+            encode(message)  # type: ignore[operator]
+            _store_decoded(store, message)
+    finally:
+        store.close()
+
+
+def test_lone_surrogates_are_refused_with_their_place_in_the_payload() -> None:
+    status = json.loads(codec.encode_status(DeviceStatus("dev-1", "online", "v1", 1.0)))
+    status["counters"] = {"\ud800": 1}
+    with pytest.raises(PayloadError, match=r"a key of counters holds a lone surrogate \(\\ud800\)"):
+        codec.decode_status(json.dumps(status).encode())
+    confirmation = json.loads(codec.encode_confirmation(Confirmation("p", "Walking", "user", 1.0)))
+    confirmation["extra"] = [{"note": "ok \udfff"}]  # an unknown field is checked too
+    with pytest.raises(PayloadError, match=r"extra\[0\]\.note holds a lone surrogate"):
+        codec.decode_confirmation(json.dumps(confirmation).encode())
+    # A pair of surrogate escapes is one real character, and welcome.
+    confirmation = json.loads(codec.encode_confirmation(Confirmation("p", "Walking", "user", 1.0)))
+    confirmation["label"] = "\U0001f600"
+    assert codec.decode_confirmation(json.dumps(confirmation).encode()).label == "\U0001f600"
+
+
+def test_an_error_event_about_unencodable_text_escapes_it() -> None:
+    event = ErrorEvent("trainer-1", "malformed_payload", "counter \ud800 is bad", 1.0, "a/\udc80")
+    decoded = codec.decode_error(codec.encode_error(event))
+    assert decoded.message == "counter \\ud800 is bad"
+    assert decoded.topic == "a/\\udc80"
+    quoting = ErrorEvent.quoting("trainer-1", "malformed_payload", "\ud800" * 3000, 1.0, "t" * 600)
+    assert quoting.message == ("\\ud800" * 3000)[:2048]  # escaped, then cut to size
+    assert len(quoting.topic) == 512
+    codec.encode_error(quoting)

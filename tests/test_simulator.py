@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import random
@@ -453,3 +454,98 @@ def test_the_fleet_can_announce_its_devices_to_home_assistant(
 def test_home_assistant_discovery_needs_ids_it_accepts() -> None:
     with pytest.raises(ConfigError, match="Home Assistant"):
         SimSettings(device_prefix="sim.", homeassistant_discovery=True)
+
+
+# ---------------------------------------------------------------------------- failures
+@pytest.mark.broker
+def test_a_failing_tick_is_reported_on_the_devices_error_topic_and_the_device_streams_on(
+    tmp_path: Path,
+    broker_settings: BrokerSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    logged_exceptions: list[logging.LogRecord],
+) -> None:
+    _, public_key = generate_keypair(tmp_path / "keys")
+    settings = sim_settings(tmp_path, broker_settings, public_key, devices=1)
+    [device_id] = settings.device_ids
+    next_batch = SimDevice.next_batch
+    calls = [0]
+
+    def fails_the_third_time(device: SimDevice) -> Any:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("a sensor bug")
+        return next_batch(device)
+
+    monkeypatch.setattr(SimDevice, "next_batch", fails_the_third_time)
+    observer = Observer(broker_settings)
+    try:
+        with RunningFleet(settings) as running:
+            observer.until(
+                lambda: bool(observer.errors[device_id]) and len(observer.batches[device_id]) >= 5,
+                "an error event, and batches after it",
+            )
+            report = running.stop()
+    finally:
+        observer.stop()
+    [event] = observer.errors[device_id]
+    assert event.code == "internal_error"
+    assert "sensor tick: RuntimeError: a sensor bug" in event.message
+    assert report["per_device"][device_id]["internal_errors"] == 1
+    assert "failed" not in report
+    seqs = observer.batches[device_id]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # the failed tick made no batch
+    assert [record.getMessage() for record in logged_exceptions] == [
+        f"{device_id}: sensor tick failed"
+    ]
+
+
+@pytest.mark.broker
+def test_a_dying_event_loop_makes_har_sim_report_it_and_exit_70(
+    tmp_path: Path,
+    broker_settings: BrokerSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    logged_exceptions: list[logging.LogRecord],
+) -> None:
+    from har.cli import main
+
+    _, public_key = generate_keypair(tmp_path / "keys")
+    topics = Topics(broker_settings.topic_root)
+    finished = FleetSimulator._finished
+    rounds = [0]
+
+    def dies_once_streaming(fleet: FleetSimulator) -> bool:
+        # Outside every job: the loop's own stop check. It fails once batches flow.
+        if sum(device.counters["batches_sent"] for device in fleet.devices) >= 4:
+            raise RuntimeError("a bug in the event loop itself")
+        rounds[0] += 1
+        return finished(fleet)
+
+    monkeypatch.setattr(FleetSimulator, "_finished", dies_once_streaming)
+    statuses, inbox = connect(broker_settings, [(topics.all_status(), 1)])
+    try:
+        code = main(
+            [
+                *("sim", "--devices", "2", "--speed", "20", "--public-key", str(public_key)),
+                *("--broker-port", str(broker_settings.port)),
+                *("--topic-root", broker_settings.topic_root, "--state-dir", str(tmp_path / "s")),
+                *("--duration", str(WAIT_S)),
+            ]
+        )
+        # The dropped connections make the broker publish each device's last will.
+        offline: set[str] = set()
+        while len(offline) < 2:
+            status = codec.decode_status(inbox.get(timeout=WAIT_S).payload)
+            if status.state == "offline":
+                offline.add(status.device_id)
+    finally:
+        statuses.stop()
+    assert code == 70
+    report = json.loads(capsys.readouterr().out)
+    assert report["failed"] == {
+        "thread": "sim-loop",
+        "error": "RuntimeError: a bug in the event loop itself",
+    }
+    assert report["totals"]["batches_sent"] >= 4
+    assert rounds[0] > 0
+    assert [record.threadName for record in logged_exceptions] == ["sim-loop"]

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import queue
+import signal
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,15 +22,28 @@ from har.synthetic_data import write_dataset
 from shared import codec
 from shared.config import BrokerSettings
 from shared.errors import StorageError
-from shared.messages import Confirmation, Prediction, SensorBatch, TrainerCommand, WindowRef
-from shared.mqtt_transport import MqttConnection, Outbound
+from shared.messages import (
+    Confirmation,
+    DeviceStatus,
+    ModelManifest,
+    Prediction,
+    SensorBatch,
+    TrainerCommand,
+    WindowRef,
+)
+from shared.model_bundle import ChunkAssembler
+from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound
 from shared.signing import generate_keypair
+from shared.supervision import EXIT_THREAD_DIED
 from shared.topics import Topics
+from tests.mosquitto import MosquittoProcess
 from tests.mqtt_helpers import connect, receive
+from tests.release_helpers import CHUNK_SIZE, make_releases
 from trainer_service.retrain import confirmed_sets, gate, is_holdout
 from trainer_service.service import TrainerService
 from trainer_service.settings import (
     IngestSettings,
+    PublishSettings,
     RetrainSettings,
     TrainerSettings,
 )
@@ -362,3 +379,230 @@ def test_devices_outside_the_allow_list_are_refused(
     store = TrainerStore(settings.store_path)
     assert store.batch_seqs("d1") == [0]
     assert store.batch_seqs("intruder") == []
+
+
+# ============================================================================== failures
+# Hostile input and the trainer's own failures: nothing stops ingest for good, a failing job is
+# reported and skipped, and a dead loop makes the service say so and exit non-zero.
+
+
+def next_event(errors: queue.Queue[InboundMessage], code: str) -> dict[str, object]:
+    """The next error event with ``code`` (others, such as periodic retries, are skipped)."""
+    while True:
+        event: dict[str, object] = json.loads(receive(errors, WAIT).payload)
+        if event["code"] == code:
+            return event
+
+
+def status_json(device: str, counters: dict[str, int]) -> bytes:
+    doc = json.loads(codec.encode_status(DeviceStatus(device, "online", None, 1.0)))
+    doc["counters"] = counters
+    return json.dumps(doc).encode()  # ensure_ascii: a lone surrogate travels as \ud800
+
+
+# ------------------------------------------------------------------------------ hostile input
+
+
+@pytest.mark.broker
+def test_lone_surrogates_and_huge_topics_are_reported_and_ingest_carries_on(
+    service: TrainerService, broker_settings: BrokerSettings
+) -> None:
+    topics = Topics(broker_settings.topic_root)
+    watcher, errors = connect(broker_settings, [(topics.trainer_error(), 1)])
+    device, _ = connect(broker_settings)
+    confirmation = json.loads(codec.encode_confirmation(Confirmation("p1", "Walking", "user", 1.0)))
+    confirmation["label"] = "Walking\udfff"
+    long_topic = f"{broker_settings.topic_root}/devices/{'x' * 600}/sensor"
+    try:
+        for _ in range(2):  # the message that stopped ingest for good, twice
+            publish(device, topics.status("d1"), status_json("d1", {"\ud800": 1}), msgpack=False)
+        publish(device, topics.confirmation("d1"), json.dumps(confirmation).encode(), msgpack=False)
+        publish(device, long_topic, b"\x00", msgpack=True)
+        publish(
+            device, topics.sensor("d1"), codec.encode_sensor_batch(batch("d1", 0)), msgpack=True
+        )
+        assert service.counters.wait_until("messages_ingested", 5, WAIT), "ingest stopped"
+        events = [json.loads(receive(errors, WAIT).payload) for _ in range(4)]
+    finally:
+        device.stop()
+        watcher.stop()
+    assert [e["code"] for e in events] == ["malformed_payload"] * 3 + ["unexpected_topic"]
+    assert "a key of counters holds a lone surrogate (\\ud800)" in events[0]["message"]
+    assert "label holds a lone surrogate" in events[2]["message"]
+    assert len(events[3]["topic"]) == 512  # cut to what an error event may carry
+    assert service.counters.get("error_internal_error") == 0
+    assert service.store.batch_seqs("d1") == [0]  # the valid batch after them is kept
+
+
+# ------------------------------------------------------------------------------ failing jobs
+
+
+@pytest.mark.broker
+def test_a_failing_store_read_is_a_reported_storage_error_and_upkeep_carries_on(
+    service: TrainerService, broker_settings: BrokerSettings
+) -> None:
+    topics = Topics(broker_settings.topic_root)
+    watcher, errors = connect(broker_settings, [(topics.trainer_error(), 1)])
+    try:
+        service.store.close()  # every read fails from now on, as with a vanished disk
+        event = next_event(errors, "upkeep_failed")
+        # The same job fails again on its next round: the loop is alive.
+        assert service.counters.wait_until("error_upkeep_failed", 3, WAIT)
+    finally:
+        watcher.stop()
+    assert "cannot read" in str(event["message"])
+    assert service.counters.get("error_internal_error") == 0
+    with pytest.raises(StorageError, match="cannot read"):
+        service.store.counts()
+
+
+def test_every_store_read_raises_storage_error(tmp_path: Path) -> None:
+    store = TrainerStore(tmp_path / "t.sqlite3")
+    store.close()
+    for read in (
+        store.counts,
+        store.confirmed_windows,
+        store.join_pending,
+        lambda: store.batch_seqs("d1"),
+        lambda: store.batch("d1", 0),
+        lambda: store.schema_version,
+    ):
+        with pytest.raises(StorageError, match="cannot read"):
+            read()
+
+
+# ------------------------------------------------------------------------------ model releases
+
+
+def read_release(settings: BrokerSettings, version: str) -> tuple[ModelManifest, bytes]:
+    """The retained manifest, and the payload the retained chunks of ``version`` assemble to."""
+    topics = Topics(settings.topic_root)
+    subscriptions = [(topics.model_manifest(), 1), (topics.model_chunks(version), 1)]
+    reader, inbox = connect(settings, subscriptions)
+    manifest = None
+    chunks = []
+    try:
+        while True:
+            message = receive(inbox, WAIT)
+            if message.topic == topics.model_manifest():
+                manifest = codec.decode_manifest(message.payload)
+            else:
+                chunks.append(codec.decode_model_chunk(message.payload))
+            if manifest is not None and len(chunks) == manifest.chunks:
+                assembler = ChunkAssembler(manifest.version, manifest.chunks, manifest.size)
+                whole = [assembler.add(chunk) for chunk in chunks][-1]
+                assert whole is not None
+                return manifest, whole
+    finally:
+        reader.stop()
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_a_version_chunked_otherwise_is_published_and_again_after_the_broker_lost_it(
+    trainer_settings: TrainerSettings,
+    broker: MosquittoProcess,
+    broker_settings: BrokerSettings,
+    tmp_path: Path,
+) -> None:
+    releases = make_releases(tmp_path / "releases")
+    assert releases.second.manifest.chunks > 1  # promoted at 64 KiB chunks...
+    settings = dataclasses.replace(
+        trainer_settings,
+        registry_dir=releases.registry.root,
+        publish=PublishSettings(chunk_bytes=4 * CHUNK_SIZE),  # ...and published at 256 KiB
+    )
+    service = TrainerService(settings)
+    service.start()
+    try:
+        assert service.wait_connected(WAIT)
+        assert read_release(broker_settings, releases.second.manifest.version) == (
+            releases.second.manifest,
+            releases.second.payload,
+        )
+
+        # A broker crash that loses its retained messages: the reconnect brings them back.
+        connects = service._connection.connect_count
+        broker.kill()
+        (broker.workdir / "mosquitto.db").unlink(missing_ok=True)
+        broker.start()
+        assert service.counters.wait_until("models_published", 2, WAIT)
+        assert service._connection.connect_count > connects
+        assert read_release(broker_settings, releases.second.manifest.version) == (
+            releases.second.manifest,
+            releases.second.payload,
+        )
+    finally:
+        service.shutdown()
+    assert service.counters.get("error_upkeep_failed") == 0
+
+
+# ------------------------------------------------------------------------------ dead loops
+
+
+@pytest.mark.broker
+def test_a_dead_thread_makes_har_trainer_serve_report_it_and_exit_70(
+    trainer_settings: TrainerSettings,
+    broker_settings: BrokerSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    logged_exceptions: list[logging.LogRecord],
+) -> None:
+    from har.cli import main
+
+    topics = Topics(broker_settings.topic_root)
+    status_topic = topics.trainer_status(trainer_settings.instance)
+    watcher, errors = connect(broker_settings, [(topics.trainer_error(), 1)])
+
+    def broken_scheduling(*args: object, **kwargs: object) -> bool:
+        raise RuntimeError("a bug outside the per-job handling")
+
+    # The upkeep loop's own scheduling fails: nothing inside it can catch that.
+    monkeypatch.setattr(TrainerService, "_upkeep_job", broken_scheduling)
+    settings = trainer_settings
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = main(
+            [
+                *("trainer", "serve", "--instance", settings.instance),
+                *("--data-dir", str(settings.data_dir)),
+                *("--registry-dir", str(settings.registry_dir)),
+                *("--broker-port", str(broker_settings.port)),
+                *("--topic-root", broker_settings.topic_root),
+            ]
+        )
+        event = next_event(errors, "thread_died")
+    finally:
+        watcher.stop()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)  # `har trainer serve` took them for its service
+    assert code == EXIT_THREAD_DIED
+    assert "trainer-upkeep" in str(event["message"])
+    assert "a bug outside the per-job handling" in str(event["message"])
+    status_reader, statuses = connect(broker_settings, [(status_topic, 1)])
+    try:
+        status = codec.decode_status(receive(statuses, WAIT).payload)  # retained
+    finally:
+        status_reader.stop()
+    assert status.state == "failed"
+    assert [r.threadName for r in logged_exceptions] == ["trainer-upkeep"]
+
+
+@pytest.mark.broker
+def test_the_birth_message_does_not_read_the_registry_on_pahos_thread(
+    trainer_settings: TrainerSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = TrainerService(trainer_settings)
+    readers: list[str] = []
+    read_current = service.registry.current
+
+    def current() -> str | None:
+        readers.append(threading.current_thread().name)
+        return read_current()
+
+    monkeypatch.setattr(service.registry, "current", current)
+    service.start()
+    try:
+        assert service.wait_connected(WAIT)  # set once the birth message is out
+    finally:
+        service.shutdown()
+    assert not [name for name in readers if name.startswith("paho")]

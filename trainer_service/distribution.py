@@ -21,15 +21,42 @@ from trainer_service.registry import ModelRegistry
 log = logging.getLogger(__name__)
 
 
+def manifest_chunk_size(manifest: ModelManifest) -> int:
+    """A chunk size that cuts the payload into exactly the ``chunks`` its manifest says.
+
+    The count is signed into the manifest when the version is promoted, with the chunk size
+    configured then; ``publish.chunk_bytes`` may have changed since. Devices check only the count,
+    so any size that makes it will do: ceil(size / chunks) always does.
+    """
+    return max(1, -(-manifest.size // manifest.chunks))
+
+
 def release_messages(
-    topics: Topics, manifest: ModelManifest, payload: bytes, chunk_size: int
+    topics: Topics, manifest: ModelManifest, payload: bytes, max_chunk_bytes: int
 ) -> list[Outbound]:
-    """Every message that publishes ``manifest`` and its payload, in the order to send them."""
+    """Every message that publishes ``manifest`` and its payload, in the order to send them.
+
+    The payload is cut as its manifest says; HarError if that makes chunks larger than
+    ``max_chunk_bytes`` (what the broker is configured to take): promoting the version again signs
+    a manifest with today's chunking.
+    """
+    if len(payload) != manifest.size:
+        raise HarError(
+            f"payload of {manifest.version} has {len(payload)} bytes, its manifest says "
+            f"{manifest.size}"
+        )
+    chunk_size = manifest_chunk_size(manifest)
+    if chunk_size > max_chunk_bytes:
+        raise HarError(
+            f"manifest of {manifest.version} cuts it into {manifest.chunks} chunks of "
+            f"{chunk_size} bytes, more than publish.chunk_bytes ({max_chunk_bytes}): promote it "
+            "again to sign a manifest with today's chunking"
+        )
     chunks = split_chunks(manifest.version, payload, chunk_size)
-    if len(chunks) != manifest.chunks:
-        raise ValueError(
-            f"manifest of {manifest.version} says {manifest.chunks} chunks, "
-            f"the payload makes {len(chunks)} at {chunk_size} bytes"
+    if len(chunks) != manifest.chunks:  # a manifest promote() never signs (more chunks than bytes)
+        raise HarError(
+            f"manifest of {manifest.version} says {manifest.chunks} chunks for "
+            f"{manifest.size} bytes: promote it again"
         )
     messages = [
         Outbound(
@@ -68,7 +95,7 @@ def publish_all(connection: MqttConnection, messages: list[Outbound], timeout: f
 
 
 def current_release_messages(
-    topics: Topics, registry: ModelRegistry, chunk_size: int
+    topics: Topics, registry: ModelRegistry, max_chunk_bytes: int
 ) -> list[Outbound]:
     """Messages that publish the registry's current version and clear superseded chunks.
 
@@ -81,7 +108,7 @@ def current_release_messages(
     manifest = registry.manifest(current)
     if manifest is None:
         raise HarError(f"current model {current} has no signed manifest: promote it again")
-    messages = release_messages(topics, manifest, registry.payload(current), chunk_size)
+    messages = release_messages(topics, manifest, registry.payload(current), max_chunk_bytes)
     history = registry.history()
     keep = {current, *history[-1:]}
     for version in history:

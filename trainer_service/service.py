@@ -8,7 +8,14 @@ Threads:
   delivers it again to the persistent session; storage deduplicates what was.
 - **retrain**: waits for a trigger (N new confirmations, the interval, a command), runs a round
   and publishes the new version.
-- **upkeep**: joins late confirmations, applies retention, publishes the service's status.
+- **upkeep**: joins late confirmations, applies retention, publishes the service's status, and
+  publishes the current model again after every (re)connect (a broker that lost its retained
+  messages gets them back).
+
+Failures follow ``shared.supervision``: a failing message or job is logged, counted, published on
+the error topic and skipped; a loop that dies anyway makes ``run()`` publish a ``thread_died``
+error event and a "failed" status, shut down, and return ``EXIT_THREAD_DIED`` so that systemd
+restarts the service.
 """
 
 from __future__ import annotations
@@ -24,8 +31,15 @@ from shared import codec
 from shared.counters import Counters
 from shared.errors import HarError, PayloadError, StorageError
 from shared.messages import DeviceState, DeviceStatus, ErrorEvent
-from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound, PublishRefusedError
+from shared.mqtt_transport import (
+    InboundMessage,
+    MqttConnection,
+    Outbound,
+    PublishHandle,
+    PublishRefusedError,
+)
 from shared.signing import load_private_key
+from shared.supervision import EXIT_THREAD_DIED, Supervisor
 from shared.topics import Topics
 from trainer_service.distribution import current_release_messages, publish_all
 from trainer_service.receipts import ReceiptBook
@@ -35,6 +49,8 @@ from trainer_service.settings import TrainerSettings
 from trainer_service.store import TrainerStore, Writer
 
 log = logging.getLogger(__name__)
+
+PUBLISH_RETRY_S = 30.0  # after a failed publish of the current model on this connection
 
 
 class TrainerService:
@@ -48,6 +64,8 @@ class TrainerService:
         self._last_counters: dict[str, int] = {}
         self.store = TrainerStore(settings.store_path, clock=clock)
         self.registry = ModelRegistry(settings.registry_dir)
+        # Statuses are composed on paho's thread too (birth): they read this, never the disk.
+        self._current_version = self.registry.current()
         self._private_key = load_private_key(settings.private_key) if settings.private_key else None
         self._known = set(settings.ingest.known_devices)
         self._base: Any = None
@@ -81,22 +99,23 @@ class TrainerService:
             birth=lambda: [self._status("online", self._last_counters)],
             persistent_session=True,
         )
-        self._threads = [
-            threading.Thread(target=self._ingest_loop, name="trainer-ingest", daemon=True),
-            threading.Thread(target=self._retrain_loop, name="trainer-retrain", daemon=True),
-            threading.Thread(target=self._upkeep_loop, name="trainer-upkeep", daemon=True),
-        ]
+        self._supervisor = Supervisor()
+        self._supervisor.add("trainer-ingest", self._ingest_loop)
+        self._supervisor.add("trainer-retrain", self._retrain_loop)
+        self._supervisor.add("trainer-upkeep", self._upkeep_loop)
 
     # ================================================================== lifecycle
     def start(self) -> None:
         self.registry.remove_leftovers()
         self._connection.start()
-        for thread in self._threads:
-            thread.start()
+        self._supervisor.start()
 
     def run(self) -> int:
+        """Serve until ``request_stop``; 0, 3 (the broker refused us) or ``EXIT_THREAD_DIED``."""
         self.start()
-        while not self._stop.wait(1.0):
+        while not self._stop.is_set():
+            if self._supervisor.wait(0.25):
+                return self._after_thread_death()
             if self._connection.fatal_error is not None:
                 log.error("broker refused the trainer: %s", self._connection.fatal_error)
                 self.shutdown()
@@ -104,24 +123,44 @@ class TrainerService:
         self.shutdown()
         return 0
 
+    def _after_thread_death(self) -> int:
+        """A loop died outside its per-job handling: say so, stop what is left, exit non-zero."""
+        death = self._supervisor.death
+        assert death is not None  # the supervisor woke us for it
+        name, exc = death
+        self.counters.add("threads_died")
+        handle = self._report(
+            "thread_died",
+            f"thread {name} died ({type(exc).__name__}: {exc}); the trainer exits with code "
+            f"{EXIT_THREAD_DIED} to be restarted",
+        )
+        if handle is not None:
+            handle.wait(2.0)  # before the disconnect: the event is why the status says failed
+        self.shutdown(final_state="failed")
+        return EXIT_THREAD_DIED
+
     def request_stop(self) -> None:
         self._stop.set()
 
-    def shutdown(self) -> None:
-        """Finish the group being stored, say goodbye, disconnect. Idempotent."""
+    def shutdown(self, final_state: DeviceState = "offline") -> None:
+        """Finish the group being stored, say goodbye (``final_state``), disconnect. Idempotent."""
         self._stop.set()
         self._retrain_requested.set()
         with self._lock:
             if self._shut_down:
                 return
             self._shut_down = True
-        for thread in self._threads:
+        for thread in self._supervisor.threads:
             if thread.ident is not None:
                 thread.join(60)
         if self._connection.connected:
-            self._connection.publish(self._status("offline", self._refresh_counters())).wait(2.0)
+            counters = self._counters_or_last()  # the goodbye goes out even if the store fails
+            self._connection.publish(self._status(final_state, counters)).wait(2.0)
         self._connection.stop()
-        self.store.close()
+        try:
+            self.store.close()
+        except StorageError as exc:
+            log.warning("%s", exc)
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connection.wait_connected(timeout) and self._connection.wait_subscribed(
@@ -137,7 +176,7 @@ class TrainerService:
         status = DeviceStatus(
             device_id=self._settings.instance,
             state=state,
-            model_version=self.registry.current(),
+            model_version=self._current_version,
             ts=self._clock(),
             counters=counters,
         )
@@ -151,6 +190,14 @@ class TrainerService:
     def _refresh_counters(self) -> dict[str, int]:
         self._last_counters = self.status_counters()
         return self._last_counters
+
+    def _counters_or_last(self) -> dict[str, int]:
+        """Fresh counters, or the last ones when the store cannot be read (said in the log)."""
+        try:
+            return self._refresh_counters()
+        except StorageError as exc:
+            log.warning("status with the last known counts: %s", exc)
+            return self._last_counters
 
     def status_counters(self) -> dict[str, int]:
         counts = self.counters.snapshot()
@@ -168,14 +215,23 @@ class TrainerService:
         )
         return counts
 
-    def _report(self, code: str, message: str, topic: str = "") -> None:
+    def _report(self, code: str, message: str, topic: str = "") -> PublishHandle | None:
+        """Log, count and publish a handled error. Never raises: a report that cannot be
+        published is counted (``error_events_lost``), and the loop that made it carries on."""
         log.warning("%s: %s (%s)", code, message, topic)
         self.counters.add(f"error_{code}")
-        event = ErrorEvent(self._settings.instance, code, message[:2000], self._clock(), topic)
-        if self._connection.connected:
-            self._connection.publish(
+        if not self._connection.connected:
+            return None
+        try:
+            # Bad input quoted in a report may be unencodable or huge: escaped and cut to size.
+            event = ErrorEvent.quoting(self._settings.instance, code, message, self._clock(), topic)
+            return self._connection.publish(
                 Outbound(self._topics.trainer_error(), codec.encode_error(event))
             )
+        except Exception as exc:  # whatever it is, the report must not kill a loop
+            self.counters.add("error_events_lost")
+            log.warning("error event %s not published: %s: %s", code, type(exc).__name__, exc)
+            return None
 
     # ================================================================== ingest
     def _ingest_loop(self) -> None:
@@ -359,40 +415,71 @@ class TrainerService:
 
     def publish_current(self) -> None:
         """Publish the current version's chunks and manifest (retained); clear older chunks."""
+        self._current_version = self.registry.current()
         messages = current_release_messages(
             self._topics, self.registry, self._settings.publish.chunk_bytes
         )
         if messages:
             publish_all(self._connection, messages, self._settings.publish.ack_timeout_s)
-            log.info("published model %s to the fleet", self.registry.current())
-        self._connection.publish(self._status("online", self._refresh_counters()))
+            self.counters.add("models_published")
+            log.info("published model %s to the fleet", self._current_version)
+        # The model is out: a store that cannot be counted now must not make this a failure.
+        self._connection.publish(self._status("online", self._counters_or_last()))
 
     # ================================================================== upkeep
     def _upkeep_loop(self) -> None:
         retention = self._settings.retention
         next_status = 0.0
         next_retention = time.monotonic() + 60.0
-        published = False
+        published_on = 0  # the connection (its connect_count) the current model went out on
+        next_publish = 0.0
         while not self._stop.wait(1.0):
             now = time.monotonic()
-            try:
-                if not published and self._connection.connected:
-                    try:
-                        self.publish_current()  # a restarted trainer re-asserts the current model
-                        published = True
-                    except PublishRefusedError as exc:
-                        published = True  # refused now, refused on every retry: say it once
-                        self._report("publish_refused", str(exc))
-                self.store.join_pending()
-                if now >= next_retention:
-                    next_retention = now + retention.interval_s
-                    removed = self.store.apply_retention(
-                        max_age_s=retention.max_age_days * 86400,
-                        max_batches_per_device=retention.max_batches_per_device,
-                    )
-                    self.counters.add("retention_removed", removed)
-                if now >= next_status and self._connection.connected:
-                    next_status = now + self._settings.status_interval_s
-                    self._connection.publish(self._status("online", self._refresh_counters()))
-            except HarError as exc:
-                self._report("upkeep_failed", str(exc))
+            connection = self._connection.connect_count
+            if connection != published_on and now >= next_publish and self._connection.connected:
+                # On every connection: a broker that lost its retained messages (a crash between
+                # autosaves) gets the model back as soon as the trainer reconnects.
+                if self._upkeep_job("publish", self.publish_current, refused_is_final=True):
+                    published_on = connection
+                else:
+                    next_publish = now + PUBLISH_RETRY_S
+            self._upkeep_job("join", self.store.join_pending)
+            if now >= next_retention:
+                next_retention = now + retention.interval_s
+                self._upkeep_job("retention", self._apply_retention)
+            if now >= next_status and self._connection.connected:
+                next_status = now + self._settings.status_interval_s
+                self._upkeep_job("status", self._publish_status)
+
+    def _upkeep_job(
+        self, job: str, work: Callable[[], object], *, refused_is_final: bool = False
+    ) -> bool:
+        """Run one upkeep job; True when it is done. A failure is reported, and the job runs
+        again on its schedule; a refused publish counts as done when ``refused_is_final`` (the
+        broker's ACL would refuse every retry)."""
+        try:
+            work()
+        except PublishRefusedError as exc:
+            self._report("publish_refused", str(exc))
+            return refused_is_final
+        except HarError as exc:
+            self._report("upkeep_failed", f"{job}: {exc}")
+        except Exception as exc:
+            log.exception("upkeep job %s failed", job)
+            self._report("internal_error", f"upkeep {job}: {type(exc).__name__}: {exc}")
+        else:
+            return True
+        return False
+
+    def _apply_retention(self) -> None:
+        retention = self._settings.retention
+        removed = self.store.apply_retention(
+            max_age_s=retention.max_age_days * 86400,
+            max_batches_per_device=retention.max_batches_per_device,
+        )
+        self.counters.add("retention_removed", removed)
+
+    def _publish_status(self) -> None:
+        # Here, off paho's thread: `har models promote` may have changed it behind our back.
+        self._current_version = self.registry.current()
+        self._connection.publish(self._status("online", self._refresh_counters()))

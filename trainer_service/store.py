@@ -105,7 +105,10 @@ class StoreCounts:
 
 
 class TrainerStore:
-    """Thread-safe; every write method commits before it returns."""
+    """Thread-safe; every write method commits before it returns.
+
+    Every ``sqlite3.Error``, of a read or of a write, comes out as ``StorageError``.
+    """
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         self._path = path
@@ -125,7 +128,7 @@ class TrainerStore:
 
     @property
     def schema_version(self) -> int:
-        with self._lock:
+        with self._reading():
             return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     def _migrate(self) -> None:
@@ -141,8 +144,17 @@ class TrainerStore:
             )
 
     def close(self) -> None:
-        with self._lock:
+        with self._reading():
             self._db.close()
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Hold the store's lock; a failing read is a StorageError like a failing write."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot read {self._path}: {exc}") from exc
 
     @contextmanager
     def transaction(self) -> Iterator[Writer]:
@@ -166,7 +178,7 @@ class TrainerStore:
 
     # ---------------------------------------------------------------------- reading
     def counts(self) -> StoreCounts:
-        with self._lock:
+        with self._reading():
             batches, samples = self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(n_samples), 0) FROM batches"
             ).fetchone()
@@ -178,14 +190,14 @@ class TrainerStore:
         return StoreCounts(batches, samples, predictions, confirmations, joined, devices)
 
     def batch_seqs(self, device_id: str) -> list[int]:
-        with self._lock:
+        with self._reading():
             rows = self._db.execute(
                 "SELECT seq FROM batches WHERE device_id = ? ORDER BY seq", (device_id,)
             ).fetchall()
         return [int(row[0]) for row in rows]
 
     def batch(self, device_id: str, seq: int) -> npt.NDArray[np.float32] | None:
-        with self._lock:
+        with self._reading():
             row = self._db.execute(
                 "SELECT samples FROM batches WHERE device_id = ? AND seq = ?", (device_id, seq)
             ).fetchone()
@@ -193,7 +205,7 @@ class TrainerStore:
 
     def confirmed_windows(self) -> list[ConfirmedWindow]:
         """Every confirmation joined to its window, oldest first."""
-        with self._lock:
+        with self._reading():
             rows = self._db.execute(
                 "SELECT prediction_id, device_id, label, window, received FROM confirmations"
                 " WHERE joined IS NOT NULL ORDER BY received, prediction_id"
@@ -206,7 +218,7 @@ class TrainerStore:
     # ---------------------------------------------------------------------- joining
     def join_pending(self, limit: int = 1000) -> int:
         """Join unjoined confirmations whose prediction and batches have arrived since."""
-        with self._lock:
+        with self._reading():
             pending = self._db.execute(
                 "SELECT prediction_id FROM confirmations WHERE joined IS NULL"
                 " ORDER BY received LIMIT ?",
