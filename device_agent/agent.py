@@ -47,7 +47,7 @@ from device_agent.windowing import StreamWindow, StreamWindower
 from shared import codec, homeassistant
 from shared.counters import Counters, LatencyRecorder
 from shared.errors import HarError, ModelError, PayloadError, StorageError
-from shared.messages import DeviceStatus, Prediction
+from shared.messages import Confirmation, DeviceStatus, Prediction, ReceiptKey
 from shared.model.runtime import ActivityModel
 from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound, PublishHandle
 from shared.signing import load_public_key
@@ -430,6 +430,7 @@ class DeviceAgent:
             Outbound(self._topics.prediction(self._device), codec.encode_prediction(prediction)),
             Priority.NORMAL,
             recent=(prediction.prediction_id, active.version, window.samples),
+            receipt_key=ReceiptKey.prediction(prediction.prediction_id),
         )
 
     def _confirm(self, message: InboundMessage) -> None:
@@ -468,7 +469,21 @@ class DeviceAgent:
             except ModelError as exc:
                 # Kept, learned again when the model is next attached.
                 self._report("learning_failed", str(exc), message.topic)
+            try:
+                self._relay(confirmation)
+            except StorageError as exc:
+                self._report("storage_error", f"confirmation not relayed: {exc}", message.topic)
+                return  # delivered again, kept again (a duplicate), relayed then
         message.ack()
+
+    def _relay(self, confirmation: Confirmation) -> None:
+        """Pass a kept confirmation on to the trainer, until its receipt: the user's own copy
+        to the trainer is lost if the broker crashes before delivering it."""
+        self._outbox.put(
+            Outbound(self._topics.confirmed(self._device), codec.encode_confirmation(confirmation)),
+            Priority.NORMAL,
+            receipt_key=ReceiptKey.confirmation(confirmation.prediction_id),
+        )
 
     def _command(self, message: InboundMessage) -> None:
         try:
@@ -599,12 +614,12 @@ class DeviceAgent:
             message.ack()
             return
         try:
-            removed = self._store.outbox_receipted(receipt.ranges)
+            removed = self._store.outbox_receipted(receipt.outbox_keys())
         except StorageError as exc:
             self._report("storage_error", f"receipt not applied: {exc}", message.topic)
             return
         self.counters.add("receipts")
-        self.counters.add("batches_receipted", removed)
+        self.counters.add("messages_receipted", removed)
         message.ack()
 
     # ================================================================== updater thread

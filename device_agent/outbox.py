@@ -38,9 +38,11 @@ class Outbox:
         *,
         counters: Mapping[str, int] | None = None,
         recent: tuple[str, str, npt.NDArray[np.float32]] | None = None,
-        seq: int | None = None,
+        receipt_key: str | None = None,
     ) -> None:
-        evicted = self._store.enqueue(message, priority, counters=counters, recent=recent, seq=seq)
+        evicted = self._store.enqueue(
+            message, priority, counters=counters, recent=recent, receipt_key=receipt_key
+        )
         if evicted:
             log.warning("outbox full: evicted %d oldest low-priority messages", evicted)
         self.ready.set()

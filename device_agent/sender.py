@@ -1,10 +1,11 @@
-"""The sender thread's job: publish the outbox in order; keep each sensor batch until stored.
+"""The sender thread's job: publish the outbox in order; keep what the trainer must store.
 
-A message leaves the outbox once the broker answered it, except a sensor batch: the broker's
-acknowledgement only says the broker took it, and a broker that crashes, or that answers "no
-matching subscribers" while the trainer is away, loses it. A sensor batch stays until the
-trainer's receipt names its sequence number (``DeviceAgent`` hands receipts to the store), and is
-sent again when a later one was receipted and it was not (end-to-end delivery, docs/protocol.md).
+A message leaves the outbox once the broker answered it, except a sensor batch, a prediction and
+a kept confirmation relayed to the trainer: the broker's acknowledgement only says the broker
+took it, and a broker that crashes, or that answers "no matching subscribers" while the trainer's
+session is gone, loses it. Those stay until the trainer's receipt names them (``DeviceAgent``
+hands receipts to the store), and are sent again when something queued after them was receipted
+and they were not (end-to-end delivery, docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ _RESEND_AFTER_S = 60.0
 
 @dataclass(frozen=True, slots=True)
 class Receipts:
-    """How sensor batches are confirmed: by the trainer's receipts, or by the broker alone."""
+    """How receipted messages are confirmed: by the trainer's receipts, or by the broker alone."""
 
     awaited: bool = True
     timeout_s: float = 30.0  # sent this long ago, not receipted though a later one was: resend
@@ -64,8 +65,8 @@ class OutboxSender:
 
     def run(self, producers_done: Callable[[], bool]) -> None:
         """Until ``producers_done()`` and the outbox is flushed (or ``flush_s`` has passed, or
-        the broker is away): then the rest waits in the outbox for the next start. Sensor
-        batches waiting for a receipt are not waited for."""
+        the broker is away): then the rest waits in the outbox for the next start. Messages
+        waiting for a receipt are not waited for."""
         in_flight: list[tuple[OutboxEntry, PublishHandle]] = []
         last_sent = 0
         flush_deadline: float | None = None
@@ -107,35 +108,31 @@ class OutboxSender:
             in_flight = [(entry, self._connection.publish(entry.message)) for entry in entries]
 
     def _unreceipted(self) -> list[OutboxEntry]:
-        """Sensor batches to send again (their resend counted), after dropping those that used
-        up their resends."""
+        """Messages to send again (their resend counted), after dropping those that used up
+        their resends."""
         if not self._receipts.awaited:
             return []
-        due = self._store.outbox_unreceipted(
-            time.time() - self._receipts.timeout_s,
-            self._store.counter("receipted_seq_max", 0),
-            self._inflight,
-        )
+        due = self._store.outbox_unreceipted(time.time() - self._receipts.timeout_s, self._inflight)
         spent = [entry for entry in due if entry.resends >= self._receipts.max_resends]
         spent_ids = {entry.id for entry in spent}
         if spent:
             self._store.outbox_remove(entry.id for entry in spent)
-            self._counters.add("batches_unreceipted_dropped", len(spent))
+            self._counters.add("unreceipted_dropped", len(spent))
             self._report(
-                "batches_unreceipted",
-                f"{len(spent)} sensor batches sent {self._receipts.max_resends + 1} times and "
-                f"never receipted (first seq {spent[0].seq}): dropped from the outbox",
+                "unreceipted",
+                f"{len(spent)} messages sent {self._receipts.max_resends + 1} times and never "
+                f"receipted (the first: {spent[0].receipt_key}): dropped from the outbox",
             )
         resend = [replace(e, resends=e.resends + 1) for e in due if e.id not in spent_ids]
-        self._counters.add("batches_resent", len(resend))
+        self._counters.add("messages_resent", len(resend))
         return resend
 
     def _settle(self, answered: list[tuple[OutboxEntry, PublishHandle]]) -> None:
-        """Keep answered sensor batches until receipted; delete everything else answered."""
+        """Keep answered messages that await a receipt; delete everything else answered."""
         kept = [
             entry
             for entry, handle in answered
-            if entry.seq is not None and self._receipts.awaited and not handle.refused
+            if entry.receipt_key is not None and self._receipts.awaited and not handle.refused
         ]
         kept_ids = {entry.id for entry in kept}
         self._store.outbox_mark_sent(kept, time.time())

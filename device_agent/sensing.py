@@ -16,7 +16,7 @@ from device_agent.windowing import StreamWindow, StreamWindower
 from shared import codec
 from shared.counters import Counters
 from shared.errors import StorageError
-from shared.messages import MAX_SAMPLES_PER_BATCH, SensorBatch
+from shared.messages import MAX_SAMPLES_PER_BATCH, ReceiptKey, SensorBatch
 from shared.mqtt_transport import Outbound
 from shared.topics import Topics
 
@@ -154,7 +154,7 @@ class SensorPump:
             ),
             Priority.BULK,
             counters={"next_seq": seq + 1},
-            seq=seq,
+            receipt_key=ReceiptKey.batch(seq),
         )
         self._next_seq = seq + 1
         self._counters.add("batches_queued")

@@ -34,10 +34,11 @@ class AgentTuning:
     min_replay_for_gate: int = 10  # fewer held-out confirmations: the local gate is skipped
     status_interval_s: float = 30.0
     publish_inflight: int = 50
-    # End-to-end delivery (docs/protocol.md): a sensor batch leaves the outbox only when the
-    # trainer's receipt names it. One the broker took this long ago, and no receipt named though
-    # a later one was named, is sent again, at most max_resends times. Without a trainer that
-    # sends receipts, set await_receipts = false: the broker's acknowledgement then suffices.
+    # End-to-end delivery (docs/protocol.md): a sensor batch, prediction or kept confirmation
+    # leaves the outbox only when the trainer's receipt names it. One the broker took this long
+    # ago, and no receipt named though a later one was named, is sent again, at most max_resends
+    # times. Without a trainer that sends receipts, set await_receipts = false: the broker's
+    # acknowledgement then suffices.
     await_receipts: bool = True
     receipt_timeout_s: float = 30.0
     max_resends: int = 10

@@ -9,9 +9,9 @@ Outbox policy when full (``outbox_max_messages`` or ``outbox_max_bytes``): the o
 the lowest priority goes first. Sensor batches are BULK: the trainer sees the gap in their
 sequence numbers. Predictions and error events are NORMAL and only go when no BULK message is left.
 
-A sensor batch stays in the outbox after the broker took it (``sent_at`` set) until the trainer's
-receipt names its sequence number (end-to-end delivery, docs/protocol.md); every other message
-goes once the broker took it.
+A sensor batch, a prediction and a kept confirmation stay in the outbox after the broker took them
+(``sent_at`` set) until the trainer's receipt names them (end-to-end delivery, docs/protocol.md);
+every other message goes once the broker took it.
 """
 
 from __future__ import annotations
@@ -74,13 +74,15 @@ ALTER TABLE replay ADD COLUMN personal_correct INTEGER;
 ALTER TABLE replay ADD COLUMN global_correct INTEGER;
 """
 
-# Version 3: a sensor batch keeps its sequence number, when the broker took it and how often it
-# was sent again, until the trainer's receipt names it.
+# Version 3: a message the trainer must receipt (sensor batch, prediction, kept confirmation)
+# keeps its receipt key, when the broker took it and how often it was sent again, until a
+# receipt names it.
 _MIGRATE_TO_3 = """
-ALTER TABLE outbox ADD COLUMN seq INTEGER;
+ALTER TABLE outbox ADD COLUMN receipt_key TEXT;
 ALTER TABLE outbox ADD COLUMN sent_at REAL;
 ALTER TABLE outbox ADD COLUMN resends INTEGER NOT NULL DEFAULT 0;
-CREATE INDEX IF NOT EXISTS outbox_by_seq ON outbox (seq) WHERE seq IS NOT NULL;
+CREATE INDEX IF NOT EXISTS outbox_by_receipt_key ON outbox (receipt_key)
+    WHERE receipt_key IS NOT NULL;
 """
 
 Window = npt.NDArray[np.float32]
@@ -96,7 +98,7 @@ class Priority(enum.IntEnum):
 class OutboxEntry:
     id: int
     message: Outbound
-    seq: int | None = None  # a sensor batch's: kept until the trainer's receipt names it
+    receipt_key: str | None = None  # kept until the trainer's receipt names it (ReceiptKey)
     resends: int = 0
 
 
@@ -190,15 +192,15 @@ class AgentStore:
         *,
         counters: Mapping[str, int] | None = None,
         recent: tuple[str, str, Window] | None = None,
-        seq: int | None = None,
+        receipt_key: str | None = None,
     ) -> int:
         """Append ``message``; in the same transaction set ``counters`` and remember ``recent``
-        (prediction id, model version, window). ``seq``: a sensor batch's sequence number, which
-        keeps it until a receipt names it. Returns how many old messages were evicted."""
+        (prediction id, model version, window). ``receipt_key`` keeps it until a receipt names
+        it. Returns how many old messages were evicted."""
         with self._lock, self._transaction():
             self._db.execute(
                 "INSERT INTO outbox (topic, payload, qos, retain, content_type, priority, created,"
-                " seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " receipt_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     message.topic,
                     message.payload,
@@ -207,7 +209,7 @@ class AgentStore:
                     message.content_type,
                     int(priority),
                     time.time(),
-                    seq,
+                    receipt_key,
                 ),
             )
             self._outbox_count += 1
@@ -245,21 +247,21 @@ class AgentStore:
             ).fetchall()
         return [_entry(row) for row in rows]
 
-    def outbox_unreceipted(
-        self, sent_before: float, below_seq: int, limit: int
-    ) -> list[OutboxEntry]:
-        """Sensor batches the broker took before ``sent_before`` and no receipt named, though a
-        receipt named a later sequence number (``below_seq``): lost on the way, send again."""
+    def outbox_unreceipted(self, sent_before: float, limit: int) -> list[OutboxEntry]:
+        """Messages the broker took before ``sent_before`` that no receipt named, though a
+        receipt named one queued after them: lost on the way, send again."""
         with self._lock, self._reading():
             rows = self._db.execute(
                 f"SELECT {_ENTRY_COLUMNS} FROM outbox"  # noqa: S608 - a constant
-                " WHERE seq IS NOT NULL AND sent_at < ? AND seq < ? ORDER BY id LIMIT ?",
-                (sent_before, below_seq, limit),
+                " WHERE receipt_key IS NOT NULL AND sent_at < ? AND id < ("
+                "   SELECT COALESCE(MAX(value), 0) FROM counters WHERE name = 'receipted_id_max'"
+                " ) ORDER BY id LIMIT ?",
+                (sent_before, limit),
             ).fetchall()
         return [_entry(row) for row in rows]
 
     def outbox_mark_sent(self, entries: Iterable[OutboxEntry], now: float) -> None:
-        """The broker took these sensor batches: keep them until a receipt names them."""
+        """The broker took these: keep them until a receipt names them."""
         rows = [(now, entry.resends, entry.id) for entry in entries]
         if rows:
             with self._lock, self._transaction():
@@ -267,26 +269,32 @@ class AgentStore:
                     "UPDATE outbox SET sent_at = ?, resends = ? WHERE id = ?", rows
                 )
 
-    def outbox_receipted(self, ranges: Iterable[tuple[int, int]]) -> int:
-        """Delete the sensor batches a receipt names; how many were still here."""
-        removed = 0
+    def outbox_receipted(self, keys: Iterable[str]) -> int:
+        """Delete the messages a receipt names; how many were still here."""
+        key_list = list(keys)
+        removed: list[tuple[int, int]] = []
         with self._lock, self._transaction():
-            for first, last in ranges:
-                sizes = self._db.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
-                    " WHERE seq BETWEEN ? AND ?",
-                    (first, last),
-                ).fetchone()
-                self._db.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (first, last))
-                removed += int(sizes[0])
-                self._outbox_count -= int(sizes[0])
-                self._outbox_bytes -= int(sizes[1])
+            for start in range(0, len(key_list), 500):
+                chunk = key_list[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                removed += self._db.execute(
+                    f"SELECT id, LENGTH(payload) FROM outbox"  # noqa: S608 - only placeholders
+                    f" WHERE receipt_key IN ({marks})",
+                    chunk,
+                ).fetchall()
                 self._db.execute(
-                    "INSERT INTO counters (name, value) VALUES ('receipted_seq_max', ?)"
-                    " ON CONFLICT(name) DO UPDATE SET value = MAX(value, excluded.value)",
-                    (last,),
+                    f"DELETE FROM outbox WHERE receipt_key IN ({marks})",  # noqa: S608
+                    chunk,
                 )
-        return removed
+            if removed:
+                self._outbox_count -= len(removed)
+                self._outbox_bytes -= sum(int(size) for _, size in removed)
+                self._db.execute(
+                    "INSERT INTO counters (name, value) VALUES ('receipted_id_max', ?)"
+                    " ON CONFLICT(name) DO UPDATE SET value = MAX(value, excluded.value)",
+                    (max(int(entry_id) for entry_id, _ in removed),),
+                )
+        return len(removed)
 
     def outbox_awaiting_receipt(self) -> int:
         with self._lock, self._reading():
@@ -493,7 +501,7 @@ class _Transaction:
             raise StorageError(f"cannot write {self._path}: {exc}") from exc
 
 
-_ENTRY_COLUMNS = "id, topic, payload, qos, retain, content_type, seq, resends"
+_ENTRY_COLUMNS = "id, topic, payload, qos, retain, content_type, receipt_key, resends"
 
 
 def _entry(row: tuple[Any, ...]) -> OutboxEntry:
@@ -506,7 +514,7 @@ def _entry(row: tuple[Any, ...]) -> OutboxEntry:
             retain=bool(row[4]),
             content_type=str(row[5]),
         ),
-        seq=None if row[6] is None else int(row[6]),
+        receipt_key=None if row[6] is None else str(row[6]),
         resends=int(row[7]),
     )
 

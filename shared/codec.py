@@ -29,7 +29,6 @@ from shared.errors import PayloadError
 from shared.messages import (
     MAX_SAMPLES_PER_BATCH,
     SCHEMA_VERSION,
-    BatchReceipt,
     Confirmation,
     DeviceCommand,
     DeviceStatus,
@@ -38,6 +37,7 @@ from shared.messages import (
     ModelChunk,
     ModelManifest,
     Prediction,
+    Receipt,
     SensorBatch,
     TrainerCommand,
     WindowRef,
@@ -334,31 +334,39 @@ def decode_prediction(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Predic
     )
 
 
-def encode_receipt(receipt: BatchReceipt) -> bytes:
+def encode_receipt(receipt: Receipt) -> bytes:
     return _dump_json(
         {
             "type": "receipt",
             "v": receipt.v,
             "device_id": receipt.device_id,
             "ranges": [list(pair) for pair in receipt.ranges],
+            "predictions": list(receipt.predictions),
+            "confirmations": list(receipt.confirmations),
             "ts": receipt.ts,
         }
     )
 
 
-def decode_receipt(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> BatchReceipt:
+def decode_receipt(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Receipt:
     kind = "receipt"
     doc = _load_json(kind, payload, limits.max_json_bytes)
-    ranges = _field(kind, doc, "ranges")
+    ranges = doc.get("ranges", [])
     if not isinstance(ranges, list) or not all(
         isinstance(pair, list) and len(pair) == 2 for pair in ranges
     ):
         raise PayloadError("receipt: ranges must be a list of [first, last] pairs")
+    lists = {name: doc.get(name, []) for name in ("predictions", "confirmations")}
+    for name, ids in lists.items():
+        if not isinstance(ids, list):
+            raise PayloadError(f"receipt: {name} must be a list of prediction ids")
     return _build(
         kind,
-        lambda: BatchReceipt(
+        lambda: Receipt(
             device_id=_field(kind, doc, "device_id"),
             ranges=tuple((pair[0], pair[1]) for pair in ranges),
+            predictions=tuple(lists["predictions"]),
+            confirmations=tuple(lists["confirmations"]),
             ts=_field(kind, doc, "ts"),
         ),
     )

@@ -442,24 +442,29 @@ class DeviceCommand:
 
 
 MAX_RECEIPT_RANGES = 4096
+MAX_RECEIPT_IDS = 512  # prediction ids per list: 512 x 34 bytes stays far below the JSON limit
 
 
 @dataclass(frozen=True, slots=True)
-class BatchReceipt:
-    """The trainer's word that it has committed these sensor batches of one device.
+class Receipt:
+    """The trainer's word that it has committed these messages of one device.
 
-    ``ranges`` are inclusive ``(first, last)`` sequence numbers, sorted and disjoint. The agent
-    deletes a batch from its outbox only once a receipt names it (end-to-end delivery).
+    ``ranges``: sensor batches, as inclusive ``(first, last)`` sequence numbers, sorted and
+    disjoint. ``predictions`` and ``confirmations``: prediction ids of predictions and of
+    confirmations the device relayed. The agent deletes a message from its outbox only once a
+    receipt names it (end-to-end delivery, docs/protocol.md).
     """
 
     device_id: str
     ranges: tuple[tuple[int, int], ...]
     ts: float
+    predictions: tuple[str, ...] = ()
+    confirmations: tuple[str, ...] = ()
     v: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         _check_device_id(self.device_id)
-        _require(0 < len(self.ranges) <= MAX_RECEIPT_RANGES, "receipt needs 1-4096 ranges")
+        _require(len(self.ranges) <= MAX_RECEIPT_RANGES, "a receipt holds at most 4096 ranges")
         previous = -1
         for pair in self.ranges:
             _require(isinstance(pair, tuple) and len(pair) == 2, "a range is [first, last]")
@@ -467,22 +472,49 @@ class BatchReceipt:
             last = _check_int("range last", pair[1], first, _INT64_MAX)
             _require(first > previous, "receipt ranges must be sorted and disjoint")
             previous = last
+        for name, ids in (("predictions", self.predictions), ("confirmations", self.confirmations)):
+            _require(len(ids) <= MAX_RECEIPT_IDS, f"a receipt names at most 512 {name}")
+            for prediction_id in ids:
+                _check_text(name, prediction_id, 64)
+        _require(bool(self.ranges or self.predictions or self.confirmations), "an empty receipt")
         _check_float("ts", self.ts, 0.0, _EPOCH_MAX_S)
         _require(self.v == SCHEMA_VERSION, f"unsupported receipt version {self.v}")
 
-    @classmethod
-    def of(cls, device_id: str, seqs: Sequence[int], ts: float) -> BatchReceipt:
-        """The receipt naming ``seqs`` (any order, repeats allowed) as few ranges."""
+    @staticmethod
+    def ranges_of(seqs: Sequence[int]) -> tuple[tuple[int, int], ...]:
+        """``seqs`` (any order, repeats allowed) as few sorted, disjoint ranges."""
         ranges: list[tuple[int, int]] = []
         for seq in sorted(set(seqs)):
             if ranges and seq == ranges[-1][1] + 1:
                 ranges[-1] = (ranges[-1][0], seq)
             else:
                 ranges.append((seq, seq))
-        return cls(device_id, tuple(ranges), ts)
+        return tuple(ranges)
 
-    def names(self, seq: int) -> bool:
-        return any(first <= seq <= last for first, last in self.ranges)
+    def outbox_keys(self) -> list[str]:
+        """The outbox keys (``ReceiptKey``) of everything this receipt names."""
+        keys = [
+            ReceiptKey.batch(seq) for first, last in self.ranges for seq in range(first, last + 1)
+        ]
+        keys += [ReceiptKey.prediction(p) for p in self.predictions]
+        keys += [ReceiptKey.confirmation(p) for p in self.confirmations]
+        return keys
+
+
+class ReceiptKey:
+    """How an agent's outbox names a message a receipt will name."""
+
+    @staticmethod
+    def batch(seq: int) -> str:
+        return f"s:{seq}"
+
+    @staticmethod
+    def prediction(prediction_id: str) -> str:
+        return f"p:{prediction_id}"
+
+    @staticmethod
+    def confirmation(prediction_id: str) -> str:
+        return f"c:{prediction_id}"
 
 
 @dataclass(frozen=True, slots=True)

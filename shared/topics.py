@@ -66,6 +66,9 @@ class Topics:
     def receipt(self, device_id: str) -> str:
         return f"{self.device(device_id)}/receipt"
 
+    def confirmed(self, device_id: str) -> str:
+        return f"{self.device(device_id)}/confirmed"
+
     # --- fleet-wide subscriptions (single-level wildcard on the device id) ---------------------
     def all_sensor(self) -> str:
         return f"{self.root}/devices/+/sensor"
@@ -75,6 +78,9 @@ class Topics:
 
     def all_confirmation(self) -> str:
         return f"{self.root}/devices/+/confirmation"
+
+    def all_confirmed(self) -> str:
+        return f"{self.root}/devices/+/confirmed"
 
     def all_status(self) -> str:
         return f"{self.root}/devices/+/status"

@@ -18,7 +18,7 @@ from device_agent.sensors import SensorSettings, open_sensor
 from device_agent.settings import AgentSettings, AgentTuning
 from shared import codec
 from shared.config import BrokerSettings
-from shared.messages import BatchReceipt, SensorBatch
+from shared.messages import Confirmation, Prediction, Receipt, ReceiptKey, SensorBatch, WindowRef
 from shared.mqtt_transport import Outbound
 from shared.signing import PRIVATE_KEY_FILE, generate_keypair
 from shared.topics import Topics
@@ -117,12 +117,48 @@ def test_the_trainer_receipts_every_stored_batch_duplicates_included(
         device.stop()
 
 
-def test_a_receipt_is_a_few_sorted_ranges() -> None:
-    receipt = BatchReceipt.of(DEVICE, [9, 3, 4, 5, 3, 12, 11], 1.0)
-    assert receipt.ranges == ((3, 5), (9, 9), (11, 12))
+def test_a_relayed_confirmation_and_a_prediction_are_receipted_once_stored(
+    broker_settings: BrokerSettings, service: TrainerService
+) -> None:
+    topics = Topics(broker_settings.topic_root)
+    device, inbox = connect(broker_settings, [(topics.receipt(DEVICE), 1)])
+    prediction = Prediction.new(
+        device_id=DEVICE,
+        window=WindowRef(7, 0, 20),
+        probabilities=np.array([0.9, 0.1], np.float32),
+        labels=("Walking", "Sitting"),
+        model_version="v0001",
+        ts=2.0,
+    )
+    confirmation = Confirmation(prediction.prediction_id, "Walking", "user", 3.0)
+    try:
+        for topic, payload in (
+            (topics.prediction(DEVICE), codec.encode_prediction(prediction)),
+            (topics.confirmed(DEVICE), codec.encode_confirmation(confirmation)),
+        ):
+            assert device.publish(Outbound(topic, payload)).wait(10)
+        named: set[str] = set()
+        while len(named) < 2:
+            named |= set(codec.decode_receipt(receive(inbox).payload).outbox_keys())
+        assert named == {
+            ReceiptKey.prediction(prediction.prediction_id),
+            ReceiptKey.confirmation(prediction.prediction_id),
+        }
+        assert service.counters.get("confirmations") == 1
+    finally:
+        device.stop()
+
+
+def test_a_receipt_is_a_few_sorted_ranges_and_names_outbox_keys() -> None:
+    ranges = Receipt.ranges_of([9, 3, 4, 5, 3, 12, 11])
+    assert ranges == ((3, 5), (9, 9), (11, 12))
+    receipt = Receipt(DEVICE, ranges, 1.0, predictions=("p1",), confirmations=("p0",))
     assert codec.decode_receipt(codec.encode_receipt(receipt)) == receipt
-    assert receipt.names(4)
-    assert not receipt.names(6)
+    assert ReceiptKey.batch(4) in receipt.outbox_keys()
+    assert ReceiptKey.batch(6) not in receipt.outbox_keys()
+    assert ReceiptKey.prediction("p1") in receipt.outbox_keys()
+    assert ReceiptKey.confirmation("p0") in receipt.outbox_keys()
+    assert ReceiptKey.confirmation("p1") not in receipt.outbox_keys()
 
 
 def test_a_broker_that_crashes_and_forgets_everything_loses_no_batch(
@@ -155,7 +191,7 @@ def test_a_broker_that_crashes_and_forgets_everything_loses_no_batch(
         assert wait_for(lambda: service.store.batch_seqs(DEVICE)[:produced] == expected), (
             "a batch the broker acknowledged and then lost was never stored"
         )
-        assert device.counters.get("batches_resent") >= 10
+        assert device.counters.get("messages_resent") >= 10
     finally:
         device.shutdown()
         service.shutdown()

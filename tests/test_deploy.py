@@ -294,15 +294,17 @@ def test_device_publishes_only_under_its_own_id(clients: Clients) -> None:
         TOPICS.prediction("wrist-0001"),
         TOPICS.status("wrist-0001"),
         TOPICS.error("wrist-0001"),
+        TOPICS.confirmed("wrist-0001"),  # kept confirmations, relayed to the trainer
     ]
     forbidden = [
         TOPICS.sensor("wrist-0002"),
         TOPICS.prediction("wrist-0002"),
+        TOPICS.confirmed("wrist-0002"),
         TOPICS.status("wrist-0002"),
         TOPICS.confirmation("wrist-0001"),  # only people (dashboard) confirm
         TOPICS.command("wrist-0001"),  # `har agent forget` needs no broker
-        receipt("wrist-0001"),  # only the trainer confirms it stored a batch
-        receipt("wrist-0002"),
+        TOPICS.receipt("wrist-0001"),  # only the trainer confirms it stored a batch
+        TOPICS.receipt("wrist-0002"),
         TOPICS.model_manifest(),
         TOPICS.model_chunk("v9999", 0),
         TOPICS.trainer_command(),
@@ -322,16 +324,11 @@ def test_device_publishes_only_under_its_own_id(clients: Clients) -> None:
         assert message not in seen, f"the device published on {message[0]}"
 
 
-def receipt(device: str) -> str:
-    """The trainer's receipts of one device's stored sensor batches."""
-    return f"{ROOT}/devices/{device}/receipt"
-
-
 def test_device_reads_only_its_own_receipts(clients: Clients) -> None:
     device = clients.join("wrist-0001", [f"{ROOT}/devices/+/receipt"])  # the ACL filters delivery
     trainer = clients.join("trainer")
-    other = (receipt("wrist-0002"), unique("receipt-other"))
-    own = (receipt("wrist-0001"), unique("receipt-own"))
+    other = (TOPICS.receipt("wrist-0002"), unique("receipt-other"))
+    own = (TOPICS.receipt("wrist-0001"), unique("receipt-own"))
     trainer.publish(*other)
     trainer.publish(*own)
     assert other not in device.until(*own), "a device received another device's receipt"

@@ -1,45 +1,78 @@
-"""Receipts of stored sensor batches: the trainer's half of end-to-end delivery.
+"""Receipts of stored messages: the trainer's half of end-to-end delivery.
 
-The broker's PUBACK only says the broker took a batch; a broker that crashes before the trainer
-got it, or that answers "no matching subscribers" while the trainer is away, loses it. So after
-each commit the trainer tells every device which of its sequence numbers are now stored
-(duplicates included: they are stored too), and the agent deletes a batch from its outbox only
-then (``device_agent.sender``). A receipt lost on the way costs a resend, which storage dedups.
+The broker's PUBACK only says the broker took a message; a broker that crashes before the trainer
+got it, or that answers "no matching subscribers" while the trainer's session is gone, loses it.
+So after each commit the trainer tells every device which of its sensor batches, predictions and
+relayed confirmations are now stored (duplicates included: they are stored too), and the agent
+deletes a message from its outbox only then (``device_agent.sender``). A receipt lost on the way
+costs a resend, which storage deduplicates.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 from shared import codec
-from shared.messages import MAX_RECEIPT_RANGES, BatchReceipt
+from shared.messages import MAX_RECEIPT_IDS, MAX_RECEIPT_RANGES, Receipt
 from shared.mqtt_transport import MqttConnection, Outbound
 from shared.topics import Topics
 
 
+@dataclass
+class _Stored:
+    seqs: list[int] = field(default_factory=list)
+    predictions: list[str] = field(default_factory=list)
+    confirmations: list[str] = field(default_factory=list)
+
+
 class ReceiptBook:
-    """Sequence numbers stored in the transaction being written, per device; owned by ingest."""
+    """What the transaction being written stores, per device; owned by the ingest thread."""
 
     def __init__(self) -> None:
-        self._stored: defaultdict[str, list[int]] = defaultdict(list)
+        self._stored: defaultdict[str, _Stored] = defaultdict(_Stored)
 
-    def stored(self, device_id: str, seq: int) -> None:
-        self._stored[device_id].append(seq)
+    def batch(self, device_id: str, seq: int) -> None:
+        self._stored[device_id].seqs.append(seq)
+
+    def prediction(self, device_id: str, prediction_id: str) -> None:
+        self._stored[device_id].predictions.append(prediction_id)
+
+    def confirmation(self, device_id: str, prediction_id: str) -> None:
+        self._stored[device_id].confirmations.append(prediction_id)
 
     def clear(self) -> None:
         """The transaction failed: nothing of it is stored."""
         self._stored.clear()
 
     def send(self, connection: MqttConnection, topics: Topics, now: float) -> int:
-        """Publish one receipt per device (after the commit), then start afresh; how many."""
+        """Publish the receipts (after the commit), then start afresh; how many were sent."""
         sent = 0
-        for device, seqs in self._stored.items():
-            receipt = BatchReceipt.of(device, seqs, now)
-            # A group holds at most commit_batch messages, far fewer ranges than a receipt may
-            # carry; split anyway rather than publish one the agent would refuse.
-            for start in range(0, len(receipt.ranges), MAX_RECEIPT_RANGES):
-                part = BatchReceipt(device, receipt.ranges[start : start + MAX_RECEIPT_RANGES], now)
-                connection.publish(Outbound(topics.receipt(device), codec.encode_receipt(part)))
+        for device, stored in self._stored.items():
+            for receipt in _receipts(device, stored, now):
+                connection.publish(Outbound(topics.receipt(device), codec.encode_receipt(receipt)))
                 sent += 1
         self._stored.clear()
         return sent
+
+
+def _receipts(device: str, stored: _Stored, now: float) -> list[Receipt]:
+    """As few receipts as the size limits allow (a commit group rarely needs more than one)."""
+    ranges = Receipt.ranges_of(stored.seqs)
+    predictions = sorted(set(stored.predictions))
+    confirmations = sorted(set(stored.confirmations))
+    receipts = []
+    while ranges or predictions or confirmations:
+        receipts.append(
+            Receipt(
+                device,
+                ranges[:MAX_RECEIPT_RANGES],
+                now,
+                tuple(predictions[:MAX_RECEIPT_IDS]),
+                tuple(confirmations[:MAX_RECEIPT_IDS]),
+            )
+        )
+        ranges = ranges[MAX_RECEIPT_RANGES:]
+        predictions = predictions[MAX_RECEIPT_IDS:]
+        confirmations = confirmations[MAX_RECEIPT_IDS:]
+    return receipts

@@ -89,6 +89,7 @@ class TrainerService:
                 (f"$share/{group}/{root.all_sensor()}", 1),
                 (f"$share/{group}/{root.all_prediction()}", 1),
                 (f"$share/{group}/{root.all_confirmation()}", 1),
+                (f"$share/{group}/{root.all_confirmed()}", 1),
                 (f"$share/{group}/{root.all_status()}", 1),
                 (f"$share/{group}/{root.trainer_command()}", 1),
             ],
@@ -323,15 +324,20 @@ class TrainerService:
             batch = codec.decode_sensor_batch(payload)
             self._check_device(batch.device_id, device)
             self.counters.add("batches" if writer.add_batch(batch) else "batches_duplicate")
-            self._receipts.stored(batch.device_id, batch.seq)
+            self._receipts.batch(device, batch.seq)
         elif kind == "prediction":
             prediction = codec.decode_prediction(payload)
             self._check_device(prediction.device_id, device)
             writer.add_prediction(prediction)
             self.counters.add("predictions")
-        elif kind == "confirmation":
+            self._receipts.prediction(device, prediction.prediction_id)
+        elif kind in ("confirmation", "confirmed"):
+            # "confirmed": one the device kept and relays, receipted so that it is sure to come.
             confirmation = codec.decode_confirmation(payload)
-            if writer.add_confirmation(device, confirmation):
+            new = writer.add_confirmation(device, confirmation)
+            if kind == "confirmed":
+                self._receipts.confirmation(device, confirmation.prediction_id)
+            if new:
                 self.counters.add("confirmations")
                 return 1
             self.counters.add("confirmations_duplicate")
