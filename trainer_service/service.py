@@ -99,6 +99,7 @@ class TrainerService:
             # counting rows in the store there.
             birth=lambda: [self._status("online", self._last_counters)],
             persistent_session=True,
+            counters=self.counters,  # inbox_waits, transport_callback_errors in the status
         )
         self._supervisor = Supervisor()
         self._supervisor.add("trainer-ingest", self._ingest_loop)
