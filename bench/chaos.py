@@ -680,7 +680,7 @@ def phase_bursts(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ============================================================================ phase 3: fuzz
-TRAINER_KINDS = ("sensor", "prediction", "confirmation", "status", "command")
+TRAINER_KINDS = ("sensor", "prediction", "confirmation", "confirmed", "status", "command")
 AGENT_KINDS = ("confirmation", "device_command", "manifest", "chunk")
 
 
@@ -706,7 +706,10 @@ def phase_fuzz(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
         for i in range(n_trainer):
             kind = TRAINER_KINDS[i % len(TRAINER_KINDS)]
             device = FUZZ_DEVICES[i % len(FUZZ_DEVICES)]
-            category, payload = fuzzer.payload(kind, device)
+            # "confirmed" (a confirmation an agent relays) carries a confirmation.
+            category, payload = fuzzer.payload(
+                "confirmation" if kind == "confirmed" else kind, device
+            )
             categories[category] += 1
             topic = (
                 topics.trainer_command() if kind == "command" else f"{topics.device(device)}/{kind}"
@@ -775,17 +778,23 @@ def phase_fuzz(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
         def received(device: str, key: str) -> int:
             return observer.counters(device).get(key, 0) - before_agents[device].get(key, 0)
 
+        # A manifest reaches every agent (the announce before the loop counts too); a chunk
+        # the broker answered with Success reached at least one agent downloading.
+        manifests = pipe.delivered("agent/manifest") + pipe.delivered("control/manifest") + 1
+        chunks = pipe.delivered("agent/chunk")
+
+        def chunks_received() -> int:
+            return sum(received(d, "chunk_messages") for d in cluster.agents)
+
         def all_counted() -> bool:
-            return all(
+            return chunks_received() >= chunks and all(
                 received(d, "confirmations_received") >= per_agent[d]["confirmation"]
                 and received(d, "commands_received") >= per_agent[d]["command"]
+                and received(d, "manifest_messages") >= manifests
                 for d in cluster.agents
             )
 
         settled = wait_for(all_counted, args.drain_timeout)
-        manifests = sum(
-            c["accepted"] for t, c in pipe.by_tag.items() if t.startswith("agent/manifest")
-        )
         result["agents"] = {
             "sent": n_agent,
             "puback": dict(pipe.outcomes),
@@ -797,9 +806,9 @@ def phase_fuzz(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
                     "confirmations_received": received(d, "confirmations_received"),
                     "commands_sent": per_agent[d]["command"],
                     "commands_received": received(d, "commands_received"),
-                    # Manifests reach every agent; a repeated refused manifest, an empty one
-                    # and a chunk of a version not being fetched are ignored without a count.
                     "manifests_delivered": manifests,
+                    "manifests_received": received(d, "manifest_messages"),
+                    "chunk_messages_received": received(d, "chunk_messages"),
                     "model_rejections_reported": received(d, "error_model_rejected"),
                     "counter_deltas": _deltas(before_agents[d], observer.counters(d)),
                 }
@@ -813,9 +822,11 @@ def phase_fuzz(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
             result["agents"]["per_topic"][key] = result["agents"]["per_topic"].get(key, 0) + sum(
                 outcomes.values()
             )
-        result["agents"]["unaccounted"] = sum(
+        result["agents"]["chunks_delivered"] = chunks
+        result["agents"]["unaccounted"] = max(0, chunks - chunks_received()) + sum(
             max(0, v["confirmations_sent"] - v["confirmations_received"])
             + max(0, v["commands_sent"] - v["commands_received"])
+            + max(0, v["manifests_delivered"] - v["manifests_received"])
             for v in result["agents"]["per_agent"].values()
         )
         result["categories"] = dict(categories)

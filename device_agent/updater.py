@@ -122,10 +122,14 @@ class ReleaseUpdater:
         """Process one message; a refusal is reported. The message is acknowledged unless
         something could not be stored (then the broker delivers it again): a refused model
         would be refused again."""
+        # Every message is counted, the ones ignored on purpose too (a repeated refused or
+        # empty manifest, a chunk of a version not being fetched): nothing arrives unseen.
         try:
             if message.topic == self._topics.model_manifest():
+                self._counters.add("manifest_messages")
                 self._on_manifest(message)
             else:
+                self._counters.add("chunk_messages")
                 self._on_chunk(message)
         except StorageError as exc:
             self._report("storage_error", f"model update not stored: {exc}", message.topic)
