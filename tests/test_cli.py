@@ -1,0 +1,59 @@
+"""What a person sees of the ``har`` command: help, errors, redacted secrets, first-run hints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from har.cli import main
+from har.local_broker import BrokerUsers, MosquittoProcess
+from shared.config import BrokerSettings
+from shared.errors import HarError
+
+REPO = Path(__file__).resolve().parent.parent
+SECRET = "hunter2-not-for-print"
+
+
+@pytest.fixture(autouse=True)
+def own_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No HAR_* settings from whoever runs the tests, and a folder of its own."""
+    for name in list(os.environ):
+        if name.startswith("HAR_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+# ------------------------------------------------------------------------------ secrets
+
+
+def test_agent_show_config_redacts_the_broker_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'device_id = "wrist-1"\n[broker]\nusername = "wrist-1"\npassword = "{SECRET}"\n'
+    )
+    assert main(["agent", "show-config", "--config", str(config)]) == 0
+    shown = capsys.readouterr().out
+    assert SECRET not in shown
+    assert "password=<redacted>" in shown
+    assert "username='wrist-1'" in shown  # the rest is still shown
+
+
+def test_broker_settings_show_that_no_password_is_set_and_where_a_password_file_is() -> None:
+    shown = repr(BrokerSettings(password_file=Path("/etc/har/broker.password")))
+    assert "password=''" in shown
+    assert "password_file=PosixPath('/etc/har/broker.password')" in shown
+
+
+def test_broker_users_never_show_their_passwords() -> None:
+    assert SECRET not in repr(BrokerUsers(passwords={"trainer": SECRET}, acl=""))
+
+
+def test_a_refused_broker_user_is_reported_without_its_password(tmp_path: Path) -> None:
+    # mosquitto_passwd refuses a user name with a colon (its file's separator).
+    with pytest.raises(HarError, match="could not add user") as refused:
+        MosquittoProcess(tmp_path, users=BrokerUsers(passwords={"a:b": SECRET}, acl=""))
+    assert SECRET not in str(refused.value)
