@@ -25,6 +25,13 @@ def own_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
 
 
+def help_of(capsys: pytest.CaptureFixture[str], *arguments: str) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main([*arguments, "--help"])
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------ secrets
 
 
@@ -57,3 +64,42 @@ def test_a_refused_broker_user_is_reported_without_its_password(tmp_path: Path) 
     with pytest.raises(HarError, match="could not add user") as refused:
         MosquittoProcess(tmp_path, users=BrokerUsers(passwords={"a:b": SECRET}, acl=""))
     assert SECRET not in str(refused.value)
+
+
+# ------------------------------------------------------------------------------ arguments
+
+
+@pytest.mark.parametrize(
+    ("arguments", "prog"),
+    [(["agent"], "har agent"), (["models", "list"], "har models list")],
+)
+def test_an_unknown_flag_is_reported_with_the_subcommands_usage(
+    arguments: list[str], prog: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*arguments, "--frobnicate"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: {prog} ")
+    assert f"{prog}: error: unrecognized arguments: --frobnicate" in err
+
+
+def test_each_agent_action_has_its_own_help(capsys: pytest.CaptureFixture[str]) -> None:
+    rollback = help_of(capsys, "agent", "rollback")
+    assert rollback.startswith("usage: har agent rollback ")
+    assert "previously installed model version current" in rollback
+    assert "--sensor" not in rollback  # running flags are not rollback's
+    agent = help_of(capsys, "agent")
+    assert "--sensor" in agent
+    assert "rollback" in agent
+
+
+def test_agent_flags_count_before_and_after_the_action(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    flags = ["--device-id", "wrist-7", "show-config", "--state-dir", str(state)]
+    assert main(["agent", *flags]) == 0
+    shown = capsys.readouterr().out
+    assert "device_id='wrist-7'" in shown  # given before the action, not reset by it
+    assert f"state_dir=PosixPath('{state}')" in shown
