@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from har.cli import main
 from har.local_broker import BrokerUsers, MosquittoProcess
 from shared.config import BrokerSettings
 from shared.errors import HarError
+from trainer_service.training import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "hunter2-not-for-print"
@@ -30,6 +32,22 @@ def help_of(capsys: pytest.CaptureFixture[str], *arguments: str) -> str:
         main([*arguments, "--help"])
     assert exited.value.code == 0
     return capsys.readouterr().out
+
+
+def options_help(text: str) -> dict[str, str]:
+    """Each long option's entry in a help text: its line and the more indented ones after it."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        starts = re.match(r"  (?:-\w, )?(--[\w-]+)", line)
+        if starts:
+            current = starts.group(1)
+            entries[current] = line.strip()
+        elif current is not None and line.startswith("   "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
 
 
 # ------------------------------------------------------------------------------ secrets
@@ -103,3 +121,44 @@ def test_agent_flags_count_before_and_after_the_action(
     shown = capsys.readouterr().out
     assert "device_id='wrist-7'" in shown  # given before the action, not reset by it
     assert f"state_dir=PosixPath('{state}')" in shown
+
+
+def test_demo_help_is_plain_text_and_names_every_default(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping
+    text = help_of(capsys, "demo")
+    assert "`" not in text, "reStructuredText markup in the help"
+    options = options_help(text)
+    options.pop("--help")
+    assert len(options) == 11
+    for option, entry in options.items():
+        assert "(default: " in entry, option
+    assert options["--timeout"].endswith("(default: 600)")
+    assert options["--workdir"].endswith("(default: var/demo)")
+
+
+def test_train_help_names_train_configs_defaults(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")
+    options = options_help(help_of(capsys, "train"))
+    cnn, lstm = TrainConfig(), TrainConfig.seed_lstm()
+    # The help names one default for these: both architectures must share it.
+    assert cnn.epochs == lstm.epochs
+    assert cnn.batch_size == lstm.batch_size
+    expected = {
+        "--epochs": f"(default: {cnn.epochs})",
+        "--seed": f"(default: {cnn.seed})",
+        "--window": f"(default: {cnn.window}; seed-lstm: {lstm.window})",
+        "--hop": f"(default: {cnn.hop}, or window/8 with --window; seed-lstm: {lstm.hop})",
+        "--batch-size": f"(default: {cnn.batch_size})",
+        "--learning-rate": f"(default: {cnn.learning_rate:g}; seed-lstm: {lstm.learning_rate:g})",
+        "--device-anchor": f"(default: {cnn.device_anchor:g})",
+        "--patience": f"(default: {cnn.patience})",
+        "--width": f"(default: {cnn.width})",
+        "--class-weighting": f"(default: {cnn.class_weighting})",
+        "--arch": f"(default: {cnn.arch})",
+    }
+    for option, default in expected.items():
+        assert options[option].endswith(default), options[option]
