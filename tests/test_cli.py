@@ -162,3 +162,14 @@ def test_train_help_names_train_configs_defaults(
     }
     for option, default in expected.items():
         assert options[option].endswith(default), options[option]
+
+
+def test_data_download_without_a_checksum_names_both_ways_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dest = tmp_path / "wisdm.tar.gz"
+    # A URL nothing answers: the refusal must come before any download.
+    assert main(["data", "download", "http://127.0.0.1:9/wisdm.tar.gz", str(dest)]) == 2
+    assert "--sha256" in caplog.text
+    assert "--allow-unverified" in caplog.text
+    assert not dest.exists()
