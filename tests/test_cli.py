@@ -11,7 +11,8 @@ import pytest
 from har.cli import main
 from har.local_broker import BrokerUsers, MosquittoProcess
 from shared.config import BrokerSettings
-from shared.errors import HarError
+from shared.errors import ConfigError, HarError
+from trainer_service.registry import ModelRegistry
 from trainer_service.training import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,3 +174,28 @@ def test_data_download_without_a_checksum_names_both_ways_out(
     assert "--sha256" in caplog.text
     assert "--allow-unverified" in caplog.text
     assert not dest.exists()
+
+
+# ------------------------------------------------------------------------------ registry
+
+
+def test_reading_a_registry_never_creates_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = tmp_path / "typo"
+    assert main(["models", "list", "--registry-dir", str(missing)]) == 2
+    assert main(["models", "show", "v1", "--registry-dir", str(missing)]) == 2
+    assert not missing.exists()
+    assert f"no model registry in {missing}" in caplog.text
+    with pytest.raises(ConfigError):
+        ModelRegistry(missing, create=False)
+    ModelRegistry(missing)  # what the trainer and import use: made on first use
+    assert main(["models", "list", "--registry-dir", str(missing)]) == 0
+
+
+def test_importing_something_that_is_not_a_folder_is_a_clear_error(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    with pytest.raises(ConfigError, match="is not a folder"):
+        registry.add_copy(tmp_path / "missing", parent=None)
+    assert registry.versions() == []
+    assert [path.name for path in registry.root.iterdir()] == ["versions"]  # nothing left over
