@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from har.cli import main
+from har.demo.data import WISDM_ENV, prepare
 from har.local_broker import BrokerUsers, MosquittoProcess
 from shared.config import BrokerSettings
 from shared.errors import ConfigError, HarError
@@ -26,6 +29,22 @@ def own_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         if name.startswith("HAR_"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
+
+
+def run_har(*arguments: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m har ARGUMENTS`` as a process, without the caller's HAR_* settings."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("HAR_")}
+    env["PYTHONPATH"] = str(REPO)
+    env[WISDM_ENV] = ""
+    return subprocess.run(
+        [sys.executable, "-m", "har", *arguments],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=60,
+        check=False,
+    )
 
 
 def help_of(capsys: pytest.CaptureFixture[str], *arguments: str) -> str:
@@ -199,3 +218,30 @@ def test_importing_something_that_is_not_a_folder_is_a_clear_error(tmp_path: Pat
         registry.add_copy(tmp_path / "missing", parent=None)
     assert registry.versions() == []
     assert [path.name for path in registry.root.iterdir()] == ["versions"]  # nothing left over
+
+
+# ------------------------------------------------------------------------------ demo
+
+
+def test_demo_with_device_users_but_synthetic_data_says_so(tmp_path: Path) -> None:
+    with pytest.raises(HarError, match="--device-users 7,8,9 chooses users of real data"):
+        prepare(tmp_path, ("a", "b", "c"), None, base_seconds=1.0, device_users=(7, 8, 9))
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--data", "missing.txt"], "--data missing.txt: no such file"),
+        (["--device-users", "7,8,9"], "--device-users 7,8,9 chooses users of real data"),
+    ],
+)
+def test_demo_checks_its_data_before_starting_anything(
+    flags: list[str], said: str, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "demo"
+    result = run_har("demo", "--workdir", str(workdir), *flags, cwd=tmp_path)
+    assert result.returncode == 1
+    assert said in result.stdout
+    assert "mosquitto" not in result.stdout
+    assert not (workdir / "broker").exists()  # the broker was never set up
+    assert not (workdir / "keys").exists()
