@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from device_agent.agent import DeviceAgent
+from device_agent.sensors import SensorSettings, open_sensor
+from device_agent.settings import AgentSettings
 from har.cli import main
 from har.demo.data import WISDM_ENV, prepare
-from har.local_broker import BrokerUsers, MosquittoProcess
+from har.local_broker import BrokerUsers, MosquittoProcess, free_port
 from shared.config import BrokerSettings
 from shared.errors import ConfigError, HarError
+from shared.mqtt_transport import MqttConnection
+from shared.signing import generate_keypair
 from trainer_service.registry import ModelRegistry
 from trainer_service.training import TrainConfig
 
@@ -245,3 +252,70 @@ def test_demo_checks_its_data_before_starting_anything(
     assert "mosquitto" not in result.stdout
     assert not (workdir / "broker").exists()  # the broker was never set up
     assert not (workdir / "keys").exists()
+
+
+# ------------------------------------------------------------------------------ hints
+
+
+class Records(logging.Handler):
+    """Log records of one logger; ``seen`` is set once ``count`` records match ``wanted``."""
+
+    def __init__(self, wanted: str, count: int) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.seen = threading.Event()
+        self._wanted, self._count = wanted, count
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        if sum(self._wanted in r.getMessage() for r in self.records) >= self._count:
+            self.seen.set()
+
+    def messages(self) -> list[str]:
+        return [record.getMessage() for record in self.records]
+
+
+def test_a_broker_that_never_answers_gets_one_hint() -> None:
+    port = free_port()  # nothing listens there
+    records = Records("cannot reach broker", 6)
+    logger = logging.getLogger("shared.mqtt_transport")
+    logger.addHandler(records)
+    saved_level = logger.level
+    logger.setLevel(logging.WARNING)
+    settings = BrokerSettings(port=port, reconnect_min_s=0.01, reconnect_max_s=0.02)
+    connection = MqttConnection(settings, client_id="hint-test", persistent_session=False)
+    connection.start()
+    try:
+        assert records.seen.wait(30), records.messages()
+    finally:
+        connection.stop()
+        logger.removeHandler(records)
+        logger.setLevel(saved_level)
+    messages = records.messages()
+    hints = [i for i, text in enumerate(messages) if text.startswith("is a broker running")]
+    assert len(hints) == 1, messages
+    assert f"127.0.0.1:{port}" in messages[hints[0]]
+    assert sum("cannot reach broker" in text for text in messages[: hints[0]]) == 3
+
+
+def agent_settings(state_dir: Path, public_key: Path | None) -> AgentSettings:
+    return AgentSettings(
+        device_id="wrist-1",
+        state_dir=state_dir,
+        public_key=public_key,
+        broker=BrokerSettings(port=free_port()),
+        sensor=SensorSettings(kind="synthetic"),
+    )
+
+
+@pytest.mark.parametrize("with_key", [False, True])
+def test_an_agent_without_a_public_key_says_it_accepts_no_model(
+    with_key: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    public_key = generate_keypair(tmp_path / "keys")[1] if with_key else None
+    settings = agent_settings(tmp_path / "state", public_key)
+    with caplog.at_level(logging.WARNING, logger="device_agent.agent"):
+        agent = DeviceAgent(settings, open_sensor(settings.sensor))
+    agent.shutdown()  # never started: closes its store
+    said = "this device will accept no model" in caplog.text
+    assert said is not with_key
