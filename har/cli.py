@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default="INFO",
+        type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging verbosity (default: INFO)",
+        help="logging verbosity, any case (default: INFO; DEBUG adds TensorFlow's own lines)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_agent(commands)
@@ -38,6 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     register_sim(commands)
     register_dashboard(commands)
     return parser
+
+
+# Loggers whose INFO and WARNING lines say nothing a user can act on ("Function `predict`
+# contains input name(s) ... renamed", "unsaved custom gradients"): shown with DEBUG only.
+# shared.model.tensorflow_import quiets TensorFlow's native log to match the "tensorflow" logger.
+QUIET_UNLESS_DEBUG = ("absl", "tensorflow")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for name in QUIET_UNLESS_DEBUG:
+        logging.getLogger(name).setLevel(logging.NOTSET if level == "DEBUG" else logging.ERROR)
 
 
 def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
@@ -59,11 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         # parse_args would report them with the top-level usage; the subcommand's is the useful one.
         _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level)
     try:
         result: int = args.func(args)
     except HarError as exc:

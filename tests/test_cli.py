@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,12 @@ import pytest
 from device_agent.agent import DeviceAgent
 from device_agent.sensors import SensorSettings, open_sensor
 from device_agent.settings import AgentSettings
-from har.cli import main
+from har.cli import QUIET_UNLESS_DEBUG, main
 from har.demo.data import WISDM_ENV, prepare
 from har.local_broker import BrokerUsers, MosquittoProcess, free_port
 from shared.config import BrokerSettings
 from shared.errors import ConfigError, HarError
+from shared.model.tensorflow_import import LOAD_NOISE, native_log_level, without_lines
 from shared.mqtt_transport import MqttConnection
 from shared.signing import generate_keypair
 from trainer_service.registry import ModelRegistry
@@ -30,12 +32,17 @@ SECRET = "hunter2-not-for-print"
 
 
 @pytest.fixture(autouse=True)
-def own_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No HAR_* settings from whoever runs the tests, and a folder of its own."""
+def own_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No HAR_* settings from whoever runs the tests, a folder of its own, and the logger levels
+    ``main`` sets put back afterwards."""
     for name in list(os.environ):
         if name.startswith("HAR_"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
+    levels = {name: logging.getLogger(name).level for name in QUIET_UNLESS_DEBUG}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def run_har(*arguments: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -319,3 +326,83 @@ def test_an_agent_without_a_public_key_says_it_accepts_no_model(
     agent.shutdown()  # never started: closes its store
     said = "this device will accept no model" in caplog.text
     assert said is not with_key
+
+
+# ------------------------------------------------------------------------------ TensorFlow's log
+
+
+# What TensorFlow says on import, export and load that no user can act on.
+TENSORFLOW_NOISE = (
+    "oneDNN",
+    "cpu_feature_guard",
+    "contains input name",
+    "unsaved custom gradients",
+)
+EXPORT_AND_LOAD = """
+import sys
+from pathlib import Path
+from har.cli import configure_logging
+configure_logging(sys.argv[1])
+from shared.model.runtime import ActivityModel
+from tests.release_helpers import export_tiny_version
+folder = export_tiny_version(Path(sys.argv[2]), seed=1, steps=1)
+ActivityModel.load(folder / "saved_model")
+"""
+
+
+@pytest.mark.slow
+def test_tensorflow_says_nothing_unless_the_log_level_is_debug(tmp_path: Path) -> None:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("TF_")}
+    env["PYTHONPATH"] = str(REPO)
+    said = {}
+    for level in ("INFO", "DEBUG"):
+        done = subprocess.run(
+            [sys.executable, "-c", EXPORT_AND_LOAD, level, str(tmp_path / level / "v1")],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        said[level] = [noise for noise in TENSORFLOW_NOISE if noise in done.stderr]
+    assert said["INFO"] == [], said
+    assert "contains input name" in said["DEBUG"], said  # absl's lines, shown again
+    assert "oneDNN" in said["DEBUG"] or "cpu_feature_guard" in said["DEBUG"], said  # native ones
+
+
+def test_tensorflows_native_log_follows_the_tensorflow_logger() -> None:
+    logger = logging.getLogger(f"{__name__}.tensorflow-alike")  # a logger of this test's own
+    expected = {
+        logging.DEBUG: "0",
+        logging.INFO: "0",
+        logging.WARNING: "1",
+        logging.ERROR: "2",
+        logging.CRITICAL: "3",
+    }
+    for level, native in expected.items():
+        logger.setLevel(level)
+        assert native_log_level(logger) == native
+
+
+@pytest.mark.parametrize(
+    ("level", "library_level"), [("INFO", logging.ERROR), ("DEBUG", logging.NOTSET)]
+)
+def test_tensorflows_loggers_are_quiet_unless_debug(level: str, library_level: int) -> None:
+    assert main(["--log-level", level, "agent", "show-config", "--device-id", "w"]) == 0
+    for name in QUIET_UNLESS_DEBUG:
+        assert logging.getLogger(name).level == library_level
+
+
+def test_the_load_noise_is_taken_out_of_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    with without_lines(LOAD_NOISE):
+        os.write(2, b"E0000 a real error\n")
+        os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on. You may see...\n")
+        os.write(2, b"W0000 a warning\n")
+    assert capfd.readouterr().err == "E0000 a real error\nW0000 a warning\n"
+
+
+def test_the_log_level_takes_any_case(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--log-level", "debug", "agent", "show-config", "--device-id", "w"]) == 0
+    assert main(["--log-level", "Warning", "agent", "show-config", "--device-id", "w"]) == 0
