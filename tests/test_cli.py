@@ -26,6 +26,7 @@ from shared.mqtt_transport import MqttConnection
 from shared.signing import generate_keypair
 from trainer_service.registry import ModelRegistry
 from trainer_service.training import TrainConfig
+from trainer_service.training import _progress as training_progress
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "hunter2-not-for-print"
@@ -406,3 +407,17 @@ def test_the_load_noise_is_taken_out_of_stderr(capfd: pytest.CaptureFixture[str]
 def test_the_log_level_takes_any_case(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--log-level", "debug", "agent", "show-config", "--device-id", "w"]) == 0
     assert main(["--log-level", "Warning", "agent", "show-config", "--device-id", "w"]) == 0
+
+
+# ------------------------------------------------------------------------------ har train
+
+
+def test_the_training_progress_bar_stays_when_training_ends(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bar = training_progress(3, True)
+    bar.update(3)
+    bar.close()
+    err = capsys.readouterr().err
+    assert err.endswith("\n")  # a bar that goes away ends with "\r" over a blanked line
+    assert "3/3" in err.rsplit("\r", 1)[-1]

@@ -372,7 +372,8 @@ def train_model(
 def _progress(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="epochs", unit="epoch", disable=not enabled, leave=False)
+    # leave=True: the finished bar stays, showing the epochs run and the last loss and F1.
+    return tqdm(total=total, desc="epochs", unit="epoch", disable=not enabled, leave=True)
 
 
 def _epoch_batched(
