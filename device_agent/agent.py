@@ -99,6 +99,12 @@ class DeviceAgent:
         self._lock = StateLock(settings.state_dir)
 
         public_key = load_public_key(settings.public_key) if settings.public_key else None
+        if public_key is None:
+            log.warning(
+                "no public key configured (public_key, HAR_PUBLIC_KEY or --public-key): this "
+                "device will accept no model, neither a new one nor the one installed; it "
+                "publishes sensor data only"
+            )
         self._releases = ReleaseStore(
             settings.models_dir, public_key, max_bytes=tuning.max_model_bytes
         )

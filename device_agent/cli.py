@@ -1,4 +1,5 @@
-"""``har agent``: run the device agent; ``rollback`` (agent stopped) and ``forget``."""
+"""``har agent [run]``: run the device agent; ``rollback`` (agent stopped), ``forget`` and
+``show-config``, each with its own help."""
 
 from __future__ import annotations
 
@@ -10,20 +11,71 @@ from typing import Any
 from shared.config import add_broker_flags, broker_overrides, load_settings
 from shared.lifecycle import run_until_signalled
 
+RUN_DESCRIPTION = (
+    "Reads the accelerometer, publishes msgpack sensor batches and JSON predictions, learns "
+    "from confirmations and installs signed model updates. Settings: --config TOML < HAR_* "
+    "environment variables < flags."
+)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
         "agent",
         help="run the device agent: sensor -> batches, predictions, on-device learning",
-        description=(
-            "Reads the accelerometer, publishes msgpack sensor batches and JSON predictions, "
-            "learns from confirmations and installs signed model updates. Settings: --config "
-            "TOML < HAR_* environment variables < flags."
-        ),
+        description=f"{RUN_DESCRIPTION} Each action has its own help: har agent ACTION --help.",
     )
+    _add_state_flags(parser)
+    _add_run_flags(parser)
+    parser.set_defaults(func=run)
+    # The flags work before the action and after it: the action's own parser leaves a flag it
+    # was not given unset (SUPPRESS), so it cannot overwrite one given before the action.
+    actions = parser.add_subparsers(dest="action", metavar="[ACTION]")
+    runner = actions.add_parser(
+        "run",
+        help="run the agent (the default)",
+        description=RUN_DESCRIPTION,
+        argument_default=argparse.SUPPRESS,
+    )
+    _add_state_flags(runner)
+    _add_run_flags(runner)
+    rollback = actions.add_parser(
+        "rollback",
+        help="make the previous model current (agent stopped)",
+        description="Make the previously installed model version current again. Run it while "
+        "the agent is stopped; the agent verifies the model again when it starts. Settings: "
+        "--config TOML < HAR_* environment variables < flags.",
+        argument_default=argparse.SUPPRESS,
+    )
+    _add_state_flags(rollback)
+    forget = actions.add_parser(
+        "forget",
+        help="drop every confirmation and what was learned from them",
+        description="Drop every confirmation and what was learned from them, so the device "
+        "serves the global model. Done here when the agent is stopped; a running agent is "
+        "asked through a file in its state folder (no broker needed). Settings: --config TOML "
+        "< HAR_* environment variables < flags.",
+        argument_default=argparse.SUPPRESS,
+    )
+    _add_state_flags(forget)
+    show = actions.add_parser(
+        "show-config",
+        help="print the effective settings (passwords redacted)",
+        description="Print the settings the agent would run with, from --config TOML, HAR_* "
+        "environment variables and flags. A broker password shows as <redacted>.",
+        argument_default=argparse.SUPPRESS,
+    )
+    _add_state_flags(show)
+    _add_run_flags(show)
+
+
+def _add_state_flags(parser: argparse.ArgumentParser) -> None:
+    """What every action needs: which device, and where its state is."""
     parser.add_argument("--config", type=Path, help="agent TOML file")
     parser.add_argument("--device-id", help="this device's id (a topic level)")
     parser.add_argument("--state-dir", type=Path, help="outbox, learned state, models")
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--public-key", type=Path, help="Ed25519 key models must be signed with")
     add_broker_flags(parser)
     parser.add_argument(
@@ -32,17 +84,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--replay-file", type=Path, help="WISDM-format file for --sensor replay")
     parser.add_argument("--replay-user", type=int, help="user to replay")
     parser.add_argument("--speed", type=float, help="replay/synthetic pace (1 real time, 0 max)")
-    parser.add_argument(
-        "action",
-        nargs="?",
-        default="run",
-        choices=("run", "rollback", "forget", "show-config"),
-        help="run (default); rollback: make the previous model current (agent stopped); "
-        "forget: drop every confirmation and what was learned from them, so the device serves "
-        "the global model (done here when the agent is stopped, else by the running agent, "
-        "asked through a file in its state folder); show-config: print the effective settings",
-    )
-    parser.set_defaults(func=run)
 
 
 def settings_from(args: argparse.Namespace) -> Any:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from shared.errors import ConfigError
 from shared.wisdm import WISDM_ARCHIVE_URL
 
 
@@ -43,6 +44,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run_download(args: argparse.Namespace) -> int:
     from shared.wisdm import download_wisdm, sha256_of
 
+    if not args.sha256 and not args.allow_unverified:
+        # Said here, before any download, with the flags that fix it (the library knows none).
+        raise ConfigError(
+            "no checksum to verify the download with: the WISDM lab publishes none. Pass the "
+            "sha256 you trust with --sha256, or --allow-unverified to download once and print "
+            "the digest, to pin it next time"
+        )
     path = download_wisdm(
         args.url,
         args.dest,

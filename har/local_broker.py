@@ -16,7 +16,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import BrokerError
@@ -59,7 +59,7 @@ def accepts_connections(host: str, port: int, timeout: float = 0.2) -> bool:
 class BrokerUsers:
     """Credentials and ACL lines for an authenticated broker."""
 
-    passwords: Mapping[str, str]
+    passwords: Mapping[str, str] = field(repr=False)  # never in a log line or a traceback
     acl: str
 
 
@@ -125,11 +125,18 @@ class MosquittoProcess:
         passwd_binary = shutil.which("mosquitto_passwd") or str(sibling)
         self.password_file.write_text("")
         for user, password in passwords.items():
-            subprocess.run(
+            result = subprocess.run(
                 [passwd_binary, "-b", str(self.password_file), user, password],
-                check=True,
+                check=False,
                 capture_output=True,
+                text=True,
             )
+            if result.returncode != 0:
+                # Not CalledProcessError: its message would quote the command line, password too.
+                raise BrokerError(
+                    f"mosquitto_passwd could not add user {user} ({result.returncode}): "
+                    f"{result.stderr.strip()}"
+                )
 
     @property
     def running(self) -> bool:

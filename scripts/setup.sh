@@ -2,7 +2,8 @@
 # Set up this checkout on a fresh Debian/Ubuntu machine; safe to run again.
 #  - installs Mosquitto (broker + clients) and jq with apt when they are missing
 #  - creates .venv with the interpreter in $PYTHON (default python3, >= 3.10)
-#  - installs this project editable with every extra (agent, trainer, dev)
+#  - installs this project editable with every extra (agent, trainer, dev), again only when
+#    pyproject.toml changed since (a hash of it is kept in .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,17 +19,36 @@ have_jq() {
   command -v jq >/dev/null 2>&1
 }
 if ! have_mosquitto || ! have_clients || ! have_jq; then
+  had_mosquitto=$(have_mosquitto && echo yes || echo no)
   echo ">> installing mosquitto, mosquitto-clients and jq with apt" >&2
   SUDO=""
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
   $SUDO apt-get update
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y mosquitto mosquitto-clients jq
+  # Debian's package enables and starts a system-wide broker: say so, rather than leave it unsaid.
+  if [ "$had_mosquitto" = no ] && command -v systemctl >/dev/null 2>&1 \
+    && systemctl is-active --quiet mosquitto 2>/dev/null; then
+    echo ">> note: the mosquitto package also started a system-wide broker on port 1883" \
+      "(service mosquitto, started at every boot). The demo and the tests run brokers of" \
+      "their own on free ports and do not need it. To stop and disable it:" \
+      "${SUDO:+$SUDO }systemctl disable --now mosquitto" >&2
+  fi
 fi
 
+# Install only when the venv is new or pyproject.toml changed since the last install: an editable
+# install takes seconds and prints setuptools' warning box every time. The stamp holds the
+# pyproject.toml hash it was made with, and is written only after the install succeeded.
+stamp=.venv/.har-installed-pyproject.sha256
 if [ ! -x .venv/bin/python ]; then
   echo ">> creating .venv with $PYTHON" >&2
   "$PYTHON" -m venv .venv
+  rm -f "$stamp" # a stamp left in a half-made .venv says nothing about the new one
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[agent,trainer,dev]'
+wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+  echo ">> installing this project into .venv (pyproject.toml is new or changed)" >&2
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e '.[agent,trainer,dev]'
+  echo "$wanted" >"$stamp"
+fi
 echo ">> ready: .venv/bin/har --help" >&2

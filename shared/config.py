@@ -32,6 +32,7 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
 S = TypeVar("S")
+REDACTED = "<redacted>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,14 @@ class BrokerSettings:
             raise ConfigError("need 0 < broker.reconnect_min_s <= broker.reconnect_max_s")
         if self.password and self.password_file is not None:
             raise ConfigError("set broker.password or broker.password_file, not both")
+
+    def __repr__(self) -> str:
+        # Settings are printed (`har agent show-config`) and may end up in logs or tracebacks:
+        # say whether a password is set, never what it is.
+        shown = {field.name: repr(getattr(self, field.name)) for field in dataclasses.fields(self)}
+        if self.password:
+            shown["password"] = REDACTED
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in shown.items())})"
 
     def resolved_password(self) -> str:
         """The password, read from ``password_file`` when one is configured."""

@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 _FATAL_CONNACK = frozenset({133, 134, 135, 138, 140})
 _SESSION_EXPIRY_S = 7 * 24 * 3600  # how long the broker keeps a persistent session of ours
 _INBOX_WAIT_S = 0.5  # how often a network thread waiting for inbox room checks for a stop
+# Failed attempts to reach a broker never reached before, after which one hint says what to check.
+_HINT_AFTER_FAILED_ATTEMPTS = 3
 
 
 def _guarded(callback: Callable[..., None]) -> Callable[..., None]:
@@ -470,6 +472,13 @@ class MqttConnection:
             self._settings.port,
             self._attempt,
         )
+        if self.connect_count == 0 and self._attempt == _HINT_AFTER_FAILED_ATTEMPTS:
+            log.warning(
+                "is a broker running at %s:%d? Start one there, or set broker.host and "
+                "broker.port to yours; retrying meanwhile",
+                self._settings.host,
+                self._settings.port,
+            )
         self._schedule_retry()
 
     @_guarded

@@ -35,8 +35,11 @@ def test_keys_models_promote_and_rollback_publish_signed_manifests(
     ]  # fmt: skip
     first = export_tiny_version(tmp_path / "stage" / "m-one", seed=1, steps=10)
     second = export_tiny_version(tmp_path / "stage" / "m-two", seed=2, steps=10)
+    exported = sorted(path.relative_to(first) for path in first.rglob("*"))
     assert main(["models", "import", str(first), *common]) == 0
     assert main(["models", "import", str(second), "--parent", "m-one", *common]) == 0
+    # The registry holds copies: what was imported is left as it was.
+    assert sorted(path.relative_to(first) for path in first.rglob("*")) == exported
     capsys.readouterr()
 
     topics = Topics(broker_settings.topic_root)

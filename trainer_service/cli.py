@@ -56,7 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     show.add_argument("version")
     show.set_defaults(func=run_models_show)
     imported = model_actions.add_parser(
-        "import", help="register a version folder written by `har train`"
+        "import",
+        help="register a copy of a version folder written by har train",
+        description="Register a copy of FOLDER (a version folder written by har train; its "
+        "name becomes the version) in the registry. FOLDER itself is left as it was.",
     )
     _common(imported)
     imported.add_argument("folder", type=Path)
@@ -127,10 +130,11 @@ def run_retrain_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _registry(args: argparse.Namespace) -> Any:
+def _registry(args: argparse.Namespace, *, create: bool = False) -> Any:
+    """The registry the settings name; only ``create`` makes one where there is none."""
     from trainer_service.registry import ModelRegistry
 
-    return ModelRegistry(settings_from(args).registry_dir)
+    return ModelRegistry(settings_from(args).registry_dir, create=create)
 
 
 def run_models_list(args: argparse.Namespace) -> int:
@@ -169,7 +173,7 @@ def run_models_show(args: argparse.Namespace) -> int:
 
 
 def run_models_import(args: argparse.Namespace) -> int:
-    info = _registry(args).add(args.folder, parent=args.parent)
+    info = _registry(args, create=True).add_copy(args.folder, parent=args.parent)
     print(f"registered {info.version} ({info.size} bytes, sha256 {info.sha256[:16]}...)")
     return 0
 
@@ -183,7 +187,7 @@ def run_models_promote(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if settings.private_key is None:
         raise ConfigError("promoting signs a manifest: give --private-key or private_key")
-    registry = ModelRegistry(settings.registry_dir)
+    registry = ModelRegistry(settings.registry_dir, create=False)
     version = args.version if args.models_action == "promote" else registry.rollback_target()
     registry.promote(
         version, load_private_key(settings.private_key), chunk_size=settings.publish.chunk_bytes

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,10 +89,14 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 class ModelRegistry:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, create: bool = True) -> None:
+        """The registry in ``root``; with ``create=False`` it must exist already (ConfigError)."""
         self._root = root
         self._versions = root / "versions"
-        self._versions.mkdir(parents=True, exist_ok=True)
+        if create:
+            self._versions.mkdir(parents=True, exist_ok=True)
+        elif not self._versions.is_dir():
+            raise ConfigError(f"no model registry in {root} (nothing was ever registered there)")
 
     @property
     def root(self) -> Path:
@@ -146,6 +151,19 @@ class ModelRegistry:
         shutil.move(str(exported), str(target))
         log.info("registered model %s (%d bytes, parent %s)", version, len(payload), parent)
         return self.get(version)
+
+    def add_copy(self, folder: Path, *, parent: str | None) -> VersionInfo:
+        """``add`` a copy of ``folder``; ``folder`` itself is left as it was."""
+        if not folder.is_dir():
+            raise ConfigError(f"{folder} is not a folder")
+        # The copy is made inside the registry, so that add() moves it with a rename.
+        staging = Path(tempfile.mkdtemp(prefix=".import-", dir=self._root))
+        try:
+            copy = staging / folder.name
+            shutil.copytree(folder, copy)
+            return self.add(copy, parent=parent)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     # ------------------------------------------------------------------ reading
     def get(self, version: str) -> VersionInfo:

@@ -41,21 +41,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--data", type=Path, required=True, help="WISDM-format data file")
     parser.add_argument("--out", type=Path, required=True, help="folder that receives versions")
     parser.add_argument("--version", help="version name (default: <arch>-<UTC time>)")
-    parser.add_argument("--arch", choices=ARCH_CHOICES, default="cnn", help="default: cnn")
-    parser.add_argument("--epochs", type=int, help="maximum epochs (default: 40; seed-lstm 40)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for split, init and order")
-    parser.add_argument("--window", type=int, help="samples per window (default 80; seed-lstm 32)")
-    parser.add_argument("--hop", type=int, help="samples between training windows")
-    parser.add_argument("--batch-size", type=int, help="windows per step (default 64)")
-    parser.add_argument("--learning-rate", type=float, help="training step size")
+    parser.add_argument("--arch", choices=ARCH_CHOICES, default="cnn", help="model (default: cnn)")
+    # The defaults named here are TrainConfig's (tests/test_cli.py checks that they agree).
+    parser.add_argument("--epochs", type=int, help="maximum epochs (default: 40)")
     parser.add_argument(
-        "--device-anchor", type=float, help="on-device learning: pull towards the global model"
+        "--seed", type=int, default=0, help="seed for split, init and order (default: 0)"
     )
-    parser.add_argument("--patience", type=int, help="epochs without improvement before stop")
-    parser.add_argument("--width", type=int, help="channels of the first convolution")
+    parser.add_argument(
+        "--window", type=int, help="samples per window (default: 80; seed-lstm: 32)"
+    )
+    parser.add_argument(
+        "--hop",
+        type=int,
+        help="samples between training windows (default: 10, or window/8 with --window; "
+        "seed-lstm: 32)",
+    )
+    parser.add_argument("--batch-size", type=int, help="windows per step (default: 64)")
+    parser.add_argument(
+        "--learning-rate", type=float, help="training step size (default: 0.001; seed-lstm: 0.0001)"
+    )
+    parser.add_argument(
+        "--device-anchor",
+        type=float,
+        help="on-device learning: pull towards the global model (default: 0.1)",
+    )
+    parser.add_argument(
+        "--patience", type=int, help="epochs without improvement before stop (default: 8)"
+    )
+    parser.add_argument("--width", type=int, help="channels of the first convolution (default: 32)")
     parser.add_argument("--val-users", type=_user_list, help="e.g. 3,7 (default: by fraction)")
     parser.add_argument("--test-users", type=_user_list, help="e.g. 5,11 (default: by fraction)")
-    parser.add_argument("--class-weighting", choices=("balanced", "none"), help="default: balanced")
+    parser.add_argument(
+        "--class-weighting",
+        choices=("balanced", "none"),
+        help="loss weights per class (default: balanced)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
 

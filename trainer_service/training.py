@@ -260,10 +260,10 @@ def build_tracker(
 
 
 def _tracker_from_saved_model(path: Path, spec: Any, config: TrainConfig) -> Any:
-    import tensorflow as tf
-
+    from shared.model.tensorflow_import import import_tensorflow
     from shared.model.tracker import ActivityTracker, TrackerSpec
 
+    tf = import_tensorflow()
     if not (path / "saved_model.pb").is_file():
         raise ModelError(f"init_from {path} is not a SavedModel")
     loaded = tf.saved_model.load(str(path))
@@ -307,7 +307,9 @@ def train_model(
     progress: bool = True,
 ) -> TrainResult:
     """Trains with early stopping on validation macro-F1; returns the best weights seen."""
-    import tensorflow as tf
+    from shared.model.tensorflow_import import import_tensorflow
+
+    tf = import_tensorflow()
 
     labels = labels or train.labels
     if train.labels != labels or val.labels != labels:
@@ -370,7 +372,8 @@ def train_model(
 def _progress(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="epochs", unit="epoch", disable=not enabled, leave=False)
+    # leave=True: the finished bar stays, showing the epochs run and the last loss and F1.
+    return tqdm(total=total, desc="epochs", unit="epoch", disable=not enabled, leave=True)
 
 
 def _epoch_batched(

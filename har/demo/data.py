@@ -81,6 +81,12 @@ def prepare(
 ) -> DemoData:
     workdir.mkdir(parents=True, exist_ok=True)
     if data_file is None:
+        if device_users:
+            raise HarError(
+                f"--device-users {','.join(map(str, device_users))} chooses users of real data "
+                f"(--data FILE, ${WISDM_ENV} or ./{DOWNLOADED}), and there is none: the demo "
+                "would run with its synthetic people"
+            )
         return _synthetic(workdir, device_ids, base_seconds)
     return _from_wisdm(workdir, device_ids, data_file, base_seconds, device_users)
 

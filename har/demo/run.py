@@ -87,8 +87,7 @@ class Demo:
     def run(self) -> str:
         from shared.signing import generate_keypair
 
-        private_key, public_key = generate_keypair(self.workdir / "keys")
-        dashboard_password = self._start_broker(public_key)
+        # The data first: a wrong --data or --device-users is said before anything starts.
         self.data = prepare(
             self.workdir,
             DEVICE_IDS,
@@ -99,6 +98,8 @@ class Demo:
         say(f"data: {self.data.description}")
         for wearer in self.data.wearers:
             say(f"{wearer.device_id}: {wearer.description}")
+        private_key, public_key = generate_keypair(self.workdir / "keys")
+        dashboard_password = self._start_broker(public_key)
         labels = self._train_first_model(private_key)
         self.app = PeopleApp(
             self.topics,

@@ -28,6 +28,7 @@ from shared.errors import ModelError, ModelInputError
 from shared.fileio import replacing
 from shared.messages import InputSpec
 from shared.model import signatures
+from shared.model.tensorflow_import import import_tensorflow
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class ActivityModel:
         saved_model_dir = Path(saved_model_dir)
         if not (saved_model_dir / "saved_model.pb").is_file():
             raise ModelError(f"{saved_model_dir} is not a SavedModel (no saved_model.pb)")
-        import tensorflow as tf
+        tf = import_tensorflow()
 
         try:
             loaded = tf.saved_model.load(str(saved_model_dir))
@@ -402,7 +403,7 @@ class ActivityModel:
         )
 
     def _call(self, name: str, **kwargs: Any) -> Any:
-        import tensorflow as tf
+        tf = import_tensorflow()
 
         try:
             return self._signatures[name](**kwargs)
@@ -418,7 +419,7 @@ class ActivityModel:
         Written to a temporary file in the same directory, fsynced, renamed over ``path`` and the
         directory fsynced: after a crash at any instant ``path`` holds the old state or the new.
         """
-        import tensorflow as tf
+        tf = import_tensorflow()
 
         self._personal_only()
         path = Path(path)
@@ -434,7 +435,7 @@ class ActivityModel:
         Raises :class:`ModelError` if the file is corrupt or belongs to another model; the
         installed state is then left as it was.
         """
-        import tensorflow as tf
+        tf = import_tensorflow()
 
         self._personal_only()
         path = Path(path)

@@ -43,14 +43,19 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
-import tensorflow as tf
 
 from shared.errors import ModelError
 from shared.model import signatures
+from shared.model.tensorflow_import import import_tensorflow
+
+if TYPE_CHECKING:
+    import tensorflow as tf  # the names in annotations
+else:
+    tf = import_tensorflow()
 
 ARCHITECTURES: Final = ("cnn", "cnn-gru", "seed-lstm")
 SEED_LSTM_BATCH: Final = 32  # the original design: a (32, 1, 3) batch of consecutive samples
