@@ -112,6 +112,8 @@ class DeviceAgent:
         self._predictions_unstored = False  # reported once per store outage
         # What confirm_latest / correct_latest confirm; worker thread only.
         self._latest_prediction: Prediction | None = None
+        # The labels of the last Home Assistant discovery configs queued (None: none yet).
+        self._announced_labels: tuple[str, ...] | None = None
 
         self._stop = threading.Event()
         self._shutdown_lock = threading.Lock()
@@ -243,12 +245,7 @@ class DeviceAgent:
         )
         self._releases.remove_leftovers()
         self._load_installed_model()
-        if self._tuning.homeassistant_discovery:
-            # Through the outbox, like everything else: they reach a broker that is down now.
-            for message in homeassistant.discovery_messages(
-                self._topics, self._device, prefix=self._tuning.homeassistant_prefix
-            ):
-                self._outbox.put(message, Priority.NORMAL)
+        self._announce_to_home_assistant()
         self._supervisor.start()
         self._connection.start()
 
@@ -554,8 +551,30 @@ class DeviceAgent:
             self._learner.state_path(version).unlink(missing_ok=True)
         self.counters.add("model_installs")
         log.info("now serving model %s", new.version)
+        self._announce_to_home_assistant()
         self._publish_status()
         self.model_changed.set()
+
+    def _announce_to_home_assistant(self) -> None:
+        """With the option on: the discovery configs, at start and whenever the labels change
+        (the Activity sensor's and the select's options). Through the outbox, like everything
+        else: they reach a broker that is down now, and (queued on the worker thread before it
+        predicts with the new model) before the first prediction with the new labels."""
+        if not self._tuning.homeassistant_discovery:
+            return
+        labels = self._active.model.labels if self._active else ()
+        if labels == self._announced_labels:
+            return
+        try:
+            for message in homeassistant.discovery_messages(
+                self._topics, self._device, labels, prefix=self._tuning.homeassistant_prefix
+            ):
+                self._outbox.put(message, Priority.NORMAL)
+        except StorageError as exc:
+            # Queued again at the next start or model change.
+            self._report("storage_error", f"Home Assistant discovery configs not queued: {exc}")
+            return
+        self._announced_labels = labels
 
     def _activate(self, active: ActiveModel) -> None:
         hop = self._tuning.window_hop
