@@ -154,6 +154,10 @@ class FleetSimulator:
                 # Devices start spread over one period: the broker sees a stream, not bursts.
                 first_tick = index / CONNECTS_PER_SECOND + self._rng.random() * period
                 self.loop.call_later(first_tick, self._ticker(device))
+                self.loop.call_later(
+                    first_tick + self._rng.random() * self._settings.status_interval_s,
+                    self._status_ticker(device),
+                )
             self.loop.call_later(self._monitor_interval(), self._monitor)
             supervisor.add("sim-loop", lambda: self.loop.run(until=self._finished))
             supervisor.start()
@@ -315,6 +319,22 @@ class FleetSimulator:
         ):
             self._publish(device, message)
         self._announced_labels[device.device_id] = labels
+
+    def _status_ticker(self, device: SimDevice) -> Callable[[], None]:
+        """The device's status with its counters every ``status_interval_s`` while connected,
+        as a real agent refreshes its own: in real seconds, whatever the speed, because
+        dashboards show it in real time."""
+
+        def tick() -> None:
+            if self._stopping:
+                return
+            # First: a tick that fails does not stop the next ones.
+            self.loop.call_later(self._settings.status_interval_s, tick)
+            link = self._links.get(device.device_id)
+            if link is not None and link.connected:
+                link.publish(device.status_message("online"))
+
+        return tick
 
     def _on_acked(self, device: SimDevice, message: Outbound) -> None:
         if message.content_type == codec.CONTENT_TYPE_MSGPACK:

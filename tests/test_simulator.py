@@ -464,6 +464,40 @@ def test_the_fleet_announces_its_devices_to_home_assistant_and_again_with_their_
         assert all(m.topic.split("/")[1] == "sensor" for m in seen[device])
 
 
+@pytest.mark.broker
+@pytest.mark.slow
+def test_simulated_devices_refresh_their_status_with_their_counters(
+    tmp_path: Path, broker_settings: BrokerSettings, session_releases: Releases
+) -> None:
+    settings = sim_settings(
+        tmp_path, broker_settings, session_releases.public_key_path, status_interval_s=0.5
+    )
+    publish_release(broker_settings, session_releases.first)
+    observer = Observer(broker_settings)
+    try:
+        with RunningFleet(settings):
+            # Periodic, not only at connect and install: the counters move between statuses.
+            observer.until(
+                lambda: all(
+                    len({s.counters["batches_sent"] for s in observer.statuses[d]}) >= 4
+                    and observer.statuses[d][-1].counters["predictions"] > 0
+                    for d in settings.device_ids
+                ),
+                "statuses with growing counters from every device",
+            )
+    finally:
+        observer.stop()
+    for device in settings.device_ids:
+        online = [s for s in observer.statuses[device] if s.state == "online"]
+        sent = [s.counters["batches_sent"] for s in online]
+        assert sent == sorted(sent)
+
+
+def test_the_status_interval_must_be_sensible() -> None:
+    with pytest.raises(ConfigError, match="status_interval_s"):
+        SimSettings(status_interval_s=0)
+
+
 def test_home_assistant_discovery_needs_ids_it_accepts() -> None:
     with pytest.raises(ConfigError, match="Home Assistant"):
         SimSettings(device_prefix="sim.", homeassistant_discovery=True)
