@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import re
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -261,6 +263,91 @@ def test_the_rules_catch_what_home_assistant_refuses_or_ignores(
     broken = {**config, **change}
     broken = {key: value for key, value in broken.items() if value is not None}
     assert any(problem in found for found in home_assistant_problems(component, broken))
+
+
+# Run in a Python that has Home Assistant (its own virtual environment: it pins its own
+# dependencies). Validates each config with the component's DISCOVERY_SCHEMA and renders the
+# templates with Home Assistant's own engine and MQTT template classes.
+HOME_ASSISTANT_CHECK = """
+import asyncio, json, sys
+from homeassistant.components.mqtt import button, select, sensor
+from homeassistant.components.mqtt.models import MqttCommandTemplate, MqttValueTemplate
+from homeassistant.const import __version__
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers.template import Template
+
+request = json.load(sys.stdin)
+schemas = {"sensor": sensor.DISCOVERY_SCHEMA, "select": select.DISCOVERY_SCHEMA,
+           "button": button.DISCOVERY_SCHEMA}
+
+async def check():
+    hass = HomeAssistant(request["config_dir"])
+    results = {}
+    for object_id, (component, config, payloads, value) in request["entities"].items():
+        validated = schemas[component](dict(config))
+        result = {"dropped": sorted(set(config) - set(validated))}
+        if "value_template" in config:
+            state = MqttValueTemplate(Template(config["value_template"], hass), hass=hass)
+            result["states"] = [state.async_render_with_possible_json_value(p) for p in payloads]
+        if "command_template" in config:
+            command = MqttCommandTemplate(Template(config["command_template"], hass), hass=hass)
+            result["command"] = command.async_render(value)
+        results[object_id] = result
+    await hass.async_stop(force=True)
+    return results
+
+print(json.dumps({"version": __version__, "results": asyncio.run(check())}))
+"""
+
+
+def test_home_assistant_itself_accepts_the_configs_and_renders_their_templates(
+    tmp_path: Path,
+) -> None:
+    """With ``HAR_TEST_HOMEASSISTANT_PYTHON`` set to a Python with Home Assistant installed
+    (``python3 -m venv ha && ha/bin/pip install homeassistant``; 2024.3.3 is the newest for
+    Python 3.11): its schemas and template engine, not our copy of their rules."""
+    python = os.environ.get("HAR_TEST_HOMEASSISTANT_PYTHON")
+    if not python:
+        pytest.skip("HAR_TEST_HOMEASSISTANT_PYTHON is not set")
+    configs = by_object_id(configs_by_topic())
+    samples = {kind: [p.decode() for p in payloads] for kind, payloads in sample_messages().items()}
+    state_kind = {Topics(ROOT).prediction("wrist-0001"): "prediction"}
+    values = {homeassistant.CORRECT: "Jogging", homeassistant.CONFIRM: "PRESS"}
+    request = {
+        "config_dir": str(tmp_path),
+        "entities": {
+            object_id: [
+                homeassistant.COMPONENTS[object_id],
+                config,
+                samples[state_kind.get(config.get("state_topic", ""), "status")],
+                values.get(object_id, ""),
+            ]
+            for object_id, config in configs.items()
+        },
+    }
+    result = subprocess.run(
+        [python, "-c", HOME_ASSISTANT_CHECK],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout)
+    version = tuple(int(part) for part in answer["version"].split(".")[:2])
+    results = answer["results"]
+    for object_id, found in results.items():
+        # Home Assistant before 2024.9 has no options on a sensor and drops them.
+        ignored = {"options"} if version < (2024, 9) and object_id == "activity" else set()
+        assert set(found["dropped"]) == ignored, object_id
+    assert results["activity"]["states"] == results["correct"]["states"] == ["Walking"] * 2
+    assert results["confidence"]["states"] == ["90.2"] * 2
+    assert results["model"]["states"] == ["v0007", "unknown"]
+    correct = codec.decode_device_command(results["correct"]["command"].encode())
+    assert (correct.command, correct.label) == ("correct_latest", "Jogging")
+    confirm = codec.decode_device_command(results["confirm"]["command"].encode())
+    assert (confirm.command, confirm.label) == ("confirm_latest", None)
 
 
 def test_discovery_messages_are_retained_qos1_json_on_home_assistant_topics() -> None:
