@@ -17,11 +17,11 @@ provisioning folder for the device:
 Install them on the device as /etc/har/... (deploy/README.md section 2).
 
 The ACL needs no line for a new device: its patterns (%u = the username) let every user publish
-only under har/v1/devices/<its username>/ and homeassistant/sensor/<its username>/, so the
-username must be the device id. That is why this script refuses an id outside the device-id
-alphabet (1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit) and the reserved user
-names trainer, dashboard, operator, healthcheck (in any letter case), whose users would then
-also get a device's rights or lend theirs to it.
+only under har/v1/devices/<its username>/ and homeassistant/{sensor,select,button}/<its
+username>/, so the username must be the device id. That is why this script refuses an id
+outside the device-id alphabet (1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit) and
+the reserved user names trainer, dashboard, operator, healthcheck (in any letter case), whose
+users would then also get a device's rights or lend theirs to it.
 
 Options:
   --passwd FILE         the broker's password file; must exist (default: $HAR_MOSQUITTO_PASSWD,

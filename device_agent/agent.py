@@ -47,7 +47,13 @@ from device_agent.windowing import StreamWindow, StreamWindower
 from shared import codec, homeassistant
 from shared.counters import Counters, LatencyRecorder
 from shared.errors import HarError, ModelError, PayloadError, StorageError
-from shared.messages import Confirmation, DeviceStatus, Prediction, ReceiptKey
+from shared.messages import (
+    Confirmation,
+    DeviceCommand,
+    DeviceStatus,
+    Prediction,
+    ReceiptKey,
+)
 from shared.model.runtime import ActivityModel
 from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound, PublishHandle
 from shared.signing import load_public_key
@@ -110,6 +116,10 @@ class DeviceAgent:
         )
         self._active: ActiveModel | None = None
         self._predictions_unstored = False  # reported once per store outage
+        # What confirm_latest / correct_latest confirm; worker thread only.
+        self._latest_prediction: Prediction | None = None
+        # The labels of the last Home Assistant discovery configs queued (None: none yet).
+        self._announced_labels: tuple[str, ...] | None = None
 
         self._stop = threading.Event()
         self._shutdown_lock = threading.Lock()
@@ -241,12 +251,7 @@ class DeviceAgent:
         )
         self._releases.remove_leftovers()
         self._load_installed_model()
-        if self._tuning.homeassistant_discovery:
-            # Through the outbox, like everything else: they reach a broker that is down now.
-            for message in homeassistant.discovery_messages(
-                self._topics, self._device, prefix=self._tuning.homeassistant_prefix
-            ):
-                self._outbox.put(message, Priority.NORMAL)
+        self._announce_to_home_assistant()
         self._supervisor.start()
         self._connection.start()
 
@@ -438,15 +443,21 @@ class DeviceAgent:
             recent=(prediction.prediction_id, active.version, window.samples),
             receipt_key=ReceiptKey.prediction(prediction.prediction_id),
         )
+        self._latest_prediction = prediction
 
     def _confirm(self, message: InboundMessage) -> None:
-        """Keep and learn a confirmation; acknowledged once kept, or when it can never be."""
+        """A confirmation from the confirmation topic."""
         try:
             confirmation = codec.decode_confirmation(message.payload)
         except PayloadError as exc:
             self._report("malformed_confirmation", str(exc), message.topic)
             message.ack()
             return
+        self._keep_confirmation(confirmation, message)
+
+    def _keep_confirmation(self, confirmation: Confirmation, message: InboundMessage) -> None:
+        """Keep, learn and relay a confirmation that ``message`` brought (a confirmation, or a
+        command about the latest prediction); acknowledged once kept, or when it can never be."""
         active = self._active
         window = self._store.recent_window(confirmation.prediction_id)
         if window is None:
@@ -498,6 +509,9 @@ class DeviceAgent:
             self._report("malformed_command", str(exc), message.topic)
             message.ack()
             return
+        if command.command in ("confirm_latest", "correct_latest"):
+            self._confirm_latest(command, message)
+            return
         if command.command == "forget":
             forgotten = self._learner.forget()
             log.info(
@@ -505,6 +519,31 @@ class DeviceAgent:
             )
         message.ack()
         self._publish_status()
+
+    def _confirm_latest(self, command: DeviceCommand, message: InboundMessage) -> None:
+        """``confirm_latest`` / ``correct_latest``: a confirmation of the latest prediction,
+        for dashboards that cannot know prediction ids (Home Assistant's button and select)."""
+        latest = self._latest_prediction
+        if latest is None:
+            self._report(
+                "no_latest_prediction",
+                f"{command.command} (request {command.request_id}): no prediction since the "
+                "agent started",
+                message.topic,
+            )
+            message.ack()
+            return
+        label = latest.label if command.label is None else command.label
+        log.info(
+            "%s (request %s): prediction %s is %r",
+            command.command,
+            command.request_id,
+            latest.prediction_id,
+            label,
+        )
+        self._keep_confirmation(
+            Confirmation(latest.prediction_id, label, "user", command.ts), message
+        )
 
     def _swap(self, candidate: Candidate) -> None:
         new = candidate.active
@@ -518,8 +557,30 @@ class DeviceAgent:
             self._learner.state_path(version).unlink(missing_ok=True)
         self.counters.add("model_installs")
         log.info("now serving model %s", new.version)
+        self._announce_to_home_assistant()
         self._publish_status()
         self.model_changed.set()
+
+    def _announce_to_home_assistant(self) -> None:
+        """With the option on: the discovery configs, at start and whenever the labels change
+        (the Activity sensor's and the select's options). Through the outbox, like everything
+        else: they reach a broker that is down now, and (queued on the worker thread before it
+        predicts with the new model) before the first prediction with the new labels."""
+        if not self._tuning.homeassistant_discovery:
+            return
+        labels = self._active.model.labels if self._active else ()
+        if labels == self._announced_labels:
+            return
+        try:
+            for message in homeassistant.discovery_messages(
+                self._topics, self._device, labels, prefix=self._tuning.homeassistant_prefix
+            ):
+                self._outbox.put(message, Priority.NORMAL)
+        except StorageError as exc:
+            # Queued again at the next start or model change.
+            self._report("storage_error", f"Home Assistant discovery configs not queued: {exc}")
+            return
+        self._announced_labels = labels
 
     def _activate(self, active: ActiveModel) -> None:
         hop = self._tuning.window_hop

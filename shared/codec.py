@@ -469,19 +469,23 @@ def decode_command(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> TrainerCo
 
 
 def encode_device_command(command: DeviceCommand) -> bytes:
-    return _encode_any_command("device_command", command)
+    label = {} if command.label is None else {"label": command.label}
+    return _encode_any_command("device_command", command, label)
 
 
 def decode_device_command(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> DeviceCommand:
-    return _decode_any_command("device command", DeviceCommand, payload, limits)
+    return _decode_any_command("device command", DeviceCommand, payload, limits, ("label",))
 
 
-def _encode_any_command(kind: str, command: TrainerCommand | DeviceCommand) -> bytes:
+def _encode_any_command(
+    kind: str, command: TrainerCommand | DeviceCommand, extra: Mapping[str, Any] | None = None
+) -> bytes:
     return _dump_json(
         {
             "type": kind,
             "v": command.v,
             "command": command.command,
+            **(extra or {}),
             "request_id": command.request_id,
             "ts": command.ts,
         }
@@ -492,7 +496,11 @@ Command = TypeVar("Command", TrainerCommand, DeviceCommand)
 
 
 def _decode_any_command(
-    kind: str, factory: type[Command], payload: bytes, limits: Limits
+    kind: str,
+    factory: type[Command],
+    payload: bytes,
+    limits: Limits,
+    optional: tuple[str, ...] = (),
 ) -> Command:
     doc = _load_json(kind, payload, limits.max_json_bytes)
     return _build(
@@ -501,6 +509,7 @@ def _decode_any_command(
             command=_field(kind, doc, "command"),
             request_id=_field(kind, doc, "request_id"),
             ts=_field(kind, doc, "ts"),
+            **{name: doc[name] for name in optional if name in doc},
         ),
     )
 

@@ -2,12 +2,19 @@
 
 Home Assistant subscribes to ``<prefix>/#`` and creates one entity per retained JSON config on
 ``<prefix>/<component>/[<node_id>/]<object_id>/config``; an empty retained payload on the same
-topic deletes the entity again. The entities read the device's own topics (its predictions and
-its retained status), so nothing else is published for Home Assistant.
+topic deletes the entity again. The sensors read the device's own topics (its predictions and
+its retained status), so nothing else is published for Home Assistant. The controls (a select
+to correct, a button to confirm the latest prediction) publish device commands
+(``confirm_latest``, ``correct_latest``) on the device's command topic.
+
+The Activity sensor is an enum and the select's options are the current model's labels: the
+configs depend on the model, and a device publishes them again when a model with other labels
+replaces its own (before its first prediction from it). Before its first model a device has no
+labels: it publishes the sensors without options and no controls.
 
 The node id is the device id: the shipped broker ACL lets a device write under
-``<prefix>/sensor/<its username>/`` only. Home Assistant accepts ``[a-zA-Z0-9_-]`` in node and
-object ids (its ``TOPIC_MATCHER``), a narrower alphabet than our device ids, which also allow
+``<prefix>/<component>/<its username>/`` only. Home Assistant accepts ``[a-zA-Z0-9_-]`` in node
+and object ids (its ``TOPIC_MATCHER``), a narrower alphabet than our device ids, which also allow
 ``.``: such a device cannot be discovered, and ``check_node_id`` says so.
 """
 
@@ -15,22 +22,34 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from shared.mqtt_transport import Outbound
 from shared.topics import Topics, is_valid_id
 
 DEFAULT_PREFIX = "homeassistant"
-COMPONENT = "sensor"
 
 # Home Assistant's alphabet for <node_id> and <object_id> in a discovery topic.
 _DISCOVERY_ID = re.compile(r"[A-Za-z0-9_-]+")
 
-# The entities every device gets, by object id (the last level before /config).
+# The entities a device gets, by object id (the last level before /config).
 ACTIVITY = "activity"
 CONFIDENCE = "confidence"
 MODEL = "model"
-OBJECT_IDS = (ACTIVITY, CONFIDENCE, MODEL)
+CORRECT = "correct"  # select "What am I doing?": correct the latest prediction
+CONFIRM = "confirm"  # button "Confirm": the latest prediction was right
+# Home Assistant's component (the topic level before the node id) of each entity.
+COMPONENTS = {
+    ACTIVITY: "sensor",
+    CONFIDENCE: "sensor",
+    MODEL: "sensor",
+    CORRECT: "select",
+    CONFIRM: "button",
+}
+OBJECT_IDS = tuple(COMPONENTS)
+SENSORS = (ACTIVITY, CONFIDENCE, MODEL)
+CONTROLS = (CORRECT, CONFIRM)
 
 ORIGIN_NAME = "har-edge"
 
@@ -60,10 +79,11 @@ def check_prefix(prefix: str) -> str:
 
 
 def config_topic(device_id: str, object_id: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """``<prefix>/sensor/<device_id>/<object_id>/config``."""
-    if object_id not in OBJECT_IDS:
+    """``<prefix>/<component>/<device_id>/<object_id>/config``."""
+    if object_id not in COMPONENTS:
         raise ValueError(f"unknown entity {object_id!r}: one of {', '.join(OBJECT_IDS)}")
-    return f"{check_prefix(prefix)}/{COMPONENT}/{check_node_id(device_id)}/{object_id}/config"
+    component = COMPONENTS[object_id]
+    return f"{check_prefix(prefix)}/{component}/{check_node_id(device_id)}/{object_id}/config"
 
 
 def _shared_fields(device_id: str, status_topic: str) -> dict[str, Any]:
@@ -90,21 +110,45 @@ def _shared_fields(device_id: str, status_topic: str) -> dict[str, Any]:
     }
 
 
-def discovery_configs(topics: Topics, device_id: str) -> dict[str, dict[str, Any]]:
-    """The discovery config of each entity of ``device_id``, by object id."""
+def _command_template(command: str, label_field: str = "") -> str:
+    """A Home Assistant template that renders a ``device_command`` (docs/protocol.md); ``now()``
+    is Home Assistant's clock, and the ``ts`` orders a correction after an earlier one."""
+    return (
+        f'{{"type":"device_command","v":1,"command":"{command}",{label_field}'
+        '"request_id":"homeassistant-{{ now().timestamp() | int }}",'
+        '"ts":{{ now().timestamp() }}}'
+    )
+
+
+def discovery_configs(
+    topics: Topics,
+    device_id: str,
+    labels: Sequence[str] = (),
+    *,
+    controls: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """The discovery config of each entity of ``device_id``, by object id.
+
+    ``labels``: the device's current model's labels (none before its first model: then there
+    are no controls). ``controls``: the select and button, for a device that handles
+    ``confirm_latest`` and ``correct_latest`` commands (the device agent; not ``har sim``).
+    """
     check_node_id(device_id)
     prediction = topics.prediction(device_id)
     status = topics.status(device_id)
-    return {
+    command = topics.command(device_id)
+    options = {"options": list(labels)} if labels else {}
+    configs: dict[str, dict[str, Any]] = {
         ACTIVITY: {
             "name": "Activity",
             "unique_id": f"har_{device_id}_{ACTIVITY}",
             "icon": "mdi:run",
+            "device_class": "enum",
+            **options,
             "state_topic": prediction,
             "value_template": "{{ value_json.label }}",
-            # prediction_id, probabilities, model_version ...: what an automation needs to
-            # confirm or correct the prediction.
-            "json_attributes_topic": prediction,
+            # No json_attributes: Home Assistant records a state change whenever an attribute
+            # changes, and a prediction's id, probabilities and time change every time.
             **_shared_fields(device_id, status),
         },
         CONFIDENCE: {
@@ -124,17 +168,53 @@ def discovery_configs(topics: Topics, device_id: str) -> dict[str, dict[str, Any
             "icon": "mdi:brain",
             "entity_category": "diagnostic",
             "state_topic": status,
-            "value_template": "{{ value_json.model_version }}",
+            # Before the first model the status has model_version null. Home Assistant's own
+            # "no value" state is the text unknown: a text sensor before 2024.10 kept the
+            # rendered text "None" as its state (home-assistant/core PR 127032).
+            "value_template": "{{ value_json.model_version or 'unknown' }}",
             "json_attributes_topic": status,  # the counters, for diagnostics
             **_shared_fields(device_id, status),
         },
     }
+    if controls and labels:
+        configs[CORRECT] = {
+            "name": "What am I doing?",
+            "unique_id": f"har_{device_id}_{CORRECT}",
+            "icon": "mdi:account-question",
+            "options": list(labels),
+            # Shows the latest prediction; choosing an option corrects it to that label.
+            "state_topic": prediction,
+            "value_template": "{{ value_json.label }}",
+            "command_topic": command,
+            "command_template": _command_template(
+                "correct_latest", '"label":{{ value | tojson }},'
+            ),
+            "retain": False,
+            **_shared_fields(device_id, status),
+        }
+        configs[CONFIRM] = {
+            "name": "Confirm",
+            "unique_id": f"har_{device_id}_{CONFIRM}",
+            "icon": "mdi:check-circle-outline",
+            "command_topic": command,
+            "command_template": _command_template("confirm_latest"),
+            "retain": False,
+            **_shared_fields(device_id, status),
+        }
+    return configs
 
 
 def discovery_messages(
-    topics: Topics, device_id: str, *, prefix: str = DEFAULT_PREFIX
+    topics: Topics,
+    device_id: str,
+    labels: Sequence[str] = (),
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    controls: bool = True,
 ) -> list[Outbound]:
-    """Retained QoS 1 JSON configs that make ``device_id`` appear in Home Assistant."""
+    """Retained QoS 1 JSON configs that make ``device_id`` appear in Home Assistant
+    (``labels`` and ``controls`` as in ``discovery_configs``)."""
+    configs = discovery_configs(topics, device_id, labels, controls=controls)
     return [
         Outbound(
             config_topic(device_id, object_id, prefix),
@@ -142,7 +222,7 @@ def discovery_messages(
             qos=1,
             retain=True,
         )
-        for object_id, config in discovery_configs(topics, device_id).items()
+        for object_id, config in configs.items()
     ]
 
 

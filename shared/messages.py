@@ -428,17 +428,31 @@ class ErrorEvent:
         )
 
 
+DeviceCommandName = Literal["forget", "confirm_latest", "correct_latest"]
+DEVICE_COMMANDS: tuple[DeviceCommandName, ...] = ("forget", "confirm_latest", "correct_latest")
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceCommand:
-    """A wearer's (or operator's) request to one device: ``forget`` every confirmation."""
+    """A wearer's (or operator's) request to one device: ``forget`` every confirmation;
+    ``confirm_latest``: its latest prediction was right; ``correct_latest``: it was ``label``.
 
-    command: Literal["forget"]
+    The two ``*_latest`` commands let a dashboard that cannot know prediction ids (a Home
+    Assistant button or select) confirm or correct what the device predicted last.
+    """
+
+    command: DeviceCommandName
     request_id: str
     ts: float
+    label: str | None = None  # correct_latest only
     v: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        _check_command("device command", "forget", self)
+        _check_command("device command", DEVICE_COMMANDS, self)
+        if self.command == "correct_latest":
+            _check_text("label", self.label, 64)
+        else:
+            _require(self.label is None, f"{self.command} takes no label")
 
 
 MAX_RECEIPT_RANGES = 4096
@@ -527,11 +541,13 @@ class TrainerCommand:
     v: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        _check_command("command", "retrain", self)
+        _check_command("command", ("retrain",), self)
 
 
-def _check_command(kind: str, known: str, message: DeviceCommand | TrainerCommand) -> None:
-    _require(message.command == known, f"unknown {kind} {message.command!r}")
+def _check_command(
+    kind: str, known: Sequence[str], message: DeviceCommand | TrainerCommand
+) -> None:
+    _require(message.command in known, f"unknown {kind} {message.command!r}")
     _check_text("request_id", message.request_id, 64)
     _check_float("ts", message.ts, 0.0, _EPOCH_MAX_S)
     _require(message.v == SCHEMA_VERSION, f"unsupported {kind} version {message.v}")

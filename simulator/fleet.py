@@ -111,6 +111,8 @@ class FleetSimulator:
             for device in self.devices
         }
         self._links: dict[str, Link] = {}
+        # Device id -> the labels of its last Home Assistant discovery configs.
+        self._announced_labels: dict[str, tuple[str, ...]] = {}
         self._runtimes: dict[str, LoadedModel] = {}  # device id -> the model it runs
         self._loaded: dict[str, LoadedModel] = {}  # manifest sha256 -> runtime
         self._loading: dict[str, list[Callable[[LoadedModel | None], None]]] = {}
@@ -152,6 +154,10 @@ class FleetSimulator:
                 # Devices start spread over one period: the broker sees a stream, not bursts.
                 first_tick = index / CONNECTS_PER_SECOND + self._rng.random() * period
                 self.loop.call_later(first_tick, self._ticker(device))
+                self.loop.call_later(
+                    first_tick + self._rng.random() * self._settings.status_interval_s,
+                    self._status_ticker(device),
+                )
             self.loop.call_later(self._monitor_interval(), self._monitor)
             supervisor.add("sim-loop", lambda: self.loop.run(until=self._finished))
             supervisor.start()
@@ -288,15 +294,47 @@ class FleetSimulator:
 
     def _greet(self, device: SimDevice, link: Link) -> None:
         """What a device publishes and subscribes to on every (re)connect."""
-        if self._settings.homeassistant_discovery and device.counters["connects"] == 1:
-            for message in homeassistant.discovery_messages(
-                self._topics, device.device_id, prefix=self._settings.homeassistant_prefix
-            ):
-                link.publish(message)
+        if device.counters["connects"] == 1:
+            self._announce_to_home_assistant(device)
         link.publish(device.status_message("online"))
         link.subscribe(self._topics.model_manifest(), 1)
         if device.download is not None:  # resume a download a reconnect cut short
             link.subscribe(device.download.topic, 1)
+
+    def _announce_to_home_assistant(self, device: SimDevice) -> None:
+        """With the option on: the discovery configs, at the first connect and whenever the
+        device's labels change. Sensors only: simulated devices take no commands, so they get
+        no confirm button and no correction select."""
+        if not self._settings.homeassistant_discovery:
+            return
+        labels = device.manifest.labels if device.manifest else ()
+        if self._announced_labels.get(device.device_id) == labels:
+            return
+        for message in homeassistant.discovery_messages(
+            self._topics,
+            device.device_id,
+            labels,
+            prefix=self._settings.homeassistant_prefix,
+            controls=False,
+        ):
+            self._publish(device, message)
+        self._announced_labels[device.device_id] = labels
+
+    def _status_ticker(self, device: SimDevice) -> Callable[[], None]:
+        """The device's status with its counters every ``status_interval_s`` while connected,
+        as a real agent refreshes its own: in real seconds, whatever the speed, because
+        dashboards show it in real time."""
+
+        def tick() -> None:
+            if self._stopping:
+                return
+            # First: a tick that fails does not stop the next ones.
+            self.loop.call_later(self._settings.status_interval_s, tick)
+            link = self._links.get(device.device_id)
+            if link is not None and link.connected:
+                link.publish(device.status_message("online"))
+
+        return tick
 
     def _on_acked(self, device: SimDevice, message: Outbound) -> None:
         if message.content_type == codec.CONTENT_TYPE_MSGPACK:
@@ -538,6 +576,8 @@ class FleetSimulator:
             return
         device.install(runtime.manifest)
         self._runtimes[device.device_id] = runtime
+        # Before the first prediction with the new labels (the loop's thread publishes both).
+        self._announce_to_home_assistant(device)
         self._publish(device, device.status_message("online"))
 
     # ================================================================== the people's app

@@ -32,6 +32,7 @@ class SimSettings:
     sample_rate_hz: float = 20.0
     batch_seconds: float = 1.0
     window_hop: int = 0  # samples between windows; 0 = half the model's window
+    # Each device's status with its counters, in real seconds (the log line's: simulated ones).
     status_interval_s: float = 30.0
     outbox_max_messages: int = 1000  # per device, while the broker is unreachable
     seed: int = 0
@@ -62,6 +63,8 @@ class SimSettings:
             raise ConfigError("batch_seconds must be within 0.05..60")
         if not 1 <= self.sample_rate_hz <= 1000:
             raise ConfigError("sample_rate_hz must be within 1..1000")
+        if not 0.1 <= self.status_interval_s <= 86_400:
+            raise ConfigError("status_interval_s must be within 0.1..86400")
         if self.window_hop < 0 or self.synthetic_people < 1 or self.outbox_max_messages < 1:
             raise ConfigError("window_hop must be >= 0, synthetic_people and outbox >= 1")
         for user in self.users:

@@ -240,6 +240,27 @@ def test_error_and_command_round_trip() -> None:
         codec.decode_device_command(codec.encode_command(command))
 
 
+def test_commands_about_the_latest_prediction_round_trip_and_need_a_label_to_correct() -> None:
+    confirm = DeviceCommand("confirm_latest", "ha-1", 8.0)
+    correct = DeviceCommand("correct_latest", "ha-2", 9.0, label="Jogging")
+    for command in (confirm, correct):
+        assert codec.decode_device_command(codec.encode_device_command(command)) == command
+    assert b'"label"' not in codec.encode_device_command(confirm)
+    with pytest.raises(PayloadError, match="label must be a string"):
+        codec.decode_device_command(
+            b'{"type":"device_command","v":1,"command":"correct_latest","request_id":"x","ts":1.0}'
+        )
+    with pytest.raises(PayloadError, match="confirm_latest takes no label"):
+        codec.decode_device_command(
+            b'{"type":"device_command","v":1,"command":"confirm_latest","label":"Jogging",'
+            b'"request_id":"x","ts":1.0}'
+        )
+    with pytest.raises(PayloadError, match="label longer than 64"):
+        codec.decode_device_command(
+            codec.encode_device_command(correct).replace(b"Jogging", b"J" * 65)
+        )
+
+
 def test_signing_bytes_exclude_the_signature_and_cover_everything_else() -> None:
     base = make_manifest()
     assert codec.manifest_signing_bytes(base) == codec.manifest_signing_bytes(
@@ -367,6 +388,7 @@ VALID_PAYLOADS = [
     codec.encode_error(ErrorEvent("dev-1", "x", "y", 1.0)),
     codec.encode_command(TrainerCommand("retrain", "r", 1.0)),
     codec.encode_device_command(DeviceCommand("forget", "f", 1.0)),
+    codec.encode_device_command(DeviceCommand("correct_latest", "c", 1.0, label="Sitting")),
 ]
 
 

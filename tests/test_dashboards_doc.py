@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import re
 import shutil
@@ -30,6 +31,7 @@ from shared.messages import DeviceStatus, ErrorEvent
 from shared.mqtt_transport import Outbound
 from shared.topics import Topics
 from tests.test_homeassistant import (
+    MODEL_LABELS,
     publish_all,
     resolve,
     retained_under,
@@ -63,6 +65,7 @@ def test_blocks_are_found() -> None:
     # Guards the parsing the other tests rely on.
     labels = {name for _, name, _ in all_blocks()}
     assert {"labels", "node-red-flow", "homeassistant-activity", "remove-discovery"} <= labels
+    assert {"homeassistant-correct-template", "homeassistant-recorder"} <= labels
 
 
 @pytest.mark.parametrize(
@@ -96,24 +99,33 @@ def is_contract_topic(topic: str) -> bool:
 def test_every_har_topic_on_the_page_is_one_of_the_contract() -> None:
     named = set(re.findall(r"har/v1/[^\s'\"`)\]]+", DOC))
     assert len(named) >= 5
-    assert {t for t in named if not is_contract_topic(t)} == set()
+    # The ACL line that lets Home Assistant (the dashboard user) command every device.
+    acl_filter = f"{Topics(ROOT).device('DEVICE').rsplit('/', 1)[0]}/+/command"
+    assert acl_filter in named
+    assert {t for t in named - {acl_filter} if not is_contract_topic(t)} == set()
 
 
 def test_every_discovery_topic_on_the_page_is_one_the_agent_publishes() -> None:
-    published = {m.topic for m in homeassistant.discovery_messages(Topics(ROOT), DEVICE)}
-    acl_filters = {"homeassistant/#", "homeassistant/sensor/%u/#"}
+    published = {
+        m.topic for m in homeassistant.discovery_messages(Topics(ROOT), DEVICE, MODEL_LABELS)
+    }
+    acl_filters = {f"homeassistant/{c}/%u/#" for c in ("sensor", "select", "button")}
+    acl_filters.add("homeassistant/#")
     birth = "homeassistant/status"  # Home Assistant's own, named as one the ACL refuses
     named = set(re.findall(r"homeassistant/[^\s'\"`)\]]+", DOC))
+    # The removal recipe's loop: "homeassistant/$entity/config" for each <component>/<id>/<entity>.
+    loop = re.search(r"^for entity in (.*); do$", block("remove-discovery"), re.MULTILINE)
+    assert loop is not None
     for topic in named - acl_filters - {birth}:
         concrete = topic.replace("<device_id>", DEVICE)
-        expanded = {
-            concrete.replace("$entity", entity).replace("<entity>", entity)
-            for entity in homeassistant.OBJECT_IDS
-        }
+        expanded = {concrete.replace("$entity", entity) for entity in loop.group(1).split()}
         assert expanded <= published, f"{topic} is not a discovery topic of {DEVICE}"
     assert acl_filters <= named
-    # The ACL pattern, for username wrist-0001, covers every config the agent publishes.
-    assert all(t.startswith(f"homeassistant/sensor/{DEVICE}/") for t in published)
+    assert len(named - acl_filters - {birth}) == len(published) + 1  # the table's and the loop's
+    # The ACL patterns, for username wrist-0001, cover every config the agent publishes.
+    covered = {pattern.replace("%u", DEVICE).removesuffix("#") for pattern in acl_filters}
+    covered.discard("homeassistant/")
+    assert all(any(t.startswith(prefix) for prefix in covered) for t in published)
 
 
 def test_acl_lines_shown_are_in_the_shipped_acl() -> None:
@@ -214,7 +226,10 @@ def test_removal_recipe_deletes_the_retained_configs(broker_settings: BrokerSett
         pytest.skip("mosquitto_pub is not installed (apt install mosquitto-clients)")
     prefix = homeassistant.DEFAULT_PREFIX  # the recipe's; the broker is this test's own
     topics = Topics(broker_settings.topic_root)
-    publish_all(broker_settings, homeassistant.discovery_messages(topics, DEVICE, prefix=prefix))
+    publish_all(
+        broker_settings,
+        homeassistant.discovery_messages(topics, DEVICE, MODEL_LABELS, prefix=prefix),
+    )
     assert len(retained_under(broker_settings, prefix)) == len(homeassistant.OBJECT_IDS)
     run_recipe(block("remove-discovery"), broker_settings, None)
     assert retained_under(broker_settings, prefix) == []
@@ -307,9 +322,28 @@ def test_discovery_config_shown_is_the_one_the_agent_publishes() -> None:
     shown = json.loads(block("homeassistant-activity"))
     published = {
         m.topic: json.loads(m.payload)
-        for m in homeassistant.discovery_messages(Topics(ROOT), DEVICE)
+        for m in homeassistant.discovery_messages(Topics(ROOT), DEVICE, MODEL_LABELS)
     }
     assert shown == published[homeassistant.config_topic(DEVICE, homeassistant.ACTIVITY)]
+    select = published[homeassistant.config_topic(DEVICE, homeassistant.CORRECT)]
+    assert block("homeassistant-correct-template") == select["command_template"]
+
+
+def test_recorder_exclusions_shown_match_the_volatile_sensors_only() -> None:
+    configs = homeassistant.discovery_configs(Topics(ROOT), DEVICE, MODEL_LABELS)
+
+    def entity_id(object_id: str) -> str:
+        # Home Assistant names a discovered entity <device name> <entity name>, slugified.
+        name = f"{DEVICE} {configs[object_id]['name']}".lower()
+        return f"{homeassistant.COMPONENTS[object_id]}.{re.sub(r'[^a-z0-9]+', '_', name)}"
+
+    globs = re.findall(r"^\s+- (sensor\.\S+)$", block("homeassistant-recorder"), re.MULTILINE)
+    excluded = {
+        object_id
+        for object_id in configs
+        if any(fnmatch.fnmatchcase(entity_id(object_id), glob) for glob in globs)
+    }
+    assert excluded == {homeassistant.CONFIDENCE, homeassistant.MODEL}
 
 
 def test_toml_shown_turns_the_option_on(tmp_path: Path) -> None:
@@ -324,21 +358,28 @@ def test_toml_shown_turns_the_option_on(tmp_path: Path) -> None:
 def test_manual_yaml_uses_our_topics_and_the_agents_templates() -> None:
     topics = Topics(ROOT)
     kinds = {topics.prediction(DEVICE): "prediction", topics.status(DEVICE): "status"}
-    configs = homeassistant.discovery_configs(topics, DEVICE).values()
-    agent_templates = {c["value_template"] for c in configs}
+    configs = homeassistant.discovery_configs(topics, DEVICE, MODEL_LABELS).values()
+    agent_templates = {c["value_template"] for c in configs if "value_template" in c}
     agent_templates |= {a["value_template"] for c in configs for a in c["availability"]}
+    command_templates = {c["command_template"] for c in configs if "command_template" in c}
     samples = sample_messages(DEVICE)
     topic: str | None = None
-    checked = 0
+    checked = commands = 0
     for line in block("homeassistant-manual").splitlines():
-        found = re.match(r'\s*-?\s*(\w+): "(.*)"$', line)
+        found = re.match(r"""\s*-?\s*(\w+): (["'])(.*)\2$""", line)
         if found is None:
+            if line.strip().startswith("options:"):
+                assert line.split(": ", 1)[1] == json.dumps(list(MODEL_LABELS))
             continue
-        key, value = found.groups()
-        if key.endswith("topic"):
+        key, _, value = found.groups()
+        if key == "command_topic":
+            assert value == topics.command(DEVICE)
+        elif key == "command_template":
+            assert value in command_templates, f"{value} differs from the discovery configs'"
+            commands += 1
+        elif key.endswith("topic"):
             assert value in kinds, f"{value} is not {DEVICE}'s prediction or status topic"
-            if key != "json_attributes_topic":
-                topic = value
+            topic = value
         elif key == "value_template":
             assert value in agent_templates, f"{value} differs from the discovery configs'"
             assert topic is not None
@@ -346,4 +387,5 @@ def test_manual_yaml_uses_our_topics_and_the_agents_templates() -> None:
                 for path in template_fields(value):
                     resolve(json.loads(payload), path)
             checked += 1
-    assert checked == 4
+    assert checked == 5
+    assert commands == len(command_templates) == 2

@@ -505,8 +505,11 @@ def test_device_publishes_home_assistant_discovery_under_its_own_id_only(
         device.publish(*message)
     # What the agent publishes with agent.homeassistant_discovery on (not retained here, so
     # nothing is left on the module's broker).
-    own = [(m.topic, m.payload) for m in homeassistant.discovery_messages(TOPICS, "wrist-0001")]
-    assert own, "no discovery configs to publish"
+    own = [
+        (m.topic, m.payload)
+        for m in homeassistant.discovery_messages(TOPICS, "wrist-0001", ("Walking", "Sitting"))
+    ]
+    assert len(own) == len(homeassistant.OBJECT_IDS), "sensors, select and button"
     for message in own:
         device.publish(*message)
     seen = dashboard.until(*own[-1])
@@ -515,6 +518,20 @@ def test_device_publishes_home_assistant_discovery_under_its_own_id_only(
     for message in forbidden:
         assert message not in seen, f"the device published on {message[0]}"
     assert own[-1] in operator.until(*own[-1])
+
+
+def test_home_assistant_controls_reach_the_device_as_the_dashboard_user(clients: Clients) -> None:
+    """The select and the button publish device commands, with Home Assistant's login."""
+    device = clients.join("wrist-0001", [TOPICS.command("wrist-0001")])
+    dashboard = clients.join("dashboard")
+    configs = homeassistant.discovery_configs(TOPICS, "wrist-0001", ("Walking", "Sitting"))
+    sent = []
+    for control in homeassistant.CONTROLS:
+        message = (configs[control]["command_topic"], unique(f"ha-{control}"))
+        dashboard.publish(*message)
+        sent.append(message)
+    seen = device.until(*sent[-1])
+    assert all(message in seen for message in sent)
 
 
 def test_tls_client_with_the_ca_logs_in_and_the_acl_applies_there_too(clients: Clients) -> None:

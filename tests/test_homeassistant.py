@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import random
 import re
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,7 +25,13 @@ from device_agent.settings import AgentSettings, AgentTuning
 from shared import codec, homeassistant
 from shared.config import BrokerSettings, load_settings
 from shared.errors import ConfigError
-from shared.messages import DeviceStatus, Prediction, WindowRef
+from shared.messages import (
+    Confirmation,
+    DeviceCommand,
+    DeviceStatus,
+    Prediction,
+    WindowRef,
+)
 from shared.mqtt_transport import InboundMessage, Outbound
 from shared.topics import Topics
 from tests.model_helpers import LABELS
@@ -31,6 +41,8 @@ from tests.release_helpers import Releases, make_releases
 from tests.test_agent import DEVICE, WAIT, Watcher, agent_settings, publish_release
 
 ROOT = "har/v1"
+# The labels of the sample prediction's model (its class_index 5 is "Walking").
+MODEL_LABELS = ("Downstairs", "Jogging", "Sitting", "Standing", "Upstairs", "Walking")
 # Home Assistant's discovery.py TOPIC_MATCHER, anchored, after the discovery prefix.
 HA_TOPIC_MATCHER = re.compile(
     r"(?P<component>\w+)/(?:(?P<node_id>[a-zA-Z0-9_-]+)/)?(?P<object_id>[a-zA-Z0-9_-]+)/config"
@@ -81,41 +93,289 @@ def resolve(doc: Any, path: tuple[str, ...]) -> Any:
 
 
 def templates_of(config: dict[str, Any]) -> list[tuple[str, str]]:
-    """(topic, template) of every template in a discovery config."""
-    found = [(config["state_topic"], config["value_template"])]
-    found += [(entry["topic"], entry["value_template"]) for entry in config["availability"]]
+    """(topic, template) of every template in a discovery config that reads a message."""
+    found = [(entry["topic"], entry["value_template"]) for entry in config["availability"]]
+    if "state_topic" in config:
+        found.append((config["state_topic"], config["value_template"]))
     return found
+
+
+# ------------------------------------------------------------------------- Home Assistant's rules
+
+# Home Assistant's MQTT discovery schemas (homeassistant/components/mqtt: schemas.py MQTT_ENTITY_
+# COMMON_SCHEMA, config.py MQTT_BASE/RO/RW_SCHEMA, sensor.py, select.py, button.py, as of 2024.9),
+# the parts our configs use. Home Assistant drops a key it does not know without a word
+# (vol.REMOVE_EXTRA), so a misspelt key would silently do nothing there: here it fails.
+COMMON_KEYS = {
+    "availability",
+    "availability_mode",
+    "device",
+    "enabled_by_default",
+    "encoding",
+    "entity_category",
+    "icon",
+    "json_attributes_template",
+    "json_attributes_topic",
+    "name",
+    "object_id",
+    "origin",
+    "qos",
+    "unique_id",
+}
+# component: (required keys, optional keys)
+COMPONENT_KEYS = {
+    "sensor": (
+        {"state_topic"},
+        {
+            "device_class",
+            "expire_after",
+            "force_update",
+            "last_reset_value_template",
+            "options",
+            "state_class",
+            "suggested_display_precision",
+            "unit_of_measurement",
+            "value_template",
+        },
+    ),
+    "select": (
+        {"command_topic", "options"},
+        {"command_template", "optimistic", "retain", "state_topic", "value_template"},
+    ),
+    "button": (
+        {"command_topic"},
+        {"command_template", "device_class", "payload_press", "retain"},
+    ),
+}
+SENSOR_STATE_CLASSES = {"measurement", "total", "total_increasing"}
+
+
+def _topic(value: Any, *, wildcards: bool) -> bool:
+    if not isinstance(value, str) or not value or len(value.encode()) > 65535 or "\0" in value:
+        return False
+    return wildcards or not any(ch in value for ch in "+#")
+
+
+def home_assistant_problems(component: str, config: dict[str, Any]) -> list[str]:
+    """What Home Assistant would refuse, or silently ignore, in a discovery ``config``."""
+    jinja2 = pytest.importorskip("jinja2")
+    problems: list[str] = []
+    required, optional = COMPONENT_KEYS[component]
+    problems += [f"missing {key}" for key in sorted(required - config.keys())]
+    problems += [
+        f"unknown key {key}" for key in sorted(config.keys() - required - optional - COMMON_KEYS)
+    ]
+    for key in ("state_topic", "json_attributes_topic"):
+        if key in config and not _topic(config[key], wildcards=True):
+            problems.append(f"{key} is not a topic to subscribe to")
+    if "command_topic" in config and not _topic(config["command_topic"], wildcards=False):
+        problems.append("command_topic is not a topic to publish on")
+    templates = [value for key, value in config.items() if key.endswith("template")]
+    for entry in config.get("availability", []):
+        if set(entry) - {"topic", "value_template", "payload_available", "payload_not_available"}:
+            problems.append(f"unknown availability keys {sorted(entry)}")
+        if not _topic(entry.get("topic"), wildcards=True):
+            problems.append("availability without a topic")
+        templates += [entry[key] for key in entry if key == "value_template"]
+    for template in templates:
+        try:
+            jinja2.Environment().parse(template)
+        except jinja2.TemplateSyntaxError as exc:
+            problems.append(f"template {template!r}: {exc}")
+    if config.get("qos", 0) not in (0, 1, 2):
+        problems.append("qos must be 0, 1 or 2")
+    if "icon" in config and not re.fullmatch(r"\w+:[\w-]+", config["icon"]):
+        problems.append(f"icon {config['icon']!r} is not prefix:name")
+    if config.get("entity_category", "config") not in ("config", "diagnostic"):
+        problems.append("entity_category must be config or diagnostic")
+    device = config.get("device", {})
+    if not device.get("identifiers") or not all(isinstance(i, str) for i in device["identifiers"]):
+        problems.append("device needs identifiers (strings)")
+    if not isinstance(config.get("origin", {}).get("name"), str):
+        problems.append("origin needs a name")
+    options = config.get("options")
+    if options is not None and (
+        not options
+        or not all(isinstance(o, str) for o in options)
+        or len(set(options)) != len(options)
+    ):
+        problems.append("options must be a non-empty list of distinct strings")
+    if component == "sensor":
+        # sensor.py validate_sensor_state_and_device_class_config (2024.9): an enum has options
+        # or none, but no unit or state class; options need device_class enum.
+        numeric = {"state_class", "unit_of_measurement"} & config.keys()
+        if options is not None and config.get("device_class") != "enum":
+            problems.append("options need device_class enum")
+        if config.get("device_class") == "enum" and numeric:
+            problems.append(f"an enum sensor cannot have {sorted(numeric)}")
+        if config.get("state_class", "measurement") not in SENSOR_STATE_CLASSES:
+            problems.append(f"state_class {config['state_class']!r}")
+    return problems
 
 
 # ------------------------------------------------------------------------- configs (pure)
 
 
-def configs_by_topic(prefix: str = homeassistant.DEFAULT_PREFIX) -> dict[str, dict[str, Any]]:
-    messages = homeassistant.discovery_messages(Topics(ROOT), "wrist-0001", prefix=prefix)
+def configs_by_topic(
+    prefix: str = homeassistant.DEFAULT_PREFIX, labels: tuple[str, ...] = MODEL_LABELS
+) -> dict[str, dict[str, Any]]:
+    messages = homeassistant.discovery_messages(Topics(ROOT), "wrist-0001", labels, prefix=prefix)
     return {message.topic: json.loads(message.payload) for message in messages}
 
 
-def test_discovery_messages_are_retained_qos1_json_on_home_assistant_topics() -> None:
-    messages = homeassistant.discovery_messages(Topics(ROOT), "wrist-0001")
-    assert len(messages) == len(homeassistant.OBJECT_IDS) == 3
+def by_object_id(configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {topic.split("/")[-2]: config for topic, config in configs.items()}
+
+
+@pytest.mark.parametrize("labels", [(), MODEL_LABELS])
+@pytest.mark.parametrize("controls", [True, False])
+def test_home_assistant_accepts_every_config(labels: tuple[str, ...], controls: bool) -> None:
+    messages = homeassistant.discovery_messages(
+        Topics(ROOT), "wrist-0001", labels, controls=controls
+    )
     for message in messages:
-        assert message.retain
-        assert message.qos == 1
-        assert message.content_type == codec.CONTENT_TYPE_JSON
-        assert isinstance(json.loads(message.payload.decode("utf-8")), dict)
-        prefix, rest = message.topic.split("/", 1)
-        assert prefix == "homeassistant"
-        match = HA_TOPIC_MATCHER.fullmatch(rest)
-        assert match is not None, f"{message.topic} is not a discovery topic Home Assistant reads"
-        assert match["component"] == "sensor"
-        assert match["node_id"] == "wrist-0001"  # the ACL: pattern write homeassistant/sensor/%u/#
-        assert match["object_id"] in homeassistant.OBJECT_IDS
+        component = HA_TOPIC_MATCHER.fullmatch(message.topic.split("/", 1)[1])
+        assert component is not None
+        config = json.loads(message.payload)
+        assert home_assistant_problems(component["component"], config) == [], message.topic
+
+
+@pytest.mark.parametrize(
+    ("component", "change", "problem"),
+    [
+        ("sensor", {"device_clas": "enum"}, "unknown key device_clas"),
+        ("sensor", {"state_class": "measurement"}, "an enum sensor cannot have"),
+        ("sensor", {"device_class": None}, "options need device_class enum"),
+        ("sensor", {"options": []}, "options must be a non-empty list"),
+        ("sensor", {"value_template": "{{ value_json.label "}, "template"),
+        ("select", {"options": None}, "missing options"),
+        ("select", {"command_topic": "har/v1/devices/+/command"}, "not a topic to publish on"),
+        ("button", {"payload_press": "PRESS", "json_attributes": "x"}, "unknown key"),
+    ],
+)
+def test_the_rules_catch_what_home_assistant_refuses_or_ignores(
+    component: str, change: dict[str, Any], problem: str
+) -> None:
+    # Guards the check above: each change breaks a config it accepts.
+    object_id = {"sensor": "activity", "select": "correct", "button": "confirm"}[component]
+    config = by_object_id(configs_by_topic())[object_id]
+    assert home_assistant_problems(component, config) == []
+    broken = {**config, **change}
+    broken = {key: value for key, value in broken.items() if value is not None}
+    assert any(problem in found for found in home_assistant_problems(component, broken))
+
+
+# Run in a Python that has Home Assistant (its own virtual environment: it pins its own
+# dependencies). Validates each config with the component's DISCOVERY_SCHEMA and renders the
+# templates with Home Assistant's own engine and MQTT template classes.
+HOME_ASSISTANT_CHECK = """
+import asyncio, json, sys
+from homeassistant.components.mqtt import button, select, sensor
+from homeassistant.components.mqtt.models import MqttCommandTemplate, MqttValueTemplate
+from homeassistant.const import __version__
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers.template import Template
+
+request = json.load(sys.stdin)
+schemas = {"sensor": sensor.DISCOVERY_SCHEMA, "select": select.DISCOVERY_SCHEMA,
+           "button": button.DISCOVERY_SCHEMA}
+
+async def check():
+    hass = HomeAssistant(request["config_dir"])
+    results = {}
+    for object_id, (component, config, payloads, value) in request["entities"].items():
+        validated = schemas[component](dict(config))
+        result = {"dropped": sorted(set(config) - set(validated))}
+        if "value_template" in config:
+            state = MqttValueTemplate(Template(config["value_template"], hass), hass=hass)
+            result["states"] = [state.async_render_with_possible_json_value(p) for p in payloads]
+        if "command_template" in config:
+            command = MqttCommandTemplate(Template(config["command_template"], hass), hass=hass)
+            result["command"] = command.async_render(value)
+        results[object_id] = result
+    await hass.async_stop(force=True)
+    return results
+
+print(json.dumps({"version": __version__, "results": asyncio.run(check())}))
+"""
+
+
+def test_home_assistant_itself_accepts_the_configs_and_renders_their_templates(
+    tmp_path: Path,
+) -> None:
+    """With ``HAR_TEST_HOMEASSISTANT_PYTHON`` set to a Python with Home Assistant installed
+    (``python3 -m venv ha && ha/bin/pip install homeassistant``; 2024.3.3 is the newest for
+    Python 3.11): its schemas and template engine, not our copy of their rules."""
+    python = os.environ.get("HAR_TEST_HOMEASSISTANT_PYTHON")
+    if not python:
+        pytest.skip("HAR_TEST_HOMEASSISTANT_PYTHON is not set")
+    configs = by_object_id(configs_by_topic())
+    samples = {kind: [p.decode() for p in payloads] for kind, payloads in sample_messages().items()}
+    state_kind = {Topics(ROOT).prediction("wrist-0001"): "prediction"}
+    values = {homeassistant.CORRECT: "Jogging", homeassistant.CONFIRM: "PRESS"}
+    request = {
+        "config_dir": str(tmp_path),
+        "entities": {
+            object_id: [
+                homeassistant.COMPONENTS[object_id],
+                config,
+                samples[state_kind.get(config.get("state_topic", ""), "status")],
+                values.get(object_id, ""),
+            ]
+            for object_id, config in configs.items()
+        },
+    }
+    result = subprocess.run(
+        [python, "-c", HOME_ASSISTANT_CHECK],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout)
+    version = tuple(int(part) for part in answer["version"].split(".")[:2])
+    results = answer["results"]
+    for object_id, found in results.items():
+        # Home Assistant before 2024.9 has no options on a sensor and drops them.
+        ignored = {"options"} if version < (2024, 9) and object_id == "activity" else set()
+        assert set(found["dropped"]) == ignored, object_id
+    assert results["activity"]["states"] == results["correct"]["states"] == ["Walking"] * 2
+    assert results["confidence"]["states"] == ["90.2"] * 2
+    assert results["model"]["states"] == ["v0007", "unknown"]
+    correct = codec.decode_device_command(results["correct"]["command"].encode())
+    assert (correct.command, correct.label) == ("correct_latest", "Jogging")
+    confirm = codec.decode_device_command(results["confirm"]["command"].encode())
+    assert (confirm.command, confirm.label) == ("confirm_latest", None)
+
+
+def test_discovery_messages_are_retained_qos1_json_on_home_assistant_topics() -> None:
+    for labels, entities in (((), homeassistant.SENSORS), (MODEL_LABELS, homeassistant.OBJECT_IDS)):
+        messages = homeassistant.discovery_messages(Topics(ROOT), "wrist-0001", labels)
+        assert len(messages) == len(entities)
+        for message in messages:
+            assert message.retain
+            assert message.qos == 1
+            assert message.content_type == codec.CONTENT_TYPE_JSON
+            assert isinstance(json.loads(message.payload.decode("utf-8")), dict)
+            prefix, rest = message.topic.split("/", 1)
+            assert prefix == "homeassistant"
+            match = HA_TOPIC_MATCHER.fullmatch(rest)
+            assert match is not None, (
+                f"{message.topic} is not a discovery topic Home Assistant reads"
+            )
+            assert match["node_id"] == "wrist-0001"  # the ACL: homeassistant/<component>/%u/#
+            assert match["object_id"] in entities
+            assert match["component"] == homeassistant.COMPONENTS[match["object_id"]]
 
 
 def test_configs_name_the_devices_topics_and_identify_it() -> None:
     topics = Topics(ROOT)
     configs = configs_by_topic()
     assert sorted(configs) == [
+        "homeassistant/button/wrist-0001/confirm/config",
+        "homeassistant/select/wrist-0001/correct/config",
         "homeassistant/sensor/wrist-0001/activity/config",
         "homeassistant/sensor/wrist-0001/confidence/config",
         "homeassistant/sensor/wrist-0001/model/config",
@@ -125,20 +385,40 @@ def test_configs_name_the_devices_topics_and_identify_it() -> None:
     for config in configs.values():
         assert config["name"]
         assert config["qos"] == 1
-        assert config["state_topic"] in (
+        assert config.get("state_topic", topics.prediction("wrist-0001")) in (
             topics.prediction("wrist-0001"),
             topics.status("wrist-0001"),
+        )
+        assert config.get("command_topic", topics.command("wrist-0001")) == topics.command(
+            "wrist-0001"
         )
         assert config["device"]["identifiers"] == ["har_wrist-0001"]
         assert config["device"]["name"] == "wrist-0001"
         assert config["origin"]["name"] == homeassistant.ORIGIN_NAME
         (availability,) = config["availability"]
         assert availability["topic"] == topics.status("wrist-0001")
-    activity = configs["homeassistant/sensor/wrist-0001/activity/config"]
-    assert activity["json_attributes_topic"] == topics.prediction("wrist-0001")
     assert (
         configs["homeassistant/sensor/wrist-0001/confidence/config"]["unit_of_measurement"] == "%"
     )
+
+
+def test_activity_is_an_enum_of_the_models_labels_and_the_select_offers_them() -> None:
+    configs = by_object_id(configs_by_topic())
+    assert configs["activity"]["device_class"] == "enum"
+    assert configs["activity"]["options"] == list(MODEL_LABELS)
+    assert configs["correct"]["options"] == list(MODEL_LABELS)
+    other = by_object_id(configs_by_topic(labels=("Cycling", "Rowing")))
+    assert other["activity"]["options"] == other["correct"]["options"] == ["Cycling", "Rowing"]
+    # Before the first model: no labels, so no options and nothing to correct or confirm with.
+    first = by_object_id(configs_by_topic(labels=()))
+    assert sorted(first) == sorted(homeassistant.SENSORS)
+    assert first["activity"]["device_class"] == "enum"
+    assert "options" not in first["activity"]
+    # har sim's devices take no commands: sensors only.
+    simulated = homeassistant.discovery_configs(
+        Topics(ROOT), "wrist-0001", MODEL_LABELS, controls=False
+    )
+    assert sorted(simulated) == sorted(homeassistant.SENSORS)
 
 
 def test_every_template_reads_fields_the_real_messages_have() -> None:
@@ -152,7 +432,7 @@ def test_every_template_reads_fields_the_real_messages_have() -> None:
                 for path in template_fields(template):
                     resolve(json.loads(payload), path)
                     checked += 1
-    assert checked == 12  # 3 state and 3 availability templates, 2 real messages each
+    assert checked == 18  # 4 state and 5 availability templates, 2 real messages each
 
 
 def test_availability_template_reads_the_states_home_assistant_expects() -> None:
@@ -165,28 +445,100 @@ def test_availability_template_reads_the_states_home_assistant_expects() -> None
     assert resolve(offline, path) == availability["payload_not_available"] == "offline"
 
 
-def test_templates_render_with_jinja2_as_home_assistant_does() -> None:
-    # Jinja2 is Home Assistant's template engine; it runs here when it is installed.
+class FixedClock:
+    """Home Assistant's ``now()`` in a template, at a fixed time."""
+
+    def __init__(self, ts: float) -> None:
+        self._ts = ts
+
+    def timestamp(self) -> float:
+        return self._ts
+
+
+def render(template: str, payload: bytes | None = None, **variables: Any) -> str:
+    """A template rendered with Jinja2, Home Assistant's engine, in a sandbox as there: ``value``
+    and ``value_json`` from a received ``payload``, or the given variables."""
     jinja2_sandbox = pytest.importorskip("jinja2.sandbox")
     environment = jinja2_sandbox.ImmutableSandboxedEnvironment()
-    configs = {topic.split("/")[-2]: config for topic, config in configs_by_topic().items()}
+    if payload is not None:
+        variables["value"] = payload.decode("utf-8")
+        variables["value_json"] = json.loads(payload)
+    return str(environment.from_string(template).render(**variables))
+
+
+def test_templates_render_with_jinja2_as_home_assistant_does() -> None:
+    configs = by_object_id(configs_by_topic())
     prediction, replayed = sample_messages()["prediction"]
     online, offline = sample_messages()["status"]
-
-    def render(template: str, payload: bytes) -> str:
-        value = payload.decode("utf-8")
-        return str(
-            environment.from_string(template).render(value=value, value_json=json.loads(value))
-        )
-
     assert render(configs["activity"]["value_template"], prediction) == "Walking"
     assert render(configs["activity"]["value_template"], replayed) == "Walking"
+    assert render(configs["correct"]["value_template"], prediction) == "Walking"
     assert render(configs["confidence"]["value_template"], prediction) == "90.2"
     assert render(configs["model"]["value_template"], online) == "v0007"
-    # Home Assistant's MQTT sensor treats the text "None" as unknown: no model installed yet.
-    assert render(configs["model"]["value_template"], offline) == "None"
+    # No model yet (model_version null): Home Assistant's own state for "no value", not "None".
+    assert render(configs["model"]["value_template"], offline) == "unknown"
     availability = configs["activity"]["availability"][0]["value_template"]
     assert [render(availability, p) for p in (online, offline)] == ["online", "offline"]
+
+
+@pytest.mark.parametrize("label", ["Jogging", 'Sitting "down", \\ überall', "Walking"])
+def test_the_select_sends_a_correction_the_agent_decodes(label: str) -> None:
+    template = by_object_id(configs_by_topic())["correct"]["command_template"]
+    payload = render(template, value=label, now=lambda: FixedClock(1763769810.5))
+    command = codec.decode_device_command(payload.encode())
+    assert command == DeviceCommand(
+        "correct_latest", "homeassistant-1763769810", 1763769810.5, label=label
+    )
+
+
+def test_the_button_sends_a_confirmation_the_agent_decodes() -> None:
+    template = by_object_id(configs_by_topic())["confirm"]["command_template"]
+    # Home Assistant passes the button's payload_press as `value`: the template ignores it.
+    payload = render(template, value="PRESS", now=lambda: FixedClock(1763769805.25))
+    command = codec.decode_device_command(payload.encode())
+    assert command == DeviceCommand("confirm_latest", "homeassistant-1763769805", 1763769805.25)
+
+
+def recorded_state_changes(config: dict[str, Any], payloads: list[bytes]) -> int:
+    """How many rows Home Assistant's recorder writes for an MQTT sensor fed ``payloads`` on its
+    state topic: one per change of the state or of the attributes (core.py StateMachine.async_set
+    fires no state_changed event when both are the same)."""
+    rows, last = 0, None
+    for payload in payloads:
+        state = render(config["value_template"], payload)
+        attributes: Any = None
+        if config.get("json_attributes_topic") == config["state_topic"]:
+            template = config.get("json_attributes_template")
+            attributes = json.loads(render(template, payload) if template else payload)
+        if (state, attributes) != last:
+            rows, last = rows + 1, (state, attributes)
+    return rows
+
+
+def test_the_activity_changes_state_only_when_the_activity_changes() -> None:
+    labels = ["Walking"] * 50 + ["Sitting"] * 50 + ["Walking"] * 50  # 300 s of predictions
+    rng = random.Random(1)
+    payloads = []
+    for index, label in enumerate(labels):
+        weights = [rng.random() for _ in MODEL_LABELS]
+        weights[MODEL_LABELS.index(label)] += 10
+        prediction = Prediction.new(
+            device_id="wrist-0001",
+            window=WindowRef(batch_seq=index, offset=0, length=80),
+            probabilities=np.asarray(weights),
+            labels=MODEL_LABELS,
+            model_version="v0007",
+            ts=1763769600.0 + 2 * index,
+        )
+        payloads.append(codec.encode_prediction(prediction))
+    configs = by_object_id(configs_by_topic())
+    assert recorded_state_changes(configs["activity"], payloads) == 3
+    # The way it was (every prediction in the attributes): a row per prediction.
+    with_attributes = {
+        **configs["activity"],
+        "json_attributes_topic": configs["activity"]["state_topic"],
+    }
+    assert recorded_state_changes(with_attributes, payloads) == len(payloads)
 
 
 def test_removal_messages_empty_the_same_topics() -> None:
@@ -287,14 +639,19 @@ def publish_all(settings: BrokerSettings, messages: list[Outbound]) -> None:
 def test_configs_stay_retained_and_removal_deletes_them(broker_settings: BrokerSettings) -> None:
     prefix = f"ha-{uuid.uuid4().hex[:8]}"
     topics = Topics(broker_settings.topic_root)
-    publish_all(broker_settings, homeassistant.discovery_messages(topics, "wrist-1", prefix=prefix))
+    publish_all(
+        broker_settings,
+        homeassistant.discovery_messages(topics, "wrist-1", MODEL_LABELS, prefix=prefix),
+    )
     received = retained_under(broker_settings, prefix)
-    assert sorted(m.topic for m in received) == [
-        f"{prefix}/sensor/wrist-1/{object_id}/config"
-        for object_id in sorted(homeassistant.OBJECT_IDS)
-    ]
+    assert sorted(m.topic for m in received) == sorted(
+        f"{prefix}/{component}/wrist-1/{object_id}/config"
+        for object_id, component in homeassistant.COMPONENTS.items()
+    )
     assert all(m.retain for m in received)
-    assert all(json.loads(m.payload)["state_topic"].startswith(topics.root) for m in received)
+    for message in received:
+        config = json.loads(message.payload)
+        assert config.get("state_topic", config.get("command_topic")).startswith(topics.root)
 
     publish_all(broker_settings, homeassistant.removal_messages("wrist-1", prefix=prefix))
     assert retained_under(broker_settings, prefix) == []
@@ -323,7 +680,7 @@ def start(settings: AgentSettings, running: list[DeviceAgent]) -> DeviceAgent:
 
 @pytest.mark.broker
 @pytest.mark.slow
-def test_agent_publishes_retained_configs_even_when_the_broker_is_down_at_start(
+def test_agent_announces_itself_with_the_broker_down_at_start_and_again_with_its_labels(
     broker: MosquittoProcess,
     broker_settings: BrokerSettings,
     releases: Releases,
@@ -338,20 +695,27 @@ def test_agent_publishes_retained_configs_even_when_the_broker_is_down_at_start(
         homeassistant_discovery=True,
         homeassistant_prefix=prefix,
     )
+    topics = Topics(broker_settings.topic_root)
+    before_model = homeassistant.discovery_messages(topics, DEVICE, prefix=prefix)
+    with_model = homeassistant.discovery_messages(topics, DEVICE, LABELS, prefix=prefix)
     broker.stop()
     agent = start(settings, agents)
     broker.start()
-    publish_release(broker_settings, releases.first)
-    # The configs were queued first: once three messages are acknowledged, they are retained.
-    assert agent.counters.wait_until("messages_sent", 3, WAIT)
-
-    received = retained_under(broker_settings, prefix)
-    expected = homeassistant.discovery_messages(
-        Topics(broker_settings.topic_root), DEVICE, prefix=prefix
-    )
-    assert [(m.topic, m.payload, m.retain) for m in received] == [
-        (m.topic, m.payload, True) for m in expected
+    # Subscribed before the model comes: the configs queued at start arrive first (retained or
+    # live), then those with the model's labels, queued at the swap.
+    configs, inbox = connect(broker_settings, [(f"{prefix}/#", 1)])
+    try:
+        publish_release(broker_settings, releases.first)
+        received = [receive(inbox, WAIT) for _ in range(len(before_model) + len(with_model))]
+    finally:
+        configs.stop()
+    assert [(m.topic, m.payload) for m in received] == [
+        (m.topic, m.payload) for m in [*before_model, *with_model]
     ]
+    # Retained now: the configs with the labels (the broker hands them over in its own order).
+    assert sorted(
+        (m.topic, m.payload, m.retain) for m in retained_under(broker_settings, prefix)
+    ) == sorted((m.topic, m.payload, True) for m in with_model)
 
     # The templates read fields of what this agent really publishes.
     watcher = Watcher(broker_settings, client_id="ha-watch")
@@ -361,13 +725,92 @@ def test_agent_publishes_retained_configs_even_when_the_broker_is_down_at_start(
         status = json.loads(watcher.pump("status").payload)
     finally:
         watcher.stop()
-    configs = {m.topic.split("/")[-2]: json.loads(m.payload) for m in received}
-    (label,) = template_fields(configs["activity"]["value_template"])
-    assert resolve(prediction, label) in LABELS
-    (probabilities,) = template_fields(configs["confidence"]["value_template"])
+    configs_now = by_object_id({m.topic: json.loads(m.payload) for m in with_model})
+    for object_id in ("activity", "correct"):
+        (label,) = template_fields(configs_now[object_id]["value_template"])
+        assert resolve(prediction, label) in configs_now[object_id]["options"]
+    (probabilities,) = template_fields(configs_now["confidence"]["value_template"])
     assert 0.0 < max(resolve(prediction, probabilities)) <= 1.0
-    (state,) = template_fields(configs["activity"]["availability"][0]["value_template"])
+    (state,) = template_fields(configs_now["activity"]["availability"][0]["value_template"])
     assert resolve(status, state) == "online"
+
+
+def press(settings: BrokerSettings, config: dict[str, Any], ts: float, value: str) -> None:
+    """What Home Assistant does when a control is used: render its command template (``value``:
+    the chosen option, or the button's payload_press) and publish the result, QoS 1."""
+    payload = render(config["command_template"], value=value, now=lambda: FixedClock(ts))
+    publish_all(settings, [Outbound(config["command_topic"], payload.encode(), qos=config["qos"])])
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_home_assistant_controls_confirm_and_correct_the_latest_prediction(
+    broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, agents: list[DeviceAgent]
+) -> None:
+    topics = Topics(broker_settings.topic_root)
+    settings = agent_settings(
+        broker_settings,
+        tmp_path / "device",
+        releases,
+        homeassistant_discovery=True,
+        homeassistant_prefix=f"ha-{uuid.uuid4().hex[:8]}",
+        memory_tolerance=1.0,  # what is learned is tested elsewhere: here, that it is kept
+    )
+    controls = homeassistant.discovery_configs(topics, DEVICE, LABELS)
+    button, select = controls["confirm"], controls["correct"]
+    watcher = Watcher(broker_settings, client_id="ha-controls")
+    relay, relayed = connect(broker_settings, [(topics.confirmed(DEVICE), 1)])
+    predictions: dict[str, Prediction] = {}
+    relayed_ts: set[float] = set()
+
+    def relayed_at(ts: float) -> tuple[Prediction, Confirmation]:
+        """The confirmation the agent kept and relayed for the command sent at ``ts``, and the
+        prediction it confirms (relayed ones are resent until a trainer's receipt: skip those)."""
+        while (confirmation := codec.decode_confirmation(receive(relayed, WAIT).payload)).ts != ts:
+            relayed_ts.add(confirmation.ts)
+        relayed_ts.add(ts)
+        while confirmation.prediction_id not in predictions:
+            prediction = watcher.prediction()
+            predictions[prediction.prediction_id] = prediction
+        return predictions[confirmation.prediction_id], confirmation
+
+    agent = start(settings, agents)
+    try:
+        # Online: subscribed to its commands (it subscribes before it says so).
+        while codec.decode_status(watcher.pump("status").payload).state != "online":
+            pass
+        # No model, no prediction yet: nothing to confirm, and the agent says so.
+        press(broker_settings, button, 1763769800.0, "PRESS")
+        error = watcher.error_with("no_latest_prediction")
+        assert error["topic"] == topics.command(DEVICE)
+        assert agent.counters.get("error_no_latest_prediction") == 1
+
+        publish_release(broker_settings, releases.first)
+        assert agent.model_changed.wait(WAIT)
+        first = watcher.prediction()  # there is a latest prediction now
+        predictions[first.prediction_id] = first
+
+        press(broker_settings, button, 1763769805.25, "PRESS")
+        confirmed, confirmation = relayed_at(1763769805.25)
+        assert confirmation.label == confirmed.label  # "right as predicted"
+        assert confirmation.source == "user"
+
+        press(broker_settings, select, 1763769810.5, "Laying")
+        corrected, correction = relayed_at(1763769810.5)
+        assert correction.label == "Laying"
+        assert corrected.model_version == releases.first.manifest.version
+
+        # A label the model does not know: reported, nothing kept, the agent carries on.
+        press(broker_settings, select, 1763769815.0, "Flying")
+        error = watcher.error_with("unknown_label")
+        assert "'Flying'" in error["message"]
+        assert agent.counters.get("error_unknown_label") == 1
+        press(broker_settings, button, 1763769820.0, "PRESS")
+        relayed_at(1763769820.0)
+        assert 1763769815.0 not in relayed_ts  # the unknown label was not kept
+    finally:
+        watcher.stop()
+        relay.stop()
 
 
 @pytest.mark.broker

@@ -421,7 +421,7 @@ def test_the_fleet_needs_a_public_key(tmp_path: Path) -> None:
 
 @pytest.mark.broker
 @pytest.mark.slow
-def test_the_fleet_can_announce_its_devices_to_home_assistant(
+def test_the_fleet_announces_its_devices_to_home_assistant_and_again_with_their_labels(
     tmp_path: Path, broker_settings: BrokerSettings, session_releases: Releases
 ) -> None:
     prefix = f"ha{uuid.uuid4().hex[:8]}"
@@ -433,22 +433,69 @@ def test_the_fleet_can_announce_its_devices_to_home_assistant(
         homeassistant_discovery=True,
         homeassistant_prefix=prefix,
     )
-    configs, inbox = connect(broker_settings, [(f"{prefix}/sensor/+/+/config", 1)])
+    topics = Topics(broker_settings.topic_root)
+    labels = session_releases.first.manifest.labels
+    # Before their model: no labels (the model comes after the connect). Then its labels.
+    expected = {
+        device: [
+            *homeassistant.discovery_messages(topics, device, prefix=prefix, controls=False),
+            *homeassistant.discovery_messages(
+                topics, device, labels, prefix=prefix, controls=False
+            ),
+        ]
+        for device in settings.device_ids
+    }
+    publish_release(broker_settings, session_releases.first)
+    configs, inbox = connect(broker_settings, [(f"{prefix}/#", 1)])
+    seen: dict[str, list[Any]] = defaultdict(list)
     try:
         with RunningFleet(settings) as running:
-            seen: dict[str, Any] = {}
-            while len(seen) < 2 * len(homeassistant.OBJECT_IDS):
+            while any(len(seen[d]) < len(messages) for d, messages in expected.items()):
                 message = inbox.get(timeout=WAIT_S)
-                seen[message.topic] = json.loads(message.payload)
+                seen[message.topic.split("/")[2]].append(message)
             running.stop()
     finally:
         configs.stop()
+    for device, messages in expected.items():
+        assert [(m.topic, json.loads(m.payload)) for m in seen[device]] == [
+            (m.topic, json.loads(m.payload)) for m in messages
+        ]
+        # Simulated devices take no commands: no select, no button.
+        assert all(m.topic.split("/")[1] == "sensor" for m in seen[device])
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_simulated_devices_refresh_their_status_with_their_counters(
+    tmp_path: Path, broker_settings: BrokerSettings, session_releases: Releases
+) -> None:
+    settings = sim_settings(
+        tmp_path, broker_settings, session_releases.public_key_path, status_interval_s=0.5
+    )
+    publish_release(broker_settings, session_releases.first)
+    observer = Observer(broker_settings)
+    try:
+        with RunningFleet(settings):
+            # Periodic, not only at connect and install: the counters move between statuses.
+            observer.until(
+                lambda: all(
+                    len({s.counters["batches_sent"] for s in observer.statuses[d]}) >= 4
+                    and observer.statuses[d][-1].counters["predictions"] > 0
+                    for d in settings.device_ids
+                ),
+                "statuses with growing counters from every device",
+            )
+    finally:
+        observer.stop()
     for device in settings.device_ids:
-        expected = homeassistant.discovery_messages(
-            Topics(broker_settings.topic_root), device, prefix=prefix
-        )
-        for message in expected:
-            assert seen[message.topic] == json.loads(message.payload)
+        online = [s for s in observer.statuses[device] if s.state == "online"]
+        sent = [s.counters["batches_sent"] for s in online]
+        assert sent == sorted(sent)
+
+
+def test_the_status_interval_must_be_sensible() -> None:
+    with pytest.raises(ConfigError, match="status_interval_s"):
+        SimSettings(status_interval_s=0)
 
 
 def test_home_assistant_discovery_needs_ids_it_accepts() -> None:
