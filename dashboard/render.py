@@ -140,6 +140,11 @@ def _footer(view: FleetView, frame: Frame, counts: ViewCounts, now: float) -> li
     return lines
 
 
+def counted(count: int, noun: str) -> str:
+    """``1 confirmation``, ``2 confirmations``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _details(row: DeviceRow | None, now: float) -> str:
     if row is None:
         return "selected: none"
@@ -152,7 +157,8 @@ def _details(row: DeviceRow | None, now: float) -> str:
             f"{row.device_id}: prediction {latest.prediction_id} {latest.label} "
             f"{latest.confidence * 100:.0f}% by {latest.model_version}{truth}"
         )
-    text += f"; {row.predictions} predictions, {row.confirmations} confirmations"
+    text += f"; {counted(row.predictions, 'prediction')}, "
+    text += counted(row.confirmations, "confirmation")
     if row.last_error is not None:
         age = format_age(now - row.last_error.received_at)
         text += f"; last error {row.last_error.code} {age} ago: {row.last_error.message}"

@@ -19,7 +19,7 @@ from dashboard.controller import (
 )
 from dashboard.feed import feed_message
 from dashboard.fleet_view import Accuracy, FleetView, Limits
-from dashboard.render import Frame, format_age, render
+from dashboard.render import Frame, counted, format_age, render
 from dashboard.settings import DashboardSettings
 from shared import codec
 from shared.config import load_settings
@@ -432,3 +432,9 @@ def test_settings_example_in_docs_loads(tmp_path: Path) -> None:
         load_settings(DashboardSettings, config_file=config)
     with pytest.raises(ConfigError, match="timeouts must be > 0"):
         DashboardSettings(ack_timeout_s=0)
+
+
+def test_counts_agree_with_their_nouns() -> None:
+    assert counted(1, "confirmation") == "1 confirmation"
+    assert counted(0, "confirmation") == "0 confirmations"
+    assert counted(2, "prediction") == "2 predictions"
