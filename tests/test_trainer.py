@@ -39,6 +39,7 @@ from shared.topics import Topics
 from tests.mosquitto import MosquittoProcess
 from tests.mqtt_helpers import connect, receive
 from tests.release_helpers import CHUNK_SIZE, make_releases
+from trainer_service.registry import ModelRegistry
 from trainer_service.retrain import confirmed_sets, gate, is_holdout
 from trainer_service.service import TrainerService
 from trainer_service.settings import (
@@ -535,6 +536,28 @@ def test_a_version_chunked_otherwise_is_published_and_again_after_the_broker_los
     finally:
         service.shutdown()
     assert service.counters.get("error_upkeep_failed") == 0
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_a_version_promoted_beside_the_running_service_reaches_the_fleet(
+    trainer_settings: TrainerSettings, broker_settings: BrokerSettings, tmp_path: Path
+) -> None:
+    """`har models promote --no-publish` in another process: the service publishes it."""
+    releases = make_releases(tmp_path / "releases")
+    settings = dataclasses.replace(trainer_settings, registry_dir=releases.registry.root)
+    service = TrainerService(settings)
+    service.start()
+    try:
+        assert service.wait_connected(WAIT)
+        assert service.counters.wait_until("models_published", 1, WAIT)
+        other_process = ModelRegistry(releases.registry.root)
+        version = releases.first.manifest.version
+        manifest = other_process.promote(version, releases.private_key, chunk_size=CHUNK_SIZE)
+        assert service.counters.wait_until("models_published", 2, WAIT)
+        assert read_release(broker_settings, version) == (manifest, releases.first.payload)
+    finally:
+        service.shutdown()
 
 
 # ------------------------------------------------------------------------------ dead loops

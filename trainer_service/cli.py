@@ -74,7 +74,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         if name == "promote":
             action.add_argument("version")
         action.add_argument("--private-key", type=Path, help="Ed25519 signing key")
-        action.add_argument("--no-publish", action="store_true", help="only update the registry")
+        action.add_argument(
+            "--no-publish",
+            action="store_true",
+            help="only update the registry; a running trainer service publishes it within a "
+            "second (use this while it runs: it holds the trainer's login)",
+        )
         action.set_defaults(func=run_models_promote)
 
     keys = subparsers.add_parser("keys", help="model signing keys")

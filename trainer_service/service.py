@@ -438,16 +438,18 @@ class TrainerService:
         retention = self._settings.retention
         next_status = 0.0
         next_retention = time.monotonic() + 60.0
-        published_on = 0  # the connection (its connect_count) the current model went out on
+        published_on = (0, "")  # the connection (connect_count) and version last published
         next_publish = 0.0
         while not self._stop.wait(1.0):
             now = time.monotonic()
-            connection = self._connection.connect_count
-            if connection != published_on and now >= next_publish and self._connection.connected:
-                # On every connection: a broker that lost its retained messages (a crash between
-                # autosaves) gets the model back as soon as the trainer reconnects.
+            # On every connection: a broker that lost its retained messages (a crash between
+            # autosaves) gets the model back as soon as the trainer reconnects. And on every
+            # change of the current version, so `har models promote --no-publish` run beside
+            # the service (whose login it must not share) reaches the fleet too.
+            wanted = (self._connection.connect_count, self._registry_current())
+            if wanted != published_on and now >= next_publish and self._connection.connected:
                 if self._upkeep_job("publish", self.publish_current, refused_is_final=True):
-                    published_on = connection
+                    published_on = wanted
                 else:
                     next_publish = now + PUBLISH_RETRY_S
             self._upkeep_job("join", self.store.join_pending)
@@ -457,6 +459,13 @@ class TrainerService:
             if now >= next_status and self._connection.connected:
                 next_status = now + self._settings.status_interval_s
                 self._upkeep_job("status", self._publish_status)
+
+    def _registry_current(self) -> str:
+        try:
+            return self.registry.current() or ""
+        except (HarError, OSError):
+            # Not reported here, every second: the status job reads it too and reports it.
+            return self._current_version or ""
 
     def _upkeep_job(
         self, job: str, work: Callable[[], object], *, refused_is_final: bool = False
