@@ -151,6 +151,16 @@ def test_label_names_come_from_the_table_in_the_graph(model: Any) -> None:
     assert names == [LABELS[i] for i in raw["class_index"].numpy().tolist()]
 
 
+def test_the_default_signature_is_predict_for_tf_serving(model: Any) -> None:
+    x, _ = probe_windows()
+    default = model._signatures["serving_default"](sensor_data=x)
+    predict = model._signatures["predict"](sensor_data=x)
+    assert set(default) == set(predict)
+    np.testing.assert_array_equal(
+        default["probabilities"].numpy(), predict["probabilities"].numpy()
+    )
+
+
 @pytest.mark.parametrize(
     ("windows", "message"),
     [
@@ -280,4 +290,4 @@ def test_seed_lstm_baseline_votes_per_window_and_cannot_learn_on_device(tmp_path
     assert model.personalisable is False
     with pytest.raises(ModelError, match="cannot learn on the device"):
         model.learn(x, np.zeros(4, np.int32), np.ones(4, np.float32), np.eye(3))
-    assert {"predict", "reset_state", "metadata"} <= set(model._signatures.keys())
+    assert {"predict", "serving_default", "reset_state", "metadata"} <= set(model._signatures)

@@ -716,7 +716,9 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
 
     def signatures(self) -> dict[str, Any]:
         names = [*signatures.COMMON, *(signatures.PERSONAL if self.spec.personalisable else ())]
-        return {name: getattr(self, name) for name in names}
+        exported = {name: getattr(self, name) for name in names}
+        exported[signatures.DEFAULT] = self.predict
+        return exported
 
     # ----------------------------------------------------------------------------- weights I/O
     def get_weights(self) -> dict[str, npt.NDArray[np.float32]]:
