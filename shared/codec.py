@@ -291,6 +291,8 @@ def encode_prediction(prediction: Prediction) -> bytes:
         "label": prediction.label,
         "class_index": prediction.class_index,
         "probabilities": [round(p, 6) for p in prediction.probabilities],
+        # Derived (the predicted class's probability), for tools that want one number.
+        "confidence": round(prediction.probabilities[prediction.class_index], 6),
         "model_version": prediction.model_version,
         "ts": prediction.ts,
     }

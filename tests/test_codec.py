@@ -121,6 +121,7 @@ def test_prediction_json_is_stable_and_readable() -> None:
         "label": "Walking",
         "class_index": 1,
         "probabilities": [0.25, 0.75],
+        "confidence": 0.75,
         "model_version": "v0001",
         "ts": 1_700_000_000.5,
     }
