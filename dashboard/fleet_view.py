@@ -33,6 +33,9 @@ class Limits:
 
     predictions_per_device: int = 512  # kept to join confirmations that come after them
     pending_per_device: int = 128  # confirmations waiting for their prediction
+    # A confirmation whose prediction has not come by then never will (it was made before this
+    # view started, or the device no longer had it): it stops waiting and is counted unmatched.
+    pending_s: float = 60.0
     devices: int = 10_000
     versions: int = 256
 
@@ -115,7 +118,8 @@ class _Device:
     errors_seen: int = 0
     last_error: LastError | None = None
     kept: OrderedDict[str, _Kept] = field(default_factory=OrderedDict)
-    pending: OrderedDict[str, str] = field(default_factory=OrderedDict)  # prediction id -> label
+    # prediction id -> (label, when it came), oldest first
+    pending: OrderedDict[str, tuple[str, float]] = field(default_factory=OrderedDict)
 
     def row(self) -> DeviceRow:
         return DeviceRow(
@@ -146,6 +150,7 @@ class ViewCounts:
     confirmations_duplicate: int  # a later confirmation of an already confirmed prediction
     confirmations_dropped: int  # evicted while waiting for a prediction that never came
     confirmations_pending: int  # waiting for their prediction now
+    confirmations_unmatched: int  # waited Limits.pending_s for a prediction that never came
     predictions_duplicate: int  # redelivered predictions, ignored
     devices_evicted: int
 
@@ -163,6 +168,7 @@ class FleetView:
         self._joined = 0
         self._duplicate_confirmations = 0
         self._dropped_confirmations = 0
+        self._unmatched_confirmations = 0
         self._duplicate_predictions = 0
         self._evicted_devices = 0
 
@@ -187,9 +193,9 @@ class FleetView:
         device.kept[prediction.prediction_id] = kept
         if len(device.kept) > self._limits.predictions_per_device:
             device.kept.popitem(last=False)
-        waiting_label = device.pending.pop(prediction.prediction_id, None)
-        if waiting_label is not None:
-            self._count(kept, waiting_label)
+        waiting = device.pending.pop(prediction.prediction_id, None)
+        if waiting is not None:
+            self._count(kept, waiting[0])
 
     def apply_confirmation(self, device_id: str, confirmation: Confirmation, now: float) -> None:
         device = self._device(device_id, now)
@@ -206,7 +212,7 @@ class FleetView:
         if pid in device.pending:
             self._duplicate_confirmations += 1  # the first one waits; it wins
             return
-        device.pending[pid] = confirmation.label
+        device.pending[pid] = (confirmation.label, now)
         if len(device.pending) > self._limits.pending_per_device:
             device.pending.popitem(last=False)
             self._dropped_confirmations += 1
@@ -260,6 +266,19 @@ class FleetView:
         """Per model version, the confirmed predictions counted so far (versions sorted)."""
         return {version: self._accuracy[version] for version in sorted(self._accuracy)}
 
+    def expire_pending(self, now: float) -> int:
+        """Stop waiting for predictions that did not come within ``Limits.pending_s``."""
+        expired = 0
+        for device in self._devices.values():
+            while device.pending:
+                _, (_, since) = next(iter(device.pending.items()))
+                if now - since < self._limits.pending_s:
+                    break
+                device.pending.popitem(last=False)
+                expired += 1
+        self._unmatched_confirmations += expired
+        return expired
+
     def counts(self) -> ViewCounts:
         return ViewCounts(
             bad_payloads=self._bad_payloads,
@@ -267,6 +286,7 @@ class FleetView:
             confirmations_duplicate=self._duplicate_confirmations,
             confirmations_dropped=self._dropped_confirmations,
             confirmations_pending=sum(len(d.pending) for d in self._devices.values()),
+            confirmations_unmatched=self._unmatched_confirmations,
             predictions_duplicate=self._duplicate_predictions,
             devices_evicted=self._evicted_devices,
         )

@@ -30,6 +30,7 @@ def render(
     view: FleetView, frame: Frame, *, width: int, height: int | None, now: float
 ) -> list[str]:
     """The screen's lines, none longer than ``width``, at most ``height`` (None: every row)."""
+    view.expire_pending(now)  # the screen shows the view as of now
     rows = view.rows()
     device_width = min(
         max([_DEVICE_WIDTH[0], *(len(row.device_id) for row in rows)]), _DEVICE_WIDTH[1]
@@ -121,7 +122,11 @@ def _footer(view: FleetView, frame: Frame, counts: ViewCounts, now: float) -> li
         if accuracy
         else "none confirmed yet"
     )
-    waiting = f"  ({pending} waiting for their prediction)" if pending else ""
+    unmatched = counts.confirmations_unmatched
+    notes = [f"{pending} waiting for their prediction"] if pending else []
+    if unmatched:
+        notes.append(f"{unmatched} never matched a prediction")
+    waiting = f"  ({', '.join(notes)})" if notes else ""
     lines = [f"accuracy of confirmed predictions: {accuracy_text}{waiting}"]
     if frame.interactive:
         lines.append(_details(view.row(frame.selected) if frame.selected else None, now))

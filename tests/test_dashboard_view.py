@@ -151,6 +151,23 @@ def test_prediction_ids_are_joined_per_device() -> None:
     assert view.counts().confirmations_pending == 1
 
 
+def test_a_confirmation_stops_waiting_for_a_prediction_that_never_comes() -> None:
+    view = FleetView(Limits(pending_s=60.0))
+    view.apply_confirmation("wrist-1", confirmation("before-we-started", "Walking"), now=T0)
+    view.apply_confirmation("wrist-1", confirmation("late", "Walking"), now=T0 + 30)
+    frame = Frame("har/v1", "connected", selected=None, status="", interactive=False)
+    footer = render(view, frame, width=200, height=None, now=T0 + 59)[-3:]
+    assert any("2 waiting for their prediction" in line for line in footer)
+    footer = render(view, frame, width=200, height=None, now=T0 + 61)[-3:]
+    assert any("1 waiting for their prediction, 1 never matched" in line for line in footer)
+    counts = view.counts()
+    assert counts.confirmations_pending == 1
+    assert counts.confirmations_unmatched == 1
+    # The one still waiting is joined when its prediction comes.
+    view.apply_prediction("wrist-1", prediction("late", "Walking", device="wrist-1"), now=T0 + 62)
+    assert view.accuracy() == {"v1": Accuracy(right=1)}
+
+
 def test_never_matched_confirmations_are_dropped_at_the_bound() -> None:
     view = FleetView(Limits(pending_per_device=2))
     for index in range(5):
