@@ -37,7 +37,7 @@ def render(
     )
     counts = view.counts()
     header = [_title(view, frame, rows, counts), _headings(device_width)]
-    footer = _footer(view, frame, counts, now)
+    footer = _footer(view, frame, counts, now, width)
     table = [_row(row, row.device_id == frame.selected, device_width, now) for row in rows]
     if not table:
         table = ["  (no devices yet: waiting for their status and predictions)"]
@@ -77,9 +77,10 @@ def _title(view: FleetView, frame: Frame, rows: list[DeviceRow], counts: ViewCou
     model = view.model
     model_text = f"model {model.version} ({len(model.labels)} labels)" if model else "no model"
     online = sum(row.presence == "online" for row in rows)
+    # What matters most first: at 80 columns the end of the line is cut.
     return (
-        f"HAR fleet  {frame.topic_root}  {frame.connection}  {model_text}  "
-        f"devices {len(rows)} ({online} online)  bad payloads {counts.bad_payloads}"
+        f"HAR fleet  devices {len(rows)} ({online} online)  {model_text}  "
+        f"bad payloads {counts.bad_payloads}  {frame.topic_root}  {frame.connection}"
     )
 
 
@@ -105,16 +106,30 @@ def _row(row: DeviceRow, selected: bool, device_width: int, now: float) -> str:
 def _scrolled(
     table: list[str], rows: list[DeviceRow], selected: str | None, space: int
 ) -> list[str]:
-    """At most ``space`` rows, a window that holds the selected device."""
+    """At most ``space`` lines: a window of rows that holds the selected device, and a line
+    saying how many rows are above or below it, so that none is hidden without a sign."""
     if len(table) <= space:
         return table
+    if space < 3:
+        return table[:space]
     ids = [row.device_id for row in rows]
     index = ids.index(selected) if selected in ids else 0
-    start = max(0, index - space + 1)
-    return table[start : start + space]
+    visible = space - 1  # one line for a marker
+    start = max(0, index - visible + 1)
+    end = min(len(table), start + visible)
+    if start > 0 and end < len(table):  # markers above and below
+        visible -= 1
+        start = max(0, index - visible + 1)
+        end = start + visible
+    window = table[start:end]
+    if start > 0:
+        window.insert(0, f"  ({start} more above)")
+    if end < len(table):
+        window.append(f"  ({len(table) - end} more below)")
+    return window
 
 
-def _footer(view: FleetView, frame: Frame, counts: ViewCounts, now: float) -> list[str]:
+def _footer(view: FleetView, frame: Frame, counts: ViewCounts, now: float, width: int) -> list[str]:
     accuracy = view.accuracy()
     pending = counts.confirmations_pending
     accuracy_text = (
@@ -136,13 +151,27 @@ def _footer(view: FleetView, frame: Frame, counts: ViewCounts, now: float) -> li
         return lines
     labels = view.labels[:MAX_LABEL_KEYS]
     label_keys = (
-        " ".join(f"{number} {label}" for number, label in enumerate(labels, start=1))
+        [f"{number} {label}" for number, label in enumerate(labels, start=1)]
         if labels
-        else "(labels unknown until the model manifest arrives)"
+        else ["(labels unknown until the model manifest arrives)"]
     )
-    lines.append(f"keys: up/down select  c confirm  correct to: {label_keys}  q quit")
+    keys = ["keys: up/down select ", "c confirm ", "correct to:", *label_keys, " q quit"]
+    lines += _wrapped(keys, width)
     lines.append(f"status: {frame.status}")
     return lines
+
+
+def _wrapped(words: list[str], width: int) -> list[str]:
+    """``words`` joined by spaces into lines of at most ``width`` (continuations indented),
+    never splitting a word: every key stays readable on a narrow screen."""
+    lines = [words[0]]
+    for word in words[1:]:
+        joined = f"{lines[-1]} {word}"
+        if len(joined.rstrip()) <= width:
+            lines[-1] = joined
+        else:
+            lines.append(f"  {word.strip()}")
+    return [line.rstrip() for line in lines]
 
 
 def counted(count: int, noun: str) -> str:

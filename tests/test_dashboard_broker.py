@@ -431,7 +431,7 @@ def test_har_watch_once_prints_a_snapshot_from_a_config_file(
     assert snapshot["counts"]["bad_payloads"] == 1
     assert as_text.returncode == 0, as_text.stderr
     lines = as_text.stdout.splitlines()
-    assert "model v0002 (6 labels)  devices 1 (1 online)  bad payloads 1" in lines[0]
+    assert "devices 1 (1 online)  model v0002 (6 labels)  bad payloads 1" in lines[0]
     assert lines[2].startswith("  wrist-1 online  -")
     assert lines[3] == "accuracy of confirmed predictions: none confirmed yet"
     assert lines[4].startswith(f"last bad payload: {topics.status('wrist-2')}: status is not")

@@ -351,8 +351,8 @@ def frame(selected: str | None = "wrist-1", status_text: str = "ready") -> Frame
 def test_render_table_and_footer_as_text() -> None:
     lines = render(populated_view(), frame(), width=200, height=None, now=T0 + 65)
     assert lines[0] == (
-        "HAR fleet  har/v1  connected to 127.0.0.1:1883  model v2 (6 labels)  "
-        "devices 2 (1 online)  bad payloads 0"
+        "HAR fleet  devices 2 (1 online)  model v2 (6 labels)  bad payloads 0  "
+        "har/v1  connected to 127.0.0.1:1883"
     )
     # The device column is as wide as the longest id (7), at least 6.
     assert lines[1] == "  DEVICE  STATE   ACTIVITY        CONF MODEL          AGE  ERR"
@@ -373,11 +373,32 @@ def test_render_respects_width_and_height_and_keeps_selection_visible() -> None:
     for index in range(30):
         device = f"dev-{index:02d}"
         view.apply_status(device, status(device, "online"), now=T0)
-    lines = render(view, frame("dev-20"), width=40, height=10, now=T0)
-    assert len(lines) == 10
+    lines = render(view, frame("dev-20"), width=40, height=14, now=T0)
+    assert len(lines) == 14
     assert all(len(line) <= 40 for line in lines)
-    table = lines[2:6]  # 10 lines less the title, the headings and 4 footer lines
-    assert [line[:8] for line in table] == ["  dev-17", "  dev-18", "  dev-19", "> dev-20"]
+    assert lines[2] == "  (18 more above)"
+    assert [line[:8] for line in lines[3:6]] == ["  dev-18", "  dev-19", "> dev-20"]
+    assert lines[6] == "  (9 more below)"
+    assert lines[-1] == "status: ready"
+
+
+def test_at_80_by_24_every_key_the_device_count_and_hidden_rows_show() -> None:
+    view = FleetView()
+    view.apply_manifest(manifest("v2"))
+    for index in range(30):
+        device = f"wrist-{index:04d}"
+        view.apply_status(device, status(device, "online" if index % 3 else "offline"), now=T0)
+    lines = render(view, frame("wrist-0000"), width=80, height=24, now=T0)
+    assert len(lines) == 24
+    assert all(len(line) <= 80 for line in lines)
+    assert lines[0].startswith("HAR fleet  devices 30 (20 online)  model v2 (6 labels)")
+    assert lines[2].startswith("> wrist-0000")
+    shown = [line for line in lines if line.startswith(("  wrist-", "> wrist-"))]
+    assert f"  ({30 - len(shown)} more below)" in lines
+    keys = " ".join(lines)
+    for number, label in enumerate(LABELS, start=1):
+        assert f"{number} {label}" in keys
+    assert "q quit" in keys
     assert lines[-1] == "status: ready"
 
 
