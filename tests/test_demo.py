@@ -172,6 +172,22 @@ def test_wrong_answers_are_counted_and_the_new_version_is_scored_after() -> None
     assert app.received["malformed"] == 1
 
 
+def test_progress_says_where_the_run_is_in_every_phase() -> None:
+    app = make_app(confirmations=2)
+    assert app.progress() == "first model: 0/8 windows of the first pass scored"
+    for n in range(4):
+        for device in ("d-1", "d-2"):
+            app.handle(*prediction(device, n, FIRST, "Walking", "Walking"))
+    assert app.progress() == "people confirming: 0/2 confirmations sent"
+    for device in ("d-1", "d-2"):
+        app.handle(*prediction(device, 4, FIRST, "Walking", "Walking"))
+    assert app.progress().startswith("waiting for the retrained model; meanwhile 0/8 windows")
+    app.handle(*manifest(NEW))
+    app.handle(*status("d-1", NEW))
+    app.handle(*prediction("d-1", 5, NEW, "Walking", "Walking"))
+    assert app.progress() == f"devices running {NEW}: 1/2; windows predicted with it: 1/8"
+
+
 def test_summary_counts_and_text(tmp_path: Path) -> None:
     app = make_app(confirmations=2)
     for n in range(6):

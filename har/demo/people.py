@@ -173,6 +173,32 @@ class PeopleApp:
     def confirmations_sent(self) -> int:
         return sum(device.confirmations_sent for device in self.devices.values())
 
+    def progress(self) -> str:
+        """Where the run is, in one line: said during the quiet stretches between milestones."""
+        devices = list(self.devices.values())
+        total = sum(d.windows_per_pass for d in devices)
+
+        def scored(phase: str) -> int:
+            return sum(min(getattr(d, phase).windows, d.windows_per_pass) for d in devices)
+
+        if self.new_version is not None:
+            running = sum(
+                d.status is not None and d.status.model_version == self.new_version for d in devices
+            )
+            return (
+                f"devices running {self.new_version}: {running}/{len(devices)}; "
+                f"windows predicted with it: {scored('after')}/{total}"
+            )
+        wanted = sum(d.confirmations_wanted for d in devices)
+        if scored("before") < total:
+            return f"first model: {scored('before')}/{total} windows of the first pass scored"
+        if self.confirmations_sent < wanted:
+            return f"people confirming: {self.confirmations_sent}/{wanted} confirmations sent"
+        return (
+            f"waiting for the retrained model; meanwhile {scored('learned')}/{total} windows "
+            "scored with what the devices learned"
+        )
+
     def handle(self, topic: str, payload: bytes) -> list[tuple[str, Confirmation]]:
         """One inbound message; returns (topic, confirmation) pairs to publish."""
         try:

@@ -31,6 +31,7 @@ TRAINER = "demo-trainer"
 WINDOW_HOP = 40  # a prediction every 2 s of sensor time (80-sample windows at 20 Hz)
 STATUS_INTERVAL_S = 5.0
 FINAL_STATUS_WAIT_S = 15.0
+PROGRESS_EVERY_S = 10.0  # the longest the demo stays silent while it waits
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,6 +83,7 @@ class Demo:
         self.data: DemoData | None = None
         self.first_model: dict[str, Any] = {}
         self._announced: set[str] = set()
+        self._last_said = time.monotonic()
 
     # ------------------------------------------------------------------------------ the steps
     def run(self) -> str:
@@ -271,6 +273,9 @@ class Demo:
         assert self.app is not None
         assert self.connection is not None
         while not done():
+            if time.monotonic() - self._last_said >= PROGRESS_EVERY_S:
+                say(self.app.progress())  # no stretch of silence longer than this
+                self._last_said = time.monotonic()
             if time.monotonic() > deadline:
                 raise HarError(f"{failure} within {self.args.timeout:g} s")
             exited = self.children.exited()
@@ -328,6 +333,7 @@ class Demo:
             if key not in self._announced:
                 self._announced.add(key)
                 say(text)
+                self._last_said = time.monotonic()
 
     # ------------------------------------------------------------------------------ the end
     def close(self) -> None:
