@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from har.local_broker import free_port
 from shared import codec
 from shared.config import BrokerSettings
-from shared.messages import Confirmation, Prediction, WindowRef
+from shared.messages import Confirmation, DeviceStatus, Prediction, WindowRef
 from shared.topics import Topics
 from tests.mqtt_helpers import connect
 from tests.test_trainer import WAIT, publish
@@ -26,7 +26,7 @@ def predicted(device: str, pid: str, label: str, version: str) -> Prediction:
     return Prediction(pid, device, WindowRef(0, 0, 10), label, 0, (1.0,), version, 1.0)
 
 
-def test_accuracy_by_version_counts_confirmed_predictions_of_the_same_device(
+def test_accuracy_per_version_counts_confirmed_predictions_of_the_same_device(
     tmp_path: Path,
 ) -> None:
     store = TrainerStore(tmp_path / "t.sqlite3")
@@ -44,6 +44,9 @@ def test_accuracy_by_version_counts_confirmed_predictions_of_the_same_device(
         "v2": VersionAccuracy(confirmed=1, correct=1),
     }
     assert store.accuracy_by_version()["v1"].accuracy == 0.5
+    with store.transaction() as writer:
+        writer.update_status(DeviceStatus("d3", "online", "v2", 3.0))
+    assert store.devices_by_state() == {"online": 1, "unknown": 2}
     store.close()
 
 
@@ -96,16 +99,22 @@ def test_the_endpoint_serves_counters_and_live_accuracy_per_version(
                 codec.encode_confirmation(Confirmation(pid, confirmed, "user", 2.0)),
                 msgpack=False,
             )
-        assert service.counters.wait_until("messages_ingested", 4, WAIT)
+        status = DeviceStatus("d2", "online", "v7", 3.0)
+        publish(device, topics.status("d2"), codec.encode_status(status), msgpack=False)
+        assert service.counters.wait_until("messages_ingested", 5, WAIT)
     finally:
         device.stop()
     assert service.metrics is not None
     samples = scrape(service.metrics.port)
-    assert samples["har_trainer_messages_ingested_total"][()] == 4
+    assert samples["har_trainer_messages_ingested_total"][()] == 5
     assert samples["har_trainer_predictions_total"][()] == 2
     assert samples["har_trainer_confirmations_total"][()] == 2
     assert samples["har_trainer_stored_confirmations"][()] == 2
-    assert samples["har_trainer_devices"][()] == 1
+    assert samples["har_trainer_devices"][()] == 2
+    assert samples["har_trainer_devices_by_state"] == {
+        (("state", "online"),): 1,
+        (("state", "unknown"),): 1,  # d1 has sent no status
+    }
     assert samples["har_trainer_live_accuracy"] == {(("model_version", "v7"),): 0.5}
     assert samples["har_trainer_confirmed_predictions"] == {(("model_version", "v7"),): 2}
 

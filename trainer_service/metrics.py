@@ -36,15 +36,18 @@ GAUGES = frozenset(
 
 
 class TrainerCollector(Collector):
-    """``har_trainer_<event>_total`` counters, gauges of stored rows, accuracy per version."""
+    """``har_trainer_<event>_total`` counters, gauges of stored rows, accuracy per version,
+    devices per state."""
 
     def __init__(
         self,
         counters: Callable[[], Mapping[str, int]],
         accuracy: Callable[[], Mapping[str, VersionAccuracy]],
+        devices: Callable[[], Mapping[str, int]],
     ) -> None:
         self._counters = counters
         self._accuracy = accuracy
+        self._devices = devices
 
     def collect(self) -> Iterator[Metric]:
         for name, value in sorted(self._counters().items()):
@@ -68,6 +71,14 @@ class TrainerCollector(Collector):
             confirmed.add_metric([version], counts.confirmed)
         yield accuracy
         yield confirmed
+        devices = GaugeMetricFamily(
+            PREFIX + "devices_by_state",
+            "Devices per last reported status (unknown: none yet; online: its last word)",
+            labels=["state"],
+        )
+        for state, count in self._devices().items():
+            devices.add_metric([state], count)
+        yield devices
 
 
 class MetricsServer:

@@ -121,7 +121,9 @@ class TrainerService:
         metrics = self._settings.metrics
         if metrics.port == 0:
             return
-        collector = TrainerCollector(self.status_counters, self.store.accuracy_by_version)
+        collector = TrainerCollector(
+            self.status_counters, self.store.accuracy_by_version, self.store.devices_by_state
+        )
         try:
             self.metrics = MetricsServer(collector, metrics.host, metrics.port)
         except OSError as exc:

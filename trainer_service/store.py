@@ -210,6 +210,14 @@ class TrainerStore:
             ).fetchall()
         return {row[0]: VersionAccuracy(int(row[1]), int(row[2])) for row in rows}
 
+    def devices_by_state(self) -> dict[str, int]:
+        """Devices per last reported state ("online", "offline", ...; "unknown": no status yet)."""
+        with self._reading():
+            rows = self._db.execute(
+                "SELECT COALESCE(state, 'unknown'), COUNT(*) FROM devices GROUP BY 1 ORDER BY 1"
+            ).fetchall()
+        return {row[0]: int(row[1]) for row in rows}
+
     def batch_seqs(self, device_id: str) -> list[int]:
         with self._reading():
             rows = self._db.execute(
