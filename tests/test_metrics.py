@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from shared.messages import Confirmation, DeviceStatus, Prediction, WindowRef
 from shared.topics import Topics
 from tests.mqtt_helpers import connect
 from tests.test_trainer import WAIT, publish
+from trainer_service.metrics import GAUGES, TrainerCollector
 from trainer_service.service import TrainerService
 from trainer_service.settings import MetricsSettings, RetrainSettings, TrainerSettings
 from trainer_service.store import TrainerStore, VersionAccuracy
@@ -122,3 +125,24 @@ def test_the_endpoint_serves_counters_and_live_accuracy_per_version(
 def test_metrics_are_off_by_default_and_on_loopback_when_on() -> None:
     assert MetricsSettings().port == 0
     assert MetricsSettings().host == "127.0.0.1"
+
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "har-trainer.json"
+
+
+def test_the_grafana_dashboard_only_queries_metrics_the_endpoint_exposes() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    # What a trainer that has seen nothing yet exposes: every name the dashboard may rely on.
+    idle = TrainerCollector(lambda: dict.fromkeys(GAUGES, 0), dict, dict)
+    exposed = {sample.name for family in idle.collect() for sample in family.samples}
+    exposed |= {family.name for family in idle.collect()}  # labelled families, empty when idle
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\bhar_trainer_\w+", target["expr"])
+    }
+    assert queried, "the dashboard queries nothing"
+    assert queried <= exposed, f"not exposed: {sorted(queried - exposed)}"
+    assert "har_trainer_live_accuracy" in queried
+    assert "har_trainer_messages_ingested_total" in queried

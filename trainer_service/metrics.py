@@ -34,6 +34,20 @@ GAUGES = frozenset(
     }
 )
 
+# Event counters exposed from the start, at 0 until they happen: rate() and increase() need the
+# first sample, and a dashboard can name them before the first retrain.
+EVENTS = (
+    "messages_ingested",
+    "predictions",
+    "confirmations",
+    "retrain_rounds",
+    "models_promoted",
+    "models_refused",
+    "models_published",
+    "payload_errors",
+    "storage_errors",
+)
+
 
 class TrainerCollector(Collector):
     """``har_trainer_<event>_total`` counters, gauges of stored rows, accuracy per version,
@@ -50,7 +64,9 @@ class TrainerCollector(Collector):
         self._devices = devices
 
     def collect(self) -> Iterator[Metric]:
-        for name, value in sorted(self._counters().items()):
+        counts = dict.fromkeys(EVENTS, 0)
+        counts.update(self._counters())
+        for name, value in sorted(counts.items()):
             if name in GAUGES:
                 yield GaugeMetricFamily(PREFIX + name, f"{name} (now)", value=value)
             else:
@@ -66,9 +82,9 @@ class TrainerCollector(Collector):
             "Stored predictions of a version that a user confirmed or corrected",
             labels=["model_version"],
         )
-        for version, counts in by_version.items():
-            accuracy.add_metric([version], counts.accuracy)
-            confirmed.add_metric([version], counts.confirmed)
+        for version, shares in by_version.items():
+            accuracy.add_metric([version], shares.accuracy)
+            confirmed.add_metric([version], shares.confirmed)
         yield accuracy
         yield confirmed
         devices = GaugeMetricFamily(
