@@ -8,6 +8,8 @@ Threads:
   delivers it again to the persistent session; storage deduplicates what was.
 - **retrain**: waits for a trigger (N new confirmations, the interval, a command), runs a round
   and publishes the new version.
+- **metrics** (``[metrics] port``, off by default): prometheus_client's HTTP server answers
+  ``/metrics`` from the status counters and the store on its own thread.
 - **upkeep**: joins late confirmations, applies retention, publishes the service's status, and
   publishes the current model again after every (re)connect (a broker that lost its retained
   messages gets them back).
@@ -29,7 +31,7 @@ from typing import Any
 
 from shared import codec
 from shared.counters import Counters
-from shared.errors import HarError, PayloadError, StorageError
+from shared.errors import ConfigError, HarError, PayloadError, StorageError
 from shared.messages import DeviceState, DeviceStatus, ErrorEvent
 from shared.mqtt_transport import (
     InboundMessage,
@@ -42,6 +44,7 @@ from shared.signing import load_private_key
 from shared.supervision import EXIT_THREAD_DIED, Supervisor
 from shared.topics import Topics
 from trainer_service.distribution import current_release_messages, publish_all
+from trainer_service.metrics import MetricsServer, TrainerCollector
 from trainer_service.receipts import ReceiptBook
 from trainer_service.registry import ModelRegistry
 from trainer_service.retrain import RetrainOutcome, load_base, run_retrain
@@ -101,6 +104,7 @@ class TrainerService:
             persistent_session=True,
             counters=self.counters,  # inbox_waits, transport_callback_errors in the status
         )
+        self.metrics: MetricsServer | None = None  # started by start() when metrics.port > 0
         self._supervisor = Supervisor()
         self._supervisor.add("trainer-ingest", self._ingest_loop)
         self._supervisor.add("trainer-retrain", self._retrain_loop)
@@ -109,8 +113,23 @@ class TrainerService:
     # ================================================================== lifecycle
     def start(self) -> None:
         self.registry.remove_leftovers()
+        self._start_metrics()
         self._connection.start()
         self._supervisor.start()
+
+    def _start_metrics(self) -> None:
+        metrics = self._settings.metrics
+        if metrics.port == 0:
+            return
+        collector = TrainerCollector(
+            self.status_counters, self.store.accuracy_by_version, self.store.devices_by_state
+        )
+        try:
+            self.metrics = MetricsServer(collector, metrics.host, metrics.port)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {metrics.host}:{metrics.port}: {exc}"
+            ) from exc
 
     def run(self) -> int:
         """Serve until ``request_stop``; 0, 3 (the broker refused us) or ``EXIT_THREAD_DIED``."""
@@ -159,6 +178,8 @@ class TrainerService:
             counters = self._counters_or_last()  # the goodbye goes out even if the store fails
             self._connection.publish(self._status(final_state, counters)).wait(2.0)
         self._connection.stop()
+        if self.metrics is not None:
+            self.metrics.close()  # before the store closes under a scrape
         try:
             self.store.close()
         except StorageError as exc:

@@ -73,6 +73,18 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    port: int = 0  # the Prometheus endpoint http://<host>:<port>/metrics (0: off)
+    host: str = "127.0.0.1"  # loopback unless the operator opens it
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("metrics.port must be within 0..65535 (0: off)")
+        if not self.host:
+            raise ConfigError("metrics.host must not be empty")
+
+
+@dataclass(frozen=True, slots=True)
 class TrainerSettings:
     instance: str = "trainer-1"
     data_dir: Path = Path("/var/lib/har/data")
@@ -85,6 +97,7 @@ class TrainerSettings:
     publish: PublishSettings = field(default_factory=PublishSettings)
     ingest: IngestSettings = field(default_factory=IngestSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.instance):

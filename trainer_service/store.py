@@ -104,6 +104,16 @@ class StoreCounts:
     devices: int
 
 
+@dataclass(frozen=True, slots=True)
+class VersionAccuracy:
+    confirmed: int  # predictions of this version that a user confirmed or corrected
+    correct: int  # ... whose confirmed label is the predicted one
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.confirmed if self.confirmed else 0.0
+
+
 class TrainerStore:
     """Thread-safe; every write method commits before it returns.
 
@@ -188,6 +198,25 @@ class TrainerStore:
             ).fetchone()
             devices = self._db.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
         return StoreCounts(batches, samples, predictions, confirmations, joined, devices)
+
+    def accuracy_by_version(self) -> dict[str, VersionAccuracy]:
+        """Per model version: its confirmed predictions, and how many the user confirmed as is."""
+        with self._reading():
+            rows = self._db.execute(
+                "SELECT p.model_version, COUNT(*), SUM(p.label = c.label) FROM predictions p"
+                " JOIN confirmations c"
+                " ON c.prediction_id = p.prediction_id AND c.device_id = p.device_id"
+                " GROUP BY p.model_version ORDER BY p.model_version"
+            ).fetchall()
+        return {row[0]: VersionAccuracy(int(row[1]), int(row[2])) for row in rows}
+
+    def devices_by_state(self) -> dict[str, int]:
+        """Devices per last reported state ("online", "offline", ...; "unknown": no status yet)."""
+        with self._reading():
+            rows = self._db.execute(
+                "SELECT COALESCE(state, 'unknown'), COUNT(*) FROM devices GROUP BY 1 ORDER BY 1"
+            ).fetchall()
+        return {row[0]: int(row[1]) for row in rows}
 
     def batch_seqs(self, device_id: str) -> list[int]:
         with self._reading():
