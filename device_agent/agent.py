@@ -664,20 +664,15 @@ class DeviceAgent:
             return
 
     def _receipt(self, message: InboundMessage) -> None:
-        """The trainer stored these batches: they leave the outbox. Not acknowledged unless
-        that was written (the broker then delivers the receipt again)."""
+        """The trainer stored what the receipt names: it leaves the outbox. Not acknowledged
+        unless that was written (the broker then delivers the receipt again)."""
         try:
             receipt = codec.decode_receipt(message.payload)
+            if receipt.device_id != self._device:
+                # Reported like the decoder's own errors.
+                raise PayloadError(f"receipt for {receipt.device_id!r} on this device's topic")  # noqa: TRY301
         except PayloadError as exc:
             self._report("malformed_receipt", str(exc), message.topic)
-            message.ack()
-            return
-        if receipt.device_id != self._device:
-            self._report(
-                "malformed_receipt",
-                f"receipt for {receipt.device_id!r} on this device's topic",
-                message.topic,
-            )
             message.ack()
             return
         try:

@@ -5,7 +5,6 @@ Against a real Mosquitto, a real trainer service and a real agent (synthetic sen
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +19,11 @@ from shared import codec
 from shared.config import BrokerSettings
 from shared.messages import Confirmation, Prediction, Receipt, ReceiptKey, SensorBatch, WindowRef
 from shared.mqtt_transport import Outbound
-from shared.signing import PRIVATE_KEY_FILE, generate_keypair
 from shared.topics import Topics
 from tests.mosquitto import MosquittoProcess
 from tests.mqtt_helpers import connect, receive
+from tests.trainer_helpers import trainer_settings_for
 from trainer_service.service import TrainerService
-from trainer_service.settings import RetrainSettings, TrainerSettings
 
 pytestmark = pytest.mark.broker
 
@@ -35,20 +33,7 @@ START_MS = 1_700_000_000_000  # the agent's first sequence number (its clock is 
 
 
 def trainer(broker_settings: BrokerSettings, tmp_path: Path) -> TrainerService:
-    private_key = tmp_path / "keys" / PRIVATE_KEY_FILE
-    if not private_key.exists():
-        generate_keypair(tmp_path / "keys")
-    return TrainerService(
-        TrainerSettings(
-            instance="trainer-test",
-            data_dir=tmp_path / "data",
-            registry_dir=tmp_path / "registry",
-            private_key=private_key,
-            broker=dataclasses.replace(broker_settings, client_id=""),
-            retrain=RetrainSettings(min_new_confirmations=1000, interval_s=0),
-            status_interval_s=1.0,
-        )
-    )
+    return TrainerService(trainer_settings_for(broker_settings, tmp_path))
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import urllib.request
@@ -19,9 +18,10 @@ from shared.messages import Confirmation, DeviceStatus, Prediction, WindowRef
 from shared.topics import Topics
 from tests.mqtt_helpers import connect
 from tests.test_trainer import WAIT, publish
+from tests.trainer_helpers import trainer_settings_for
 from trainer_service.metrics import GAUGES, TrainerCollector
 from trainer_service.service import TrainerService
-from trainer_service.settings import MetricsSettings, RetrainSettings, TrainerSettings
+from trainer_service.settings import MetricsSettings
 from trainer_service.store import TrainerStore, VersionAccuracy
 
 
@@ -55,13 +55,8 @@ def test_accuracy_per_version_counts_confirmed_predictions_of_the_same_device(
 
 @pytest.fixture
 def service(broker_settings: BrokerSettings, tmp_path: Path) -> Iterator[TrainerService]:
-    settings = TrainerSettings(
-        instance="trainer-test",
-        data_dir=tmp_path / "data",
-        registry_dir=tmp_path / "registry",
-        broker=dataclasses.replace(broker_settings, client_id=""),
-        retrain=RetrainSettings(min_new_confirmations=1000, interval_s=0),
-        metrics=MetricsSettings(port=free_port()),
+    settings = trainer_settings_for(
+        broker_settings, tmp_path, metrics=MetricsSettings(port=free_port())
     )
     running = TrainerService(settings)
     running.start()

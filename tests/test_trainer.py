@@ -33,12 +33,12 @@ from shared.messages import (
 )
 from shared.model_bundle import ChunkAssembler
 from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound
-from shared.signing import generate_keypair
 from shared.supervision import EXIT_THREAD_DIED
 from shared.topics import Topics
 from tests.mosquitto import MosquittoProcess
 from tests.mqtt_helpers import connect, receive
 from tests.release_helpers import CHUNK_SIZE, make_releases
+from tests.trainer_helpers import trainer_settings_for
 from trainer_service.registry import ModelRegistry
 from trainer_service.retrain import confirmed_sets, gate, is_holdout
 from trainer_service.service import TrainerService
@@ -171,16 +171,7 @@ def test_gate_refuses_a_candidate_that_is_worse_anywhere() -> None:
 
 @pytest.fixture
 def trainer_settings(broker_settings: BrokerSettings, tmp_path: Path) -> TrainerSettings:
-    private_key, _ = generate_keypair(tmp_path / "keys")
-    return TrainerSettings(
-        instance="trainer-test",
-        data_dir=tmp_path / "data",
-        registry_dir=tmp_path / "registry",
-        private_key=private_key,
-        broker=dataclasses.replace(broker_settings, client_id=""),
-        retrain=RetrainSettings(min_new_confirmations=1000, interval_s=0),
-        status_interval_s=1.0,
-    )
+    return trainer_settings_for(broker_settings, tmp_path)
 
 
 @pytest.fixture

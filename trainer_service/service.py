@@ -69,6 +69,9 @@ class TrainerService:
         self.registry = ModelRegistry(settings.registry_dir)
         # Statuses are composed on paho's thread too (birth): they read this, never the disk.
         self._current_version = self.registry.current()
+        # (connection, version) the current model last went out on; written by whichever thread
+        # publishes it (retrain or upkeep), read by upkeep.
+        self._published: tuple[int, str] = (0, "")
         self._private_key = load_private_key(settings.private_key) if settings.private_key else None
         self._known = set(settings.ingest.known_devices)
         self._base: Any = None
@@ -443,6 +446,7 @@ class TrainerService:
 
     def publish_current(self) -> None:
         """Publish the current version's chunks and manifest (retained); clear older chunks."""
+        connection = self._connection.connect_count
         self._current_version = self.registry.current()
         messages = current_release_messages(
             self._topics, self.registry, self._settings.publish.chunk_bytes
@@ -451,6 +455,8 @@ class TrainerService:
             publish_all(self._connection, messages, self._settings.publish.ack_timeout_s)
             self.counters.add("models_published")
             log.info("published model %s to the fleet", self._current_version)
+        # What is out, on which connection: upkeep publishes only what this does not cover.
+        self._published = (connection, self._current_version or "")
         # The model is out: a store that cannot be counted now must not make this a failure.
         self._connection.publish(self._status("online", self._counters_or_last()))
 
@@ -459,7 +465,6 @@ class TrainerService:
         retention = self._settings.retention
         next_status = 0.0
         next_retention = time.monotonic() + 60.0
-        published_on = (0, "")  # the connection (connect_count) and version last published
         next_publish = 0.0
         while not self._stop.wait(1.0):
             now = time.monotonic()
@@ -468,11 +473,11 @@ class TrainerService:
             # change of the current version, so `har models promote --no-publish` run beside
             # the service (whose login it must not share) reaches the fleet too.
             wanted = (self._connection.connect_count, self._registry_current())
-            if wanted != published_on and now >= next_publish and self._connection.connected:
-                if self._upkeep_job("publish", self.publish_current, refused_is_final=True):
-                    published_on = wanted
-                else:
+            if wanted != self._published and now >= next_publish and self._connection.connected:
+                if not self._upkeep_job("publish", self.publish_current, refused_is_final=True):
                     next_publish = now + PUBLISH_RETRY_S
+                elif wanted != self._published:  # refused by the ACL: not again on this one
+                    self._published = wanted
             self._upkeep_job("join", self.store.join_pending)
             if now >= next_retention:
                 next_retention = now + retention.interval_s
