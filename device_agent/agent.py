@@ -114,6 +114,8 @@ class DeviceAgent:
         self._releases = ReleaseStore(
             settings.models_dir, public_key, max_bytes=tuning.max_model_bytes
         )
+        self.runtime = tuning.model_runtime()
+        log.info("models run on %s", self.runtime)
         self._active: ActiveModel | None = None
         self._predictions_unstored = False  # reported once per store outage
         # What confirm_latest / correct_latest confirm; worker thread only.
@@ -197,6 +199,7 @@ class DeviceAgent:
             max_bundle_bytes=tuning.max_model_bytes,
             stall_s=tuning.download_stall_s,
             stall_retries=tuning.download_retries,
+            runtime=self.runtime,
         )
         self._pump: SensorPump | None = None  # built in start(), once the sequence is known
         self._supervisor = Supervisor()
@@ -595,7 +598,7 @@ class DeviceAgent:
             if version is None:
                 continue
             try:
-                active = open_release(self._releases, version)
+                active = open_release(self._releases, version, self.runtime)
             except (HarError, OSError) as exc:
                 self._report("model_unusable", f"installed model {version} unusable: {exc}")
                 continue

@@ -9,7 +9,8 @@ from device_agent.learning import LearningPolicy
 from device_agent.sensors import SensorSettings
 from shared import homeassistant
 from shared.config import BrokerSettings
-from shared.errors import ConfigError
+from shared.errors import ConfigError, ModelError
+from shared.model.runtime import RUNTIMES, resolve_runtime
 from shared.topics import is_valid_id
 
 _LEARNING = LearningPolicy()  # the measured defaults
@@ -59,8 +60,13 @@ class AgentTuning:
     # Publish retained Home Assistant MQTT discovery configs at start (docs/dashboards.md).
     homeassistant_discovery: bool = False
     homeassistant_prefix: str = homeassistant.DEFAULT_PREFIX
+    # What runs the model: "tensorflow" (the SavedModel), "litert" (the bundle's LiteRT form,
+    # for devices without TensorFlow) or "auto" (TensorFlow when it is installed, else LiteRT).
+    runtime: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"agent.runtime must be one of {', '.join(RUNTIMES)}")
         if not 0.05 <= self.batch_seconds <= 60:
             raise ConfigError("agent.batch_seconds must be within 0.05..60")
         if self.window_hop < 0:
@@ -87,6 +93,13 @@ class AgentTuning:
             self.learning_policy()
         except ValueError as exc:
             raise ConfigError(f"agent learning settings: {exc}") from exc
+
+    def model_runtime(self) -> str:
+        """The runtime ``runtime`` means on this machine ("tensorflow" or "litert")."""
+        try:
+            return resolve_runtime(self.runtime)
+        except ModelError as exc:
+            raise ConfigError(f"agent.runtime: {exc}") from exc
 
     def learning_policy(self) -> LearningPolicy:
         return LearningPolicy(

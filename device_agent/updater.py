@@ -53,10 +53,10 @@ class Candidate:
     learned: Learned | None  # None: the model cannot learn on the device
 
 
-def open_release(releases: ReleaseStore, version: str) -> ActiveModel:
-    """Load a stored release, verified again, and trace it before it serves."""
+def open_release(releases: ReleaseStore, version: str, runtime: str) -> ActiveModel:
+    """Load a stored release on ``runtime``, verified again, and trace it before it serves."""
     release = releases.open(version)
-    model = ActivityModel.load(release.saved_model_dir)
+    model = ActivityModel.load(release.saved_model_dir, runtime)
     model.predict(np.zeros((1, model.input_spec.window, 3), np.float32))
     return ActiveModel(version, release.manifest, model)
 
@@ -95,9 +95,11 @@ class ReleaseUpdater:
         max_bundle_bytes: int,
         stall_s: float,
         stall_retries: int,
+        runtime: str,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._releases = releases
+        self._runtime = runtime
         self._store = store
         self._connection = connection
         self._topics = topics
@@ -257,7 +259,7 @@ class ReleaseUpdater:
 
     def _prepare(self, version: str) -> None:
         """Load, warm up, personalise and gate a verified release; hand it to the worker."""
-        candidate = open_release(self._releases, version)
+        candidate = open_release(self._releases, version, self._runtime)
         entries = self._store.replay_entries()
         learned = None
         if candidate.model.personalisable:

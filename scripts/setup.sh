@@ -2,7 +2,7 @@
 # Set up this checkout on a fresh Debian/Ubuntu machine; safe to run again.
 #  - installs Mosquitto (broker + clients) and jq with apt when they are missing
 #  - creates .venv with the interpreter in $PYTHON (default python3, >= 3.10)
-#  - installs this project editable with every extra (agent, trainer, dev), again only when
+#  - installs this project editable with every extra (agent, agent-lite, trainer, dev), again only when
 #    pyproject.toml changed since (a hash of it is kept in .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +48,7 @@ wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo ">> installing this project into .venv (pyproject.toml is new or changed)" >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[agent,trainer,dev]'
+  .venv/bin/python -m pip install --quiet -e '.[agent,agent-lite,trainer,dev]'
   echo "$wanted" >"$stamp"
 fi
 echo ">> ready: .venv/bin/har --help" >&2

@@ -8,6 +8,7 @@ from pathlib import Path
 from shared import homeassistant
 from shared.config import BrokerSettings
 from shared.errors import ConfigError
+from shared.model.runtime import RUNTIMES
 from shared.topics import is_valid_id
 
 MAX_DEVICES = 10_000
@@ -45,6 +46,9 @@ class SimSettings:
     # Retained Home Assistant discovery configs for every simulated device (docs/dashboards.md).
     homeassistant_discovery: bool = False
     homeassistant_prefix: str = homeassistant.DEFAULT_PREFIX
+    # What runs the model: "auto" takes LiteRT when it is installed (one process holds many
+    # devices, and LiteRT needs a tenth of TensorFlow's memory), else TensorFlow.
+    runtime: str = "auto"
     broker: BrokerSettings = field(default_factory=BrokerSettings)
 
     def __post_init__(self) -> None:
@@ -70,9 +74,11 @@ class SimSettings:
         for user in self.users:
             if not user.strip().isdigit():
                 raise ConfigError(f"users: {user!r} is not a WISDM user id")
-        self._check_homeassistant()
+        self._check_runtime_and_homeassistant()
 
-    def _check_homeassistant(self) -> None:
+    def _check_runtime_and_homeassistant(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}")
         if not self.homeassistant_discovery:
             return
         try:

@@ -1,7 +1,7 @@
 """Helpers for model tests: tiny synthetic data and a child-process 'device' that uses a model.
 
-Run as ``python -m tests.model_helpers ACTION SAVED_MODEL STATE`` to act like a device in a fresh
-process: the child prints one JSON line with what it saw.
+Run as ``python -m tests.model_helpers ACTION SAVED_MODEL STATE RUNTIME`` to act like a device in
+a fresh process: the child prints one JSON line with what it saw.
 """
 
 from __future__ import annotations
@@ -46,10 +46,44 @@ def tiny_memory(x: npt.NDArray[np.float32], y: npt.NDArray[np.int32], per_class:
     return Memory(x[index], y[index], gravity.astype(np.float32))
 
 
-def _device(action: str, saved_model: Path, state: Path) -> dict[str, Any]:
+def train_and_export_tiny(
+    out: Path, *, arch: str = "cnn", seed: int = 0, steps: int = 30, memory: bool = True
+) -> Path:
+    """A small model of ``arch`` trained ``steps`` steps on the synthetic windows and exported
+    (with a memory, unless it is the seed-lstm or ``memory`` is False) to ``out``."""
+    from shared.model.tracker import ActivityTracker, TrackerSpec, export_tracker
+
+    window = 32 if arch == "seed-lstm" else WINDOW
+    spec = TrackerSpec(
+        arch=arch,
+        labels=LABELS,
+        window=window,
+        width=8,
+        optimizer="sgd" if arch == "seed-lstm" else "adam",
+    )
+    x, y = synthetic_windows(256, seed=seed, window=window)
+    flat = x.reshape(-1, 3)
+    tracker = ActivityTracker(
+        spec, mean=flat.mean(0), std=flat.std(0), learning_rate=1e-2, seed=seed
+    )
+    if arch != "seed-lstm":
+        for i in range(steps):
+            batch = slice((i * 32) % 256, (i * 32) % 256 + 32)
+            tracker.train_step(x[batch], y[batch], np.ones(32, np.float32))
+    export_tracker(
+        tracker, out, memory=tiny_memory(x, y) if memory and arch != "seed-lstm" else None
+    )
+    return out
+
+
+def _device(action: str, saved_model: Path, state: Path, runtime: str) -> dict[str, Any]:
     from shared.model.runtime import ActivityModel
 
-    model = ActivityModel.load(saved_model)
+    if runtime == "litert":
+        from tests.no_tensorflow import block_tensorflow
+
+        block_tensorflow()
+    model = ActivityModel.load(saved_model, runtime)
     x, _ = probe_windows(model.input_spec.window)
     out: dict[str, Any] = {"arch": model.arch, "labels": list(model.labels)}
     if action == "learn-and-save":
@@ -69,12 +103,14 @@ def _device(action: str, saved_model: Path, state: Path) -> dict[str, Any]:
         out["probabilities_restored"] = model.predict(x).probabilities.tolist()
     else:
         raise SystemExit(f"unknown action {action}")
+    out["runtime"] = model.runtime
+    out["tensorflow_imported"] = "tensorflow" in sys.modules
     return out
 
 
 def main(argv: list[str]) -> int:
-    action, saved_model, state = argv
-    print(json.dumps(_device(action, Path(saved_model), Path(state))))
+    action, saved_model, state, runtime = argv
+    print(json.dumps(_device(action, Path(saved_model), Path(state), runtime)))
     return 0
 
 

@@ -66,7 +66,7 @@ def test_setup_installs_on_a_fresh_checkout_then_only_when_pyproject_changes(
 ) -> None:
     checkout, env = checkout_copy(tmp_path)
     calls = Path(env["CALLS"])
-    install = "-m pip install --quiet -e .[agent,trainer,dev]"
+    install = "-m pip install --quiet -e .[agent,agent-lite,trainer,dev]"
 
     fresh = setup(checkout, env, calls)
     assert fresh[0] == "-m venv .venv"
@@ -95,4 +95,4 @@ def test_a_failed_install_is_tried_again(tmp_path: Path) -> None:
         pyproject.write("\n# changed\n")
     assert run_setup(checkout, env).returncode != 0
     shutil.copy(tmp_path / "bin" / "python3", failing)  # pip works again
-    assert "-m pip install --quiet -e .[agent,trainer,dev]" in setup(checkout, env, calls)
+    assert "-m pip install --quiet -e .[agent,agent-lite,trainer,dev]" in setup(checkout, env, calls)

@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -33,9 +33,13 @@ from shared import codec
 from shared.errors import ConfigError, ModelError, PayloadError
 from shared.fileio import write_atomically
 from shared.messages import InputSpec, ModelManifest
+from shared.model import signatures
 from shared.model_bundle import pack_model_dir, sha256_hex
 from shared.signing import sign_manifest
 from shared.topics import is_valid_id
+
+if TYPE_CHECKING:
+    from shared.model.runtime import ActivityModel
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +132,9 @@ class ModelRegistry:
         target = self._versions / version
         if target.exists():
             raise ModelError(f"version {version} is already registered")
-        model = ActivityModel.load(exported / "saved_model")  # refuse what devices could not run
+        # Refuse what devices could not run, on either runtime.
+        model = ActivityModel.load(exported / "saved_model", "tensorflow")
+        self._check_litert_form(exported / "saved_model", model)
         payload = pack_model_dir(exported / "saved_model")
         metrics = json.loads((exported / "metrics.json").read_text())
         release = {
@@ -200,6 +206,22 @@ class ModelRegistry:
             if entry.is_dir() and (entry / RELEASE_FILE).is_file():
                 infos.append(self.get(entry.name))
         return sorted(infos, key=lambda info: info.created)
+
+    @staticmethod
+    def _check_litert_form(saved_model: Path, model: ActivityModel) -> None:
+        """A device model's LiteRT form must load and be the same model, if it has one."""
+        from shared.model.runtime import ActivityModel
+
+        if not model.personalisable:
+            return
+        if not (saved_model / signatures.LITERT_DIR).is_dir():
+            log.warning(
+                "%s has no LiteRT form: agents without TensorFlow cannot run it", saved_model
+            )
+            return
+        lite = ActivityModel.load(saved_model, "litert")
+        if (lite.model_id, lite.labels) != (model.model_id, model.labels):
+            raise ModelError(f"the LiteRT form in {saved_model} is another model")
 
     def saved_model_dir(self, version: str) -> Path:
         return self.get(version).path / "saved_model"

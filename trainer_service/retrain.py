@@ -132,7 +132,7 @@ def run_retrain(
     started = time.monotonic()
     current = registry.current()
     current_dir = registry.saved_model_dir(current) if current else None
-    current_model = ActivityModel.load(current_dir) if current_dir else None
+    current_model = ActivityModel.load(current_dir, "tensorflow") if current_dir else None
     # Fine-tuning continues the current model; it is also what the candidate is compared with.
     tuned = current_model if current_model and current_model.labels == base.labels else None
     if current_model is not None and tuned is None:

@@ -1,9 +1,15 @@
 """Running an exported ActivityTracker: the only module the agent and the trainer service import.
 
-It loads the SavedModel's signatures (no Python model class needed), checks every input before
-TensorFlow sees it, and persists the installed personal state as a single state file written to
-a temporary name, fsynced and renamed, so a crash leaves the old state or the new one, never a
-broken one. The SavedModel itself is never re-saved: it would grow with every save.
+:class:`ActivityModel` is one interface over two runtimes, chosen by ``load(..., runtime=...)``:
+
+- ``tensorflow`` (``shared.model.tensorflow_runtime``) calls the SavedModel's signatures;
+- ``litert`` (``shared.model.litert_runtime``) runs the bundle's ``litert/activity.tflite`` in
+  ``ai-edge-litert``, for devices without TensorFlow;
+- ``auto`` is TensorFlow when it is installed, LiteRT otherwise.
+
+Neither is imported until chosen. This class checks every input before a runtime sees it and
+persists the installed personal state in one file format both runtimes read
+(``shared.model.state_file``), so the rest of the agent does not know which runtime runs.
 
 A personal state (:class:`PersonalState`) is plain arrays: ``learn`` returns one, ``evaluate``
 and ``memory_check`` score one, ``install`` makes ``predict`` use it. What to learn from and
@@ -15,9 +21,11 @@ refused rather than cast, so a unit or format mistake upstream is noticed where 
 
 from __future__ import annotations
 
+import abc
+import importlib.util
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -25,14 +33,13 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.errors import ModelError, ModelInputError
-from shared.fileio import replacing
 from shared.messages import InputSpec
-from shared.model import signatures
-from shared.model.tensorflow_import import import_tensorflow
+from shared.model import state_file
 
 logger = logging.getLogger(__name__)
 
 MAX_WINDOWS_PER_CALL: Final = 4096
+RUNTIMES: Final = ("auto", "tensorflow", "litert")
 
 
 @dataclass(frozen=True)
@@ -80,130 +87,147 @@ class MemoryCheck:
     labels: npt.NDArray[np.int32]  # (m,)
 
 
-_STATE_ERRORS: Final = (
-    "state belongs to another model",
-    "state file is corrupt",
-    "state file format not supported",
-    "has the wrong shape",
-)
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What the exported model says about itself (its ``metadata`` signature, or JSON)."""
 
-
-def _explain(message: str) -> str:
-    """The useful line of a TensorFlow error: our own assertion text if there is one."""
-    for known in _STATE_ERRORS:
-        for line in message.splitlines():
-            if known in line:
-                return line.strip()[:300]
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    noise = ("Graph execution error", "[[", "Detected", "File ", "<stack traces")
-    useful = [ln for ln in lines if not ln.startswith(noise)]
-    return (useful or lines or ["unknown error"])[0][:300]
-
-
-class ActivityModel:
-    """A loaded SavedModel with checked ``predict``/``learn`` and atomic state persistence."""
-
-    def __init__(self, loaded: Any, saved_model_dir: Path) -> None:
-        # The loaded object owns the variables: keep it referenced while signatures are used.
-        self._loaded = loaded
-        self._dir = saved_model_dir
-        self._signatures = loaded.signatures
-        self._lock = threading.Lock()
-        meta = {k: v.numpy() for k, v in self._signatures["metadata"]().items()}
-        self._labels = tuple(label.decode() for label in meta["labels"].tolist())
-        self._arch = bytes(meta["arch"]).decode()
-        self._batch = int(meta["batch"])
-        self._model_id = bytes(meta["model_id"]).decode()
-        self._input_spec = InputSpec(
-            window=int(meta["window"]),
-            channels=int(meta["channels"]),
-            sample_rate_hz=float(meta["sample_rate_hz"]),
-        )
-        self._personalisable = bool(meta.get("personalisable", False))
-        k = len(self._labels)
-        self._class_gravity = np.asarray(meta.get("class_gravity", np.zeros((k, 3))), np.float32)
-        self._learning = {
-            name: float(meta[name])
-            for name in ("fit_steps", "fit_learning_rate", "fit_memory_weight", "fit_anchor")
-            if name in meta
-        }
-        self._memory_size = int(meta.get("memory_size", 0))
-        self._last_vote: int | None = None
-        self._nothing_learned: PersonalState | None = None
-        if self._personalisable:
-            installed = self._signatures["get_personal"]()
-            features = int(installed["kernel_delta"].shape[0])
-            self._nothing_learned = PersonalState.nothing_learned(features, k)
+    labels: tuple[str, ...]
+    arch: str
+    model_id: str
+    input_spec: InputSpec
+    batch: int = 0
+    global_step: int = 0
+    personalisable: bool = False
+    features: int = 0  # rows of the personal kernel correction
+    class_gravity: npt.NDArray[np.float32] | None = None
+    learning: dict[str, float] = field(default_factory=dict)
+    memory_size: int = 0
 
     @classmethod
-    def load(cls, saved_model_dir: Path) -> ActivityModel:
-        """Loads a SavedModel directory; :class:`ModelError` says what is wrong with it."""
-        saved_model_dir = Path(saved_model_dir)
-        if not (saved_model_dir / "saved_model.pb").is_file():
-            raise ModelError(f"{saved_model_dir} is not a SavedModel (no saved_model.pb)")
-        tf = import_tensorflow()
+    def from_values(cls, meta: dict[str, Any]) -> ModelMetadata:
+        """From the metadata signature's values (numpy) or its JSON copy (plain values)."""
 
-        try:
-            loaded = tf.saved_model.load(str(saved_model_dir))
-        except Exception as exc:  # TF raises many unrelated types for a broken model
-            raise ModelError(f"cannot load SavedModel {saved_model_dir}: {exc}") from exc
-        missing = [name for name in signatures.COMMON if name not in loaded.signatures]
-        if missing:
-            raise ModelError(
-                f"{saved_model_dir} lacks the signatures {missing}; is it an ActivityTracker?"
-            )
-        try:
-            model = cls(loaded, saved_model_dir)
-        except Exception as exc:
-            raise ModelError(f"cannot read metadata of {saved_model_dir}: {exc}") from exc
-        missing = [name for name in signatures.PERSONAL if name not in loaded.signatures]
-        if model.personalisable and missing:
-            raise ModelError(
-                f"{saved_model_dir} lacks the signatures {missing}: exported by an older "
-                "version of this project? Export it again."
-            )
-        return model
+        def text(value: Any) -> str:
+            return value.decode() if isinstance(value, bytes) else str(value)
+
+        labels = tuple(text(label) for label in np.asarray(meta["labels"]).tolist())
+        k = len(labels)
+        return cls(
+            labels=labels,
+            arch=text(np.asarray(meta["arch"]).item()),
+            model_id=text(np.asarray(meta["model_id"]).item()),
+            input_spec=InputSpec(
+                window=int(meta["window"]),
+                channels=int(meta["channels"]),
+                sample_rate_hz=float(meta["sample_rate_hz"]),
+            ),
+            batch=int(meta["batch"]),
+            global_step=int(meta.get("global_step", 0)),
+            personalisable=bool(meta.get("personalisable", False)),
+            features=int(meta.get("features", 0)),
+            class_gravity=np.asarray(meta.get("class_gravity", np.zeros((k, 3))), np.float32),
+            learning={
+                name: float(meta[name])
+                for name in ("fit_steps", "fit_learning_rate", "fit_memory_weight", "fit_anchor")
+                if name in meta
+            },
+            memory_size=int(meta.get("memory_size", 0)),
+        )
+
+
+def tensorflow_installed() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def resolve_runtime(choice: str, *, prefer: str = "tensorflow") -> str:
+    """The runtime ``choice`` means here: ``auto`` takes ``prefer`` when it is installed, else the
+    other. Nothing is imported to find out."""
+    if choice not in RUNTIMES:
+        raise ModelError(f"unknown model runtime {choice!r}; choose from {', '.join(RUNTIMES)}")
+    if choice != "auto":
+        return choice
+    modules = {"tensorflow": "tensorflow", "litert": "ai_edge_litert"}
+    other = "litert" if prefer == "tensorflow" else "tensorflow"
+    for runtime in (prefer, other):
+        if importlib.util.find_spec(modules[runtime]) is not None:
+            return runtime
+    raise ModelError(
+        "no model runtime is installed: pip install 'har-edge[agent-lite]' (LiteRT) "
+        "or 'har-edge[agent]' (TensorFlow)"
+    )
+
+
+class ActivityModel(abc.ABC):
+    """A loaded model with checked ``predict``/``learn`` and atomic state persistence."""
+
+    runtime: str = ""  # "tensorflow" or "litert"
+
+    def __init__(self, folder: Path, meta: ModelMetadata) -> None:
+        self._dir = folder
+        self._meta = meta
+        self._lock = threading.Lock()
+        self._nothing_learned: PersonalState | None = None
+        if meta.personalisable:
+            self._nothing_learned = PersonalState.nothing_learned(meta.features, len(meta.labels))
+        self._learning = dict(meta.learning)
+
+    @staticmethod
+    def load(
+        saved_model_dir: Path, runtime: str = "auto", *, prefer: str = "tensorflow"
+    ) -> ActivityModel:
+        """Loads an exported model on ``runtime`` (see :func:`resolve_runtime`); a
+        :class:`ModelError` says what is wrong with it."""
+        chosen = resolve_runtime(runtime, prefer=prefer)
+        if chosen == "litert":
+            from shared.model.litert_runtime import LiteRTModel
+
+            return LiteRTModel.open(Path(saved_model_dir))
+        from shared.model.tensorflow_runtime import TensorFlowModel
+
+        return TensorFlowModel.open(Path(saved_model_dir))
 
     # ----------------------------------------------------------------------------- properties
     @property
     def folder(self) -> Path:
-        """The SavedModel directory this model was loaded from."""
+        """The SavedModel directory this model was loaded from (the LiteRT form is inside)."""
         return self._dir
 
     @property
     def labels(self) -> tuple[str, ...]:
-        return self._labels
+        return self._meta.labels
 
     @property
     def input_spec(self) -> InputSpec:
-        return self._input_spec
+        return self._meta.input_spec
 
     @property
     def arch(self) -> str:
-        return self._arch
+        return self._meta.arch
 
     @property
     def model_id(self) -> str:
-        return self._model_id
+        return self._meta.model_id
 
     @property
     def global_step(self) -> int:
-        return int(self._signatures["metadata"]()["global_step"].numpy())
+        return self._meta.global_step
 
     @property
     def personalisable(self) -> bool:
         """Whether a device can learn a personal state on this model (not the seed-lstm)."""
-        return self._personalisable
+        return self._meta.personalisable
 
     @property
     def class_gravity(self) -> npt.NDArray[np.float32]:
         """Mean raw acceleration of each class in the training data, (k, 3); zeros if unknown."""
-        return self._class_gravity.copy()
+        gravity = self._meta.class_gravity
+        k = len(self.labels)
+        return np.zeros((k, 3), np.float32) if gravity is None else gravity.copy()
 
     @property
     def memory_size(self) -> int:
         """Training windows shipped in the model for on-device learning to rehearse."""
-        return self._memory_size
+        return self._meta.memory_size
 
     @property
     def learning_settings(self) -> dict[str, float]:
@@ -218,7 +242,7 @@ class ActivityModel:
             raise ModelInputError(
                 f"windows must be float32 m/s^2, got {windows.dtype} (use .astype(np.float32))"
             )
-        t = self._input_spec.window
+        t = self.input_spec.window
         if windows.ndim != 3 or windows.shape[1:] != (t, 3):
             raise ModelInputError(f"windows must have shape (n, {t}, 3), got {windows.shape}")
         if not 1 <= windows.shape[0] <= MAX_WINDOWS_PER_CALL:
@@ -240,68 +264,18 @@ class ActivityModel:
                 f"label_indices must have shape ({n},) to match the windows, "
                 f"got {label_indices.shape}"
             )
-        k = len(self._labels)
+        k = len(self.labels)
         if n and (int(label_indices.min()) < 0 or int(label_indices.max()) >= k):
             raise ModelInputError(
-                f"label_indices must be in 0..{k - 1} ({', '.join(self._labels)}), "
+                f"label_indices must be in 0..{k - 1} ({', '.join(self.labels)}), "
                 f"got {int(label_indices.min())}..{int(label_indices.max())}"
             )
         return label_indices.astype(np.int32)
 
-    # ----------------------------------------------------------------------------- inference
-    def predict(self, windows: np.ndarray) -> PredictResult:
-        x = self._check_windows(windows)
-        with self._lock:
-            if self._arch == "seed-lstm":
-                return self._predict_stateful(x)
-            out = self._call("predict", sensor_data=x)
-        index = out["class_index"].numpy().astype(np.int64)
-        return PredictResult(
-            class_index=index,
-            labels=[self._labels[i] for i in index.tolist()],
-            probabilities=out["probabilities"].numpy().astype(np.float32),
-        )
-
-    def _predict_stateful(self, x: npt.NDArray[np.float32]) -> PredictResult:
-        """The original design: each window is a (32, 1, 3) batch, read by majority vote.
-
-        The recurrent state carries over from window to window and is reset when the voted
-        activity changes, as the design prescribes.
-        """
-        indices: list[int] = []
-        probabilities = []
-        k = len(self._labels)
-        for window in x:
-            out = self._call("predict", sensor_data=window.reshape(self._batch, 1, 3))
-            vote = int(out["vote_index"].numpy())
-            if self._last_vote is not None and vote != self._last_vote:
-                self._signatures["reset_state"]()
-            self._last_vote = vote
-            per_sample = out["class_index"].numpy()
-            indices.append(vote)
-            probabilities.append(np.bincount(per_sample, minlength=k) / per_sample.shape[0])
-        index = np.asarray(indices, dtype=np.int64)
-        return PredictResult(
-            class_index=index,
-            labels=[self._labels[i] for i in indices],
-            probabilities=np.asarray(probabilities, dtype=np.float32),
-        )
-
-    def reset_state(self) -> None:
-        """Forgets the recurrent state (seed-lstm); call at the start of a new recording."""
-        with self._lock:
-            self._signatures["reset_state"]()
-            self._last_vote = None
-
-    # ----------------------------------------------------------------------------- learning
     def _personal_only(self) -> PersonalState:
         if self._nothing_learned is None:
-            raise ModelError(f"a {self._arch} model cannot learn on the device")
+            raise ModelError(f"a {self.arch} model cannot learn on the device")
         return self._nothing_learned
-
-    def nothing_learned(self) -> PersonalState:
-        """The personal state of the global model: identity alignment, no correction."""
-        return self._personal_only()
 
     def _check_state(self, state: PersonalState) -> None:
         blank = self._personal_only()
@@ -311,6 +285,67 @@ class ActivityModel:
                 raise ModelInputError(f"personal {name} must have shape {expected.shape}")
             if not np.isfinite(value).all():
                 raise ModelInputError(f"personal {name} contains NaN or infinity")
+
+    # ----------------------------------------------------------------------------- per runtime
+    # Called with the lock held and inputs checked.
+    @abc.abstractmethod
+    def _run_predict(
+        self, x: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...
+
+    @abc.abstractmethod
+    def _run_learn(
+        self,
+        x: npt.NDArray[np.float32],
+        y: npt.NDArray[np.int32],
+        weights: npt.NDArray[np.float32],
+        align: npt.NDArray[np.float32],
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], float]: ...
+
+    @abc.abstractmethod
+    def _run_evaluate(
+        self, x: npt.NDArray[np.float32], state: PersonalState
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
+
+    @abc.abstractmethod
+    def _run_memory_check(self, state: PersonalState) -> MemoryCheck: ...
+
+    @abc.abstractmethod
+    def _run_install(self, state: PersonalState) -> None: ...
+
+    @abc.abstractmethod
+    def _run_installed(self) -> PersonalState: ...
+
+    @abc.abstractmethod
+    def _run_tune(self, name: str, value: float) -> None: ...
+
+    def _run_reset_state(self) -> None:  # noqa: B027 (only the seed-lstm has recurrent state)
+        """Forgets recurrent state between calls; only the stateful seed-lstm has any."""
+
+    def _restore_older_format(self, path: Path) -> None:
+        """Installs a state file this runtime wrote in an earlier format, if it can read it."""
+        raise ModelError(f"state file format not supported: {path} (not a format 3 state)")
+
+    # ----------------------------------------------------------------------------- inference
+    def predict(self, windows: np.ndarray) -> PredictResult:
+        x = self._check_windows(windows)
+        with self._lock:
+            index, probabilities = self._run_predict(x)
+        return PredictResult(
+            class_index=index,
+            labels=[self.labels[i] for i in index.tolist()],
+            probabilities=probabilities,
+        )
+
+    def reset_state(self) -> None:
+        """Forgets the recurrent state (seed-lstm); call at the start of a new recording."""
+        with self._lock:
+            self._run_reset_state()
+
+    # ----------------------------------------------------------------------------- learning
+    def nothing_learned(self) -> PersonalState:
+        """The personal state of the global model: identity alignment, no correction."""
+        return self._personal_only()
 
     def learn(
         self,
@@ -331,14 +366,8 @@ class ActivityModel:
         if align.shape != (3, 3) or not np.isfinite(align).all():
             raise ModelInputError("align must be a finite 3x3 matrix")
         with self._lock:
-            out = self._call("learn", sensor_data=x, labels=y, weights=w, align=align)
-        state = PersonalState(
-            align,
-            out["kernel_delta"].numpy(),
-            out["bias_delta"].numpy(),
-            serve=False,
-        )
-        return state, float(out["loss"].numpy())
+            kernel_delta, bias_delta, loss = self._run_learn(x, y, w, align)
+        return PersonalState(align, kernel_delta, bias_delta, serve=False), loss
 
     def evaluate(
         self, windows: np.ndarray, state: PersonalState
@@ -347,26 +376,14 @@ class ActivityModel:
         x = self._check_windows(windows)
         self._check_state(state)
         with self._lock:
-            out = self._call(
-                "evaluate",
-                sensor_data=x,
-                align=state.align,
-                kernel_delta=state.kernel_delta,
-                bias_delta=state.bias_delta,
-            )
-        return out["probabilities"].numpy(), out["global_probabilities"].numpy()
+            return self._run_evaluate(x, state)
 
     def memory_check(self, state: PersonalState) -> MemoryCheck:
         """How the model's memory fares under ``state``'s correction (alignment aside: the
         memory is in the training data's frame)."""
         self._check_state(state)
         with self._lock:
-            out = self._call(
-                "memory_check", kernel_delta=state.kernel_delta, bias_delta=state.bias_delta
-            )
-        return MemoryCheck(
-            out["correct"].numpy(), out["global_correct"].numpy(), out["labels"].numpy()
-        )
+            return self._run_memory_check(state)
 
     def tune_learning(self, **settings: float) -> None:
         """Change how ``learn`` fits (``fit_steps``, ``fit_learning_rate``, ``fit_memory_weight``,
@@ -375,42 +392,20 @@ class ActivityModel:
         for name, value in settings.items():
             if name not in self._learning:
                 raise ModelError(f"unknown learning setting {name!r}")
-            variable = getattr(self._loaded, name)
-            variable.assign(np.asarray(value).astype(variable.dtype.as_numpy_dtype))
+            with self._lock:
+                self._run_tune(name, value)
             self._learning[name] = float(value)
 
     def install(self, state: PersonalState) -> None:
         """Make ``predict`` use ``state`` (or the global model, when ``state.serve`` is False)."""
         self._check_state(state)
         with self._lock:
-            self._call(
-                "set_personal",
-                align=state.align,
-                kernel_delta=state.kernel_delta,
-                bias_delta=state.bias_delta,
-                serve=np.float32(1.0 if state.serve else 0.0),
-            )
+            self._run_install(state)
 
     def installed(self) -> PersonalState:
         self._personal_only()
         with self._lock:
-            out = self._call("get_personal")
-        return PersonalState(
-            out["align"].numpy(),
-            out["kernel_delta"].numpy(),
-            out["bias_delta"].numpy(),
-            serve=bool(out["serve"].numpy() > 0.5),
-        )
-
-    def _call(self, name: str, **kwargs: Any) -> Any:
-        tf = import_tensorflow()
-
-        try:
-            return self._signatures[name](**kwargs)
-        except tf.errors.InvalidArgumentError as exc:
-            raise ModelInputError(f"{name} refused its input: {_explain(exc.message)}") from exc
-        except tf.errors.OpError as exc:
-            raise ModelError(f"{name} failed: {_explain(exc.message)}") from exc
+            return self._run_installed()
 
     # ----------------------------------------------------------------------------- persistence
     def save_state(self, path: Path) -> None:
@@ -419,15 +414,12 @@ class ActivityModel:
         Written to a temporary file in the same directory, fsynced, renamed over ``path`` and the
         directory fsynced: after a crash at any instant ``path`` holds the old state or the new.
         """
-        tf = import_tensorflow()
-
         self._personal_only()
-        path = Path(path)
-        with replacing(path, suffix=".tmp") as tmp, self._lock:
-            try:
-                self._signatures["save_state"](path=tf.constant(str(tmp)))
-            except tf.errors.OpError as exc:
-                raise ModelError(f"cannot write model state to {path}: {exc.message}") from exc
+        state = self.installed()
+        try:
+            state_file.write_state(Path(path), state, self.model_id)
+        except OSError as exc:
+            raise ModelError(f"cannot write model state to {path}: {exc}") from exc
 
     def restore_state(self, path: Path) -> bool:
         """Loads state written by :meth:`save_state`; False if there is none.
@@ -435,19 +427,18 @@ class ActivityModel:
         Raises :class:`ModelError` if the file is corrupt or belongs to another model; the
         installed state is then left as it was.
         """
-        tf = import_tensorflow()
-
-        self._personal_only()
+        blank = self._personal_only()
         path = Path(path)
         if not path.is_file():
             return False
-        with self._lock:
-            try:
-                self._signatures["restore_state"](path=tf.constant(str(path)))
-            except tf.errors.OpError as exc:
-                raise ModelError(
-                    f"cannot restore model state from {path}: {_explain(exc.message)}"
-                ) from exc
-            self._last_vote = None
+        try:
+            if state_file.is_current_format(path):
+                state = state_file.read_state(path, self.model_id, blank)
+                with self._lock:
+                    self._run_install(state)
+            else:
+                self._restore_older_format(path)
+        except ModelError as exc:
+            raise ModelError(f"cannot restore model state from {path}: {exc}") from exc
         logger.info("restored the personal state from %s", path)
         return True

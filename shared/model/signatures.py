@@ -18,3 +18,11 @@ PERSONAL: Final = (
     "save_state",
     "restore_state",
 )
+
+# The LiteRT form of a personalisable model, beside the SavedModel in the same signed bundle
+# (``<saved_model>/litert/``): a ``.tflite`` file with built-in ops only, and its metadata as
+# JSON (a LiteRT model has no lookup tables or string tensors to carry it).
+LITERT_DIR: Final = "litert"
+LITERT_MODEL: Final = "activity.tflite"
+LITERT_METADATA: Final = "metadata.json"
+LITERT: Final = ("predict", "learn", "evaluate", "memory_check")

@@ -807,7 +807,9 @@ def export_tracker(
     ``memory`` (class-balanced training windows) is shipped inside, as its features under the
     final weights; without it a device learns from its wearer's windows and the anchor alone.
     The model id (a digest of architecture, labels, weights, memory and learning settings) lets
-    ``restore_state`` refuse a state file written by a different model.
+    ``restore_state`` refuse a state file written by a different model. A personalisable
+    model also gets its LiteRT form in ``out_dir/litert/`` (``shared.model.lite_export``), for
+    agents without TensorFlow.
     """
     tracker.set_memory(memory, learning or DeviceLearning())
     model_id = tracker.weights_digest()[:32]
@@ -817,4 +819,8 @@ def export_tracker(
     if tracker.spec.arch == "seed-lstm":
         tracker.reset_state()
     tf.saved_model.save(tracker, str(out_dir), signatures=tracker.signatures())
+    if tracker.spec.personalisable:
+        from shared.model.lite_export import export_litert  # imports this module
+
+        export_litert(tracker, out_dir)
     return model_id
