@@ -41,10 +41,12 @@ def har_train(data: Path, out_dir: Path, version: str, *, epochs: int = 2, seed:
     return out_dir / version
 
 
-def rss_mb(pid: int | str = "self") -> float:
-    """Resident memory of process ``pid`` (this one by default) in MB, from /proc."""
+def rss_mb(pid: int | str = "self", *, field: str = "VmRSS") -> float:
+    """Resident memory of process ``pid`` (this one by default) in MB, from /proc; ``VmHWM`` for
+    its peak. (``ru_maxrss`` would not do for a peak: it survives exec, so a child started from
+    a big parent starts with the parent's.)"""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 

@@ -1,7 +1,9 @@
 """Held-out-user accuracy and macro-F1 of our model and of the seed-lstm baseline, in one run.
 
 Each split puts different people in train / validation / test (never one person in two sets);
-both models train on the same split and are scored on the same test users. Prints JSON.
+both models train on the same split and are scored on the same test users. Our model is scored
+as exported, on each runtime a device can run it on: the SavedModel (TensorFlow) and its LiteRT
+form (``agent.runtime = "litert"``). Prints JSON.
 
     python bench/accuracy.py [--data FILE] [--seeds 0 1 2] [--seed-lstm-epochs 10]
 """
@@ -11,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from _common import DEFAULT_DATA
 
+from shared.model.runtime import ActivityModel
 from shared.wisdm import load_wisdm
 from trainer_service.evaluation import evaluate
 from trainer_service.training import TrainConfig, split_by_user, train_model
@@ -35,7 +39,7 @@ def _run(data: Any, config: TrainConfig) -> dict[str, Any]:
     result = train_model(split.train, split.val, config, data.labels, progress=False)
     seconds = time.monotonic() - started
     test = evaluate(result.tracker, split.test)
-    return {
+    run = {
         "test_users": split.users["test"],
         "test_windows": len(split.test),
         "accuracy": round(test["accuracy"], 4),
@@ -44,6 +48,44 @@ def _run(data: Any, config: TrainConfig) -> dict[str, Any]:
         "best_epoch": result.best_epoch,
         "train_seconds": round(seconds, 1),
     }
+    if result.tracker.spec.personalisable:
+        run["as_exported"] = _exported_runtimes(result.tracker, split.test)
+    return run
+
+
+def _exported_runtimes(tracker: Any, test: Any) -> dict[str, Any]:
+    """The exported model on each runtime, on the same test windows: accuracy, and how far the
+    two runtimes' answers are apart."""
+    from shared.model.tracker import export_tracker
+
+    with tempfile.TemporaryDirectory() as scratch:
+        export_tracker(tracker, Path(scratch) / "saved_model")
+        models = {
+            runtime: ActivityModel.load(Path(scratch) / "saved_model", runtime)
+            for runtime in ("tensorflow", "litert")
+        }
+        out: dict[str, Any] = {}
+        answers = {}
+        for runtime, model in models.items():
+            scores = evaluate(model, test)
+            out[runtime] = {
+                "accuracy": round(scores["accuracy"], 4),
+                "macro_f1": round(scores["macro_f1"], 4),
+            }
+            answers[runtime] = [
+                model.predict(test.x[i : i + 512]) for i in range(0, len(test), 512)
+            ]
+    gap = max(
+        float(abs(a.probabilities - b.probabilities).max())
+        for a, b in zip(answers["tensorflow"], answers["litert"], strict=True)
+    )
+    differ = sum(
+        int((a.class_index != b.class_index).sum())
+        for a, b in zip(answers["tensorflow"], answers["litert"], strict=True)
+    )
+    out["windows_classed_differently"] = differ
+    out["max_probability_gap"] = float(f"{gap:.2e}")
+    return out
 
 
 def main() -> int:

@@ -1,12 +1,21 @@
-"""The device agent at 20 Hz for 60 s of sensor time: CPU share of one core, RSS, latencies.
+"""The device agent at 20 Hz on each model runtime, side by side in one run: CPU, RSS, latencies.
 
-Runs the real agent in this process (synthetic sensor paced in real time, a local Mosquitto, a
-signed release of the production architecture), confirms a prediction every few seconds, and
-prints one JSON document. CPU is measured over the run only (after start-up and the model
-install), from this process's user + system time, so it is the agent's own cost on top of the
-TensorFlow runtime. The broker runs in its own process and is not counted.
+One signed release of the production architecture (``har train`` in a child process) is put on a
+local Mosquitto. Then, one after the other, the real agent runs in a process of its own on each
+runtime for ``--seconds`` of sensor time (synthetic sensor paced in real time), with a person's
+app in the same process confirming a prediction every few seconds:
 
-    .venv/bin/python bench/agent.py [--seconds 60] [--model VERSION_DIR]
+- ``tensorflow``: the agent in this project's ``.venv`` (the SavedModel);
+- ``litert``: the agent in ``.venv-lite``, which has no TensorFlow at all (``scripts/setup.sh``
+  makes it with ``pip install '.[agent-lite]'``), running the bundle's LiteRT form.
+
+CPU is measured over the run only (after start-up and the model install), from the agent
+process's user + system time. RSS is the agent process's, app client included. Installed sizes
+are those of the two venvs as ``scripts/setup.sh`` makes them (pip and editable tooling included)
+and of a device image of the light agent: a venv without pip, installed with ``--no-compile``.
+Prints one JSON document and writes it to ``docs/evidence/agent.json``.
+
+    .venv/bin/python bench/agent.py [--seconds 60] [--runtime tensorflow litert] [--no-image]
 """
 
 from __future__ import annotations
@@ -16,19 +25,33 @@ import json
 import os
 import queue
 import resource
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import har_train, percentiles, rss_mb  # also puts the repository on sys.path
+from _common import REPO, har_train, percentiles, rss_mb  # also puts the repository on sys.path
+
+EVIDENCE = REPO / "docs" / "evidence" / "agent.json"
+LITE_PYTHON = REPO / ".venv-lite" / "bin" / "python"
+TARGETS = {
+    "litert": {
+        "rss_mb_max": 80.0,
+        "rss_mb_goal": 60.0,
+        "cpu_share_max": 0.02,
+        "predict_p50_ms_max": 0.1,
+        "learn_and_persist_p50_ms_max": 10.0,
+    },
+    "environment_mb_max": 150.0,
+}
 
 
 def make_release(workdir: Path, model: Path | None) -> tuple[Path, Any]:
     """A registry with one promoted version. Without ``--model``, ``har train`` makes a small
-    one of the production architecture in a child process, so this process's RSS is the agent's.
-    """
+    one of the production architecture in a child process."""
     from har.synthetic_data import write_dataset
     from shared.signing import generate_keypair, load_private_key
     from trainer_service.registry import ModelRegistry
@@ -45,125 +68,258 @@ def make_release(workdir: Path, model: Path | None) -> tuple[Path, Any]:
     return public, registry
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=60.0, help="sensor time (real time)")
-    parser.add_argument("--confirm-every", type=float, default=5.0, help="seconds between")
-    parser.add_argument("--model", type=Path, help="a version folder from `har train`")
-    args = parser.parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def tree_mb(folder: Path) -> float:
+    """Bytes of every file under ``folder`` (symlinks not followed), in MiB."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            total += os.lstat(os.path.join(root, name)).st_size
+    return round(total / 2**20, 1)
 
+
+def device_image_mb(workdir: Path) -> float:
+    """The light agent as a device image holds it: no pip, no bytecode compiled at install."""
+    image = workdir / "device-image"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(image)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(image / "bin" / "python"),
+            "install",
+            "--quiet",
+            "--no-compile",
+            f"{REPO}[agent-lite]",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return tree_mb(image)
+
+
+# ----------------------------------------------------------------------------------- the agent
+def run_agent(args: argparse.Namespace) -> dict[str, Any]:
+    """In the child: the agent on ``args.child_runtime`` against the broker, measured."""
     from device_agent.agent import DeviceAgent
     from device_agent.sensors import SensorSettings, open_sensor
     from device_agent.settings import AgentSettings, AgentTuning
-    from har.local_broker import MosquittoProcess
     from shared import codec
     from shared.config import BrokerSettings
     from shared.messages import Confirmation
     from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound
     from shared.topics import Topics
+
+    rss_at_start = rss_mb()
+    settings = BrokerSettings(host="127.0.0.1", port=args.port)
+    topics = Topics(settings.topic_root)
+    inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=10_000)
+    app = MqttConnection(
+        settings,
+        client_id=f"bench-app-{args.child_runtime}",
+        subscriptions=[(topics.prediction(args.device), 1)],
+        inbox=inbox,
+        persistent_session=False,
+    )
+    app.start()
+    app.wait_connected(10)
+    app.wait_subscribed(10)
+    agent_settings = AgentSettings(
+        device_id=args.device,
+        state_dir=args.state_dir,
+        public_key=args.public_key,
+        broker=settings,
+        sensor=SensorSettings(kind="synthetic", speed=1.0),
+        agent=AgentTuning(window_hop=40, runtime=args.child_runtime, await_receipts=False),
+    )
+    agent = DeviceAgent(agent_settings, open_sensor(agent_settings.sensor))
+    rss_before_agent = rss_mb()
+    agent.start()
+    if not agent.model_changed.wait(120):
+        raise SystemExit("the agent did not install the model")
+    rss_after_load = rss_mb()
+
+    stop = threading.Event()
+
+    def confirm_some() -> None:
+        next_at = time.monotonic() + args.confirm_every
+        while not stop.is_set():
+            try:
+                message = inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            message.ack()
+            if time.monotonic() < next_at:
+                continue
+            next_at += args.confirm_every
+            prediction = codec.decode_prediction(message.payload)
+            confirmation = Confirmation(prediction.prediction_id, "Walking", "user", 1.0)
+            app.publish(
+                Outbound(topics.confirmation(args.device), codec.encode_confirmation(confirmation))
+            )
+
+    confirmer = threading.Thread(target=confirm_some, daemon=True)
+    confirmer.start()
+    batches_before = agent.counters.get("batches_queued")
+    usage_before = resource.getrusage(resource.RUSAGE_SELF)
+    wall_before = time.monotonic()
+    stop.wait(args.seconds)
+    usage_after = resource.getrusage(resource.RUSAGE_SELF)
+    wall = time.monotonic() - wall_before
+    stop.set()
+    confirmer.join(5)
+    cpu = (usage_after.ru_utime - usage_before.ru_utime) + (
+        usage_after.ru_stime - usage_before.ru_stime
+    )
+    counters = agent.status_counters()
+    result = {
+        "runtime": agent.runtime,
+        "python": sys.executable,
+        "tensorflow_imported": "tensorflow" in sys.modules,
+        "seconds": round(wall, 1),
+        "cpu_share_of_one_core": round(cpu / wall, 4),
+        "batches_published": agent.counters.get("batches_queued") - batches_before,
+        "predictions": counters.get("predictions", 0),
+        "confirmations_applied": counters.get("confirmations_applied", 0),
+        "predict_latency": percentiles(agent.latencies.samples("predict"), 4),
+        "learn_and_persist_latency": percentiles(agent.latencies.samples("learn_and_persist")),
+        "rss_mb": {
+            "python_and_imports": round(rss_at_start, 1),
+            "before_agent_start": round(rss_before_agent, 1),
+            "after_model_load": round(rss_after_load, 1),
+            "end": round(rss_mb(), 1),
+            "peak": round(rss_mb(field="VmHWM"), 1),
+        },
+    }
+    agent.shutdown()
+    app.stop()
+    return result
+
+
+def agent_in_child(args: argparse.Namespace, runtime: str, public: Path, port: int) -> Any:
+    python = Path(sys.executable)
+    if runtime == "litert":
+        if not LITE_PYTHON.exists():
+            raise SystemExit(f"{LITE_PYTHON} is missing: run scripts/setup.sh")
+        python = LITE_PYTHON
+    command = [
+        str(python),
+        __file__,
+        "--child",
+        "--child-runtime",
+        runtime,
+        "--device",
+        f"bench-{runtime}",
+        "--port",
+        str(port),
+        "--public-key",
+        str(public),
+        "--state-dir",
+        str(args.workdir / runtime),
+        "--seconds",
+        str(args.seconds),
+        "--confirm-every",
+        str(args.confirm_every),
+    ]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=args.seconds + 300, env=env, check=False
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"the {runtime} agent failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def verdict(lite: dict[str, Any], sizes: dict[str, float]) -> dict[str, bool]:
+    targets = TARGETS["litert"]
+    environment = sizes.get("device_image_lite", sizes.get("venv_lite"))
+    return {
+        "rss_at_most_80_mb": lite["rss_mb"]["peak"] <= targets["rss_mb_max"],
+        "rss_goal_60_mb": lite["rss_mb"]["peak"] <= targets["rss_mb_goal"],
+        "cpu_under_2_percent": lite["cpu_share_of_one_core"] < targets["cpu_share_max"],
+        "predict_p50_at_most_0_1_ms": lite["predict_latency"]["p50_ms"]
+        <= targets["predict_p50_ms_max"],
+        "learn_and_persist_p50_at_most_10_ms": lite["learn_and_persist_latency"]["p50_ms"]
+        <= targets["learn_and_persist_p50_ms_max"],
+        "environment_at_most_150_mb": environment is not None
+        and environment <= TARGETS["environment_mb_max"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=60.0, help="sensor time (real time)")
+    parser.add_argument("--confirm-every", type=float, default=5.0, help="seconds between")
+    parser.add_argument("--model", type=Path, help="a version folder from `har train`")
+    parser.add_argument(
+        "--runtime", nargs="+", default=["tensorflow", "litert"], choices=["tensorflow", "litert"]
+    )
+    parser.add_argument("--no-image", action="store_true", help="skip building the device image")
+    parser.add_argument("--evidence", type=Path, default=EVIDENCE)
+    # The child's own arguments.
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-runtime", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="bench", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--public-key", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_agent(args)))
+        return 0
+
+    from har.local_broker import MosquittoProcess
+    from shared.config import BrokerSettings
+    from shared.mqtt_transport import MqttConnection
+    from shared.topics import Topics
     from trainer_service.distribution import current_release_messages, publish_all
 
-    rss_before_tf = rss_mb()
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        (workdir / "broker").mkdir()
-        broker = MosquittoProcess(workdir / "broker")
+        args.workdir = Path(tmp)
+        (args.workdir / "broker").mkdir()
+        broker = MosquittoProcess(args.workdir / "broker")
         broker.start()
         try:
-            public, registry = make_release(workdir, args.model)
+            public, registry = make_release(args.workdir, args.model)
             settings = BrokerSettings(host=broker.host, port=broker.port)
-            topics = Topics(settings.topic_root)
-            inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=10_000)
-            app = MqttConnection(
-                settings,
-                client_id="bench-app",
-                subscriptions=[(topics.prediction("bench"), 1)],
-                inbox=inbox,
-                persistent_session=False,
+            publisher = MqttConnection(settings, client_id="bench-release", subscriptions=[])
+            publisher.start()
+            publisher.wait_connected(10)
+            publish_all(
+                publisher,
+                current_release_messages(Topics(settings.topic_root), registry, 2**18),
+                10,
             )
-            app.start()
-            app.wait_connected(10)
-            app.wait_subscribed(10)
-            publish_all(app, current_release_messages(topics, registry, 256 * 1024), 10)
-            agent_settings = AgentSettings(
-                device_id="bench",
-                state_dir=workdir / "device",
-                public_key=public,
-                broker=settings,
-                sensor=SensorSettings(kind="synthetic", speed=1.0),
-                agent=AgentTuning(window_hop=40),
-            )
-            agent = DeviceAgent(agent_settings, open_sensor(agent_settings.sensor))
-            rss_before_agent = rss_mb()
-            agent.start()
-            if not agent.model_changed.wait(120):
-                raise SystemExit("the agent did not install the model")
-            rss_after_load = rss_mb()
-
-            stop = threading.Event()
-
-            def confirm_some() -> None:
-                next_at = time.monotonic() + args.confirm_every
-                while not stop.is_set():
-                    try:
-                        message = inbox.get(timeout=0.5)
-                    except queue.Empty:
-                        continue
-                    message.ack()
-                    if time.monotonic() < next_at:
-                        continue
-                    next_at += args.confirm_every
-                    prediction = codec.decode_prediction(message.payload)
-                    confirmation = Confirmation(prediction.prediction_id, "Walking", "user", 1.0)
-                    app.publish(
-                        Outbound(
-                            topics.confirmation("bench"), codec.encode_confirmation(confirmation)
-                        )
-                    )
-
-            confirmer = threading.Thread(target=confirm_some, daemon=True)
-            confirmer.start()
-            batches_before = agent.counters.get("batches_queued")
-            usage_before = resource.getrusage(resource.RUSAGE_SELF)
-            wall_before = time.monotonic()
-            stop.wait(args.seconds)
-            usage_after = resource.getrusage(resource.RUSAGE_SELF)
-            wall = time.monotonic() - wall_before
-            stop.set()
-            confirmer.join(5)
-            cpu = (usage_after.ru_utime - usage_before.ru_utime) + (
-                usage_after.ru_stime - usage_before.ru_stime
-            )
-            counters = agent.status_counters()
-            result = {
-                "benchmark": "agent",
-                "sensor_rate_hz": 20.0,
-                "seconds": round(wall, 1),
-                "cpu_share_of_one_core": round(cpu / wall, 4),
-                "goal_cpu_share": 0.05,
-                "batches_published": agent.counters.get("batches_queued") - batches_before,
-                "predictions": counters.get("predictions", 0),
-                "confirmations_applied": counters.get("confirmations_applied", 0),
-                "predict_latency": percentiles(agent.latencies.samples("predict")),
-                "learn_and_persist_latency": percentiles(
-                    agent.latencies.samples("learn_and_persist")
-                ),
-                "rss_mb": {
-                    "python_and_imports_before_tensorflow": round(rss_before_tf, 1),
-                    "before_agent_start": round(rss_before_agent, 1),
-                    "after_model_load": round(rss_after_load, 1),
-                    "end": round(rss_mb(), 1),
-                    "peak": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                },
-                "note": "RSS includes TensorFlow (about 0.5 GB by itself) and the user's app "
-                "client; the model was trained in a child process",
+            publisher.stop()
+            runs = {
+                runtime: agent_in_child(args, runtime, public, broker.port)
+                for runtime in args.runtime
             }
-            agent.shutdown()
-            app.stop()
         finally:
             broker.stop()
-    print(json.dumps(result, indent=2))
+        sizes = {"venv_full": tree_mb(REPO / ".venv")}
+        if LITE_PYTHON.exists():
+            sizes["venv_lite"] = tree_mb(REPO / ".venv-lite")
+        if not args.no_image:
+            sizes["device_image_lite"] = device_image_mb(args.workdir)
+    report: dict[str, Any] = {
+        "benchmark": "agent",
+        "sensor_rate_hz": 20.0,
+        "runs": runs,
+        "installed_mb": sizes,
+        "targets": TARGETS,
+        "note": "each agent runs in a process of its own, one after the other, on the same "
+        "release and broker; the model was trained in another child process. venv sizes are "
+        "as scripts/setup.sh makes them (pip, setuptools and bytecode included); the device "
+        "image is the light agent without pip, installed with --no-compile",
+    }
+    if "litert" in runs:
+        report["litert_targets_met"] = verdict(runs["litert"], sizes)
+    text = json.dumps(report, indent=2)
+    args.evidence.parent.mkdir(parents=True, exist_ok=True)
+    args.evidence.write_text(text + "\n", encoding="utf-8")
+    print(text)
     return 0
 
 

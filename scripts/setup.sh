@@ -2,8 +2,9 @@
 # Set up this checkout on a fresh Debian/Ubuntu machine; safe to run again.
 #  - installs Mosquitto (broker + clients) and jq with apt when they are missing
 #  - creates .venv with the interpreter in $PYTHON (default python3, >= 3.10)
-#  - installs this project editable with every extra (agent, agent-lite, trainer, dev), again only when
-#    pyproject.toml changed since (a hash of it is kept in .venv)
+#  - installs this project editable with every extra (agent, agent-lite, trainer, dev), again
+#    only when pyproject.toml changed since (a hash of it is kept in .venv)
+#  - does the same in .venv-lite with the light agent's extra only (agent-lite: no TensorFlow)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,20 +36,29 @@ if ! have_mosquitto || ! have_clients || ! have_jq; then
   fi
 fi
 
-# Install only when the venv is new or pyproject.toml changed since the last install: an editable
-# install takes seconds and prints setuptools' warning box every time. The stamp holds the
-# pyproject.toml hash it was made with, and is written only after the install succeeded.
-stamp=.venv/.har-installed-pyproject.sha256
-if [ ! -x .venv/bin/python ]; then
-  echo ">> creating .venv with $PYTHON" >&2
-  "$PYTHON" -m venv .venv
-  rm -f "$stamp" # a stamp left in a half-made .venv says nothing about the new one
-fi
-wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
-  echo ">> installing this project into .venv (pyproject.toml is new or changed)" >&2
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[agent,agent-lite,trainer,dev]'
-  echo "$wanted" >"$stamp"
-fi
+# install_into VENV EXTRAS: make VENV if it is missing, and install this project editable with
+# EXTRAS into it only when the venv is new or pyproject.toml changed since the last install: an
+# editable install takes seconds and prints setuptools' warning box every time. The stamp holds
+# the pyproject.toml hash it was made with, and is written only after the install succeeded.
+install_into() {
+  local venv=$1 extras=$2
+  local stamp=$venv/.har-installed-pyproject.sha256
+  if [ ! -x "$venv/bin/python" ]; then
+    echo ">> creating $venv with $PYTHON" >&2
+    "$PYTHON" -m venv "$venv"
+    rm -f "$stamp" # a stamp left in a half-made venv says nothing about the new one
+  fi
+  local wanted
+  wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+    echo ">> installing this project into $venv (pyproject.toml is new or changed)" >&2
+    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    "$venv/bin/python" -m pip install --quiet -e ".[$extras]"
+    echo "$wanted" >"$stamp"
+  fi
+}
+install_into .venv agent,agent-lite,trainer,dev
+# The light agent's environment, without TensorFlow: what a wearable installs (deploy/README.md).
+# The tests run the agent from it, which proves the light agent never needs TensorFlow.
+install_into .venv-lite agent-lite
 echo ">> ready: .venv/bin/har --help" >&2

@@ -73,6 +73,8 @@ def agent_settings(
 
 
 AgentFactory = Callable[..., DeviceAgent]
+# The agent's behaviour with a model holds on both runtimes (shared/model/runtime.py).
+RUNTIMES = pytest.mark.parametrize("runtime", ["tensorflow", "litert"])
 
 
 @pytest.fixture
@@ -142,18 +144,27 @@ def confirm(settings: BrokerSettings, prediction_id: str, label: str) -> None:
         connection.stop()
 
 
+@RUNTIMES
 def test_full_loop_batches_predictions_confirmation_learning(
-    broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, start_agent: AgentFactory
+    broker_settings: BrokerSettings,
+    releases: Releases,
+    tmp_path: Path,
+    start_agent: AgentFactory,
+    runtime: str,
 ) -> None:
     publish_release(broker_settings, releases.first)
     watcher = Watcher(broker_settings)
     # The memory check may refuse what one wrong label teaches (tests/test_learning.py): here
     # the confirmation's way from the broker to the learned state file is what is tested.
-    settings = agent_settings(broker_settings, tmp_path / "device", releases, memory_tolerance=1.0)
+    settings = agent_settings(
+        broker_settings, tmp_path / "device", releases, memory_tolerance=1.0, runtime=runtime
+    )
     agent = start_agent(settings)
     try:
         assert agent.model_changed.wait(WAIT), "the agent never installed the retained model"
         assert agent.active_version == releases.first.manifest.version
+        assert agent.active_model is not None
+        assert agent.active_model.runtime == runtime
 
         seqs = [codec.decode_sensor_batch(watcher.pump("sensor").payload).seq for _ in range(5)]
         assert seqs == sorted(seqs)
@@ -186,12 +197,19 @@ def test_full_loop_batches_predictions_confirmation_learning(
         watcher.stop()
 
 
+@RUNTIMES
 def test_restart_keeps_what_the_device_learned(
-    broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, start_agent: AgentFactory
+    broker_settings: BrokerSettings,
+    releases: Releases,
+    tmp_path: Path,
+    start_agent: AgentFactory,
+    runtime: str,
 ) -> None:
     publish_release(broker_settings, releases.first)
     watcher = Watcher(broker_settings)
-    settings = agent_settings(broker_settings, tmp_path / "device", releases, memory_tolerance=1.0)
+    settings = agent_settings(
+        broker_settings, tmp_path / "device", releases, memory_tolerance=1.0, runtime=runtime
+    )
     first = start_agent(settings)
     try:
         assert first.model_changed.wait(WAIT)
@@ -210,6 +228,7 @@ def test_restart_keeps_what_the_device_learned(
         second = start_agent(settings)
         restarted = second.active_model
         assert restarted is not None  # loaded at start, before any broker message
+        assert restarted.runtime == runtime
         assert second.active_version == releases.first.manifest.version
         again = restarted.installed()
         np.testing.assert_array_equal(again.kernel_delta, learned.kernel_delta)
@@ -300,12 +319,19 @@ def test_tampered_or_foreign_models_are_rejected_and_the_current_one_kept(
         watcher.stop()
 
 
+@RUNTIMES
 def test_signed_update_is_installed_and_keeps_personalisation(
-    broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, start_agent: AgentFactory
+    broker_settings: BrokerSettings,
+    releases: Releases,
+    tmp_path: Path,
+    start_agent: AgentFactory,
+    runtime: str,
 ) -> None:
     publish_release(broker_settings, releases.first)
     watcher = Watcher(broker_settings)
-    settings = agent_settings(broker_settings, tmp_path / "device", releases, memory_tolerance=1.0)
+    settings = agent_settings(
+        broker_settings, tmp_path / "device", releases, memory_tolerance=1.0, runtime=runtime
+    )
     agent = start_agent(settings)
     try:
         assert agent.model_changed.wait(WAIT)
@@ -319,6 +345,7 @@ def test_signed_update_is_installed_and_keeps_personalisation(
         assert agent.active_version == releases.second.manifest.version
         model = agent.active_model
         assert model is not None
+        assert model.runtime == runtime
         assert np.abs(model.installed().kernel_delta).any()  # the confirmations learned again
         while (prediction := watcher.prediction()).model_version != agent.active_version:
             pass

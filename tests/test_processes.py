@@ -29,6 +29,8 @@ from trainer_service.store import TrainerStore
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
 WAIT = 90.0
+# The light agent's environment (scripts/setup.sh): the project with agent-lite, no TensorFlow.
+LITE_PYTHON = REPO / ".venv-lite" / "bin" / "python"
 
 
 def broker_table(settings: BrokerSettings) -> str:
@@ -42,12 +44,12 @@ def broker_table(settings: BrokerSettings) -> str:
 class Program:
     """`python -m har ...` with its output in a log file the failure message can show."""
 
-    def __init__(self, log: Path, *args: str) -> None:
+    def __init__(self, log: Path, *args: str, python: Path = Path(sys.executable)) -> None:
         self.log = log
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
         with log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "har", *args], stdout=out, stderr=subprocess.STDOUT, env=env
+                [python, "-m", "har", *args], stdout=out, stderr=subprocess.STDOUT, env=env
             )
 
     def output(self) -> str:
@@ -81,9 +83,22 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
     return make_releases(tmp_path_factory.mktemp("releases"))
 
 
+@pytest.mark.parametrize("environment", ["full", "light"])
 def test_agent_on_sigterm_flushes_persists_says_offline_and_exits_zero(
-    broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, programs: list[Program]
+    broker_settings: BrokerSettings,
+    releases: Releases,
+    tmp_path: Path,
+    programs: list[Program],
+    environment: str,
 ) -> None:
+    """``light``: the agent as a wearable runs it, from a venv without TensorFlow (agent-lite),
+    on the default ``runtime = "auto"``: it installs, predicts, learns and persists on LiteRT."""
+    python = Path(sys.executable)
+    if environment == "light":
+        assert LITE_PYTHON.exists(), f"{LITE_PYTHON} is missing: run scripts/setup.sh"
+        python = LITE_PYTHON
+        no_tensorflow = [str(python), "-c", "import tensorflow"]
+        assert subprocess.run(no_tensorflow, capture_output=True, check=False).returncode != 0
     topics = Topics(broker_settings.topic_root)
     publisher, _ = connect(broker_settings)
     publish_all(
@@ -101,7 +116,7 @@ def test_agent_on_sigterm_flushes_persists_says_offline_and_exits_zero(
         '[sensor]\nkind = "synthetic"\nspeed = 5.0\nsynthetic_activities = "Walking,Sitting"\n\n'
         "[agent]\nstatus_interval_s = 0.5\n"
     )
-    agent = Program(tmp_path / "agent.log", "agent", "--config", str(config))
+    agent = Program(tmp_path / "agent.log", "agent", "--config", str(config), python=python)
     programs.append(agent)
     try:
         while True:  # the first prediction: the agent installed the model and serves it
@@ -135,6 +150,8 @@ def test_agent_on_sigterm_flushes_persists_says_offline_and_exits_zero(
     assert depth == store.outbox_awaiting_receipt() > 0
     assert store.replay_count() == 1
     store.close()
+    runtime = "litert" if environment == "light" else "tensorflow"
+    assert f"models run on {runtime}" in agent.output()
 
 
 def test_trainer_killed_mid_stream_loses_no_accepted_batch(

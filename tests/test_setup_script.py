@@ -67,22 +67,27 @@ def test_setup_installs_on_a_fresh_checkout_then_only_when_pyproject_changes(
     checkout, env = checkout_copy(tmp_path)
     calls = Path(env["CALLS"])
     install = "-m pip install --quiet -e .[agent,agent-lite,trainer,dev]"
+    light = "-m pip install --quiet -e .[agent-lite]"
 
     fresh = setup(checkout, env, calls)
     assert fresh[0] == "-m venv .venv"
     assert install in fresh
+    # The light agent's venv comes second, with no TensorFlow extra.
+    assert fresh.index("-m venv .venv-lite") > fresh.index(install)
+    assert fresh[-1] == light
 
     assert setup(checkout, env, calls) == []  # nothing changed: nothing to install
 
     with (checkout / "pyproject.toml").open("a") as pyproject:
         pyproject.write("\n# changed\n")
-    assert install in setup(checkout, env, calls)
+    assert [install, light] == [c for c in setup(checkout, env, calls) if "-e" in c]
     assert setup(checkout, env, calls) == []
 
     shutil.rmtree(checkout / ".venv")  # a lost venv is made and filled again
     again = setup(checkout, env, calls)
     assert again[0] == "-m venv .venv"
     assert install in again
+    assert light not in again  # .venv-lite is still there and up to date
 
 
 def test_a_failed_install_is_tried_again(tmp_path: Path) -> None:
@@ -95,4 +100,5 @@ def test_a_failed_install_is_tried_again(tmp_path: Path) -> None:
         pyproject.write("\n# changed\n")
     assert run_setup(checkout, env).returncode != 0
     shutil.copy(tmp_path / "bin" / "python3", failing)  # pip works again
-    assert "-m pip install --quiet -e .[agent,agent-lite,trainer,dev]" in setup(checkout, env, calls)
+    again = setup(checkout, env, calls)
+    assert "-m pip install --quiet -e .[agent,agent-lite,trainer,dev]" in again
