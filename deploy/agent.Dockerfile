@@ -1,4 +1,4 @@
-# The device-side image: `har` with the agent extra (TensorFlow CPU, aiomqtt). It runs
+# The device-side image: `har` with the agent extra (TensorFlow CPU and LiteRT). It runs
 #   - `har agent --config /etc/har/agent.toml` (the default command): a device agent in a
 #     container, e.g. replaying a WISDM file ([sensor] kind = "replay") on a test bench. Real
 #     wearables run the agent on the host with deploy/systemd/har-agent.service instead;
@@ -7,17 +7,24 @@
 #
 #   docker build -f deploy/agent.Dockerfile -t har-agent .     (from the repository root)
 #
+# The light image has the agent-lite extra instead: LiteRT without TensorFlow, about a tenth of the
+# size and memory (deploy/README.md, "Which agent to install"). Its agent runs the bundle's LiteRT
+# model (agent.runtime = "auto" finds no TensorFlow); `har sim` runs on LiteRT in either image.
+#
+#   docker build -f deploy/agent.Dockerfile --build-arg AGENT_EXTRA=agent-lite -t har-agent-lite .
+#
 # The build context is the repository root; deploy/agent.Dockerfile.dockerignore keeps it to the
 # package sources. deploy/trainer.Dockerfile is the same recipe with the trainer extra.
 
 # ---- build: install into a venv, so the runtime stage copies one directory and no pip cache.
 FROM python:3.11-slim AS build
+ARG AGENT_EXTRA=agent
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY . /src
 RUN python -m venv /opt/har/.venv \
  && /opt/har/.venv/bin/pip install --upgrade pip \
- && /opt/har/.venv/bin/pip install '/src[agent]'
+ && /opt/har/.venv/bin/pip install "/src[${AGENT_EXTRA}]"
 
 # ---- runtime
 FROM python:3.11-slim

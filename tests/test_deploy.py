@@ -822,7 +822,13 @@ def test_compose_builds_each_service_from_an_existing_dockerfile_and_dockerignor
 
 
 def test_images_install_their_extra_and_run_their_role_by_default() -> None:
-    assert "pip install '/src[agent]'" in AGENT_DOCKERFILE.read_text()
+    agent_image = AGENT_DOCKERFILE.read_text()
+    # One recipe, two images: the agent extra by default, agent-lite with a build argument.
+    assert "\nARG AGENT_EXTRA=agent\n" in agent_image
+    assert 'pip install "/src[${AGENT_EXTRA}]"' in agent_image
+    assert "--build-arg AGENT_EXTRA=agent-lite" in agent_image
+    extras = read_toml(REPO / "pyproject.toml")["project"]["optional-dependencies"]
+    assert not any(r.startswith("tensorflow") for r in extras["agent-lite"])
     assert "pip install '/src[trainer]'" in TRAINER_DOCKERFILE.read_text()
     assert dockerfile_cmd(AGENT_DOCKERFILE) == ["har", "agent", "--config", "/etc/har/agent.toml"]
     assert dockerfile_cmd(TRAINER_DOCKERFILE) == [
