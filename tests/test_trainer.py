@@ -336,6 +336,11 @@ def test_retrain_publishes_a_version_that_an_agent_installs(
         assert second != first
         assert service.registry.get(second).parent == first
         assert service.registry.get(second).summary["confirmed_usable"] >= 5
+        # A retrained version keeps its per-epoch history and draws its learning curves.
+        retrained = service.registry.get(second).path
+        history = json.loads((retrained / "metrics.json").read_text())["history"]
+        assert 1 <= len(history) <= settings.retrain.epochs
+        assert (retrained / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert agent.model_changed.wait(WAIT), "the agent did not install the new version"
         assert agent.active_version == second
     finally:

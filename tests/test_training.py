@@ -72,11 +72,21 @@ def test_har_train_writes_a_complete_version(
         "config.json",
         "confusion.png",
         "data_summary.json",
+        "learning_curves.png",
         "metrics.json",
         "saved_model",
     ]
     assert (folder / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((folder / "metrics.json").read_text())
+    # The learning curves' data: one entry per epoch run, with loss and validation scores.
+    assert [entry["epoch"] for entry in metrics["history"]] == list(range(metrics["epochs_run"]))
+    for entry in metrics["history"]:
+        assert entry["loss"] > 0
+        assert 0.0 <= entry["val_accuracy"] <= 1.0
+        assert 0.0 <= entry["val_macro_f1"] <= 1.0
+    best = metrics["history"][metrics["best_epoch"]]
+    assert best["val_macro_f1"] == pytest.approx(metrics["validation"]["macro_f1"])
     test = metrics["test"]
     assert set(test) >= {"accuracy", "macro_f1", "per_class", "confusion", "labels"}
     assert test["labels"] == list(ACTIVITIES)

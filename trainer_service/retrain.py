@@ -210,6 +210,8 @@ def run_retrain(
         **candidate,
         "validation": result.best_val,
         "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "history": result.history,
         "current": previous,
         "gate": reason,
         "split": "by user",

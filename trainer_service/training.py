@@ -30,7 +30,8 @@ from shared.windowing import (
     make_windows,
     split_users,
 )
-from trainer_service.evaluation import evaluate, plot_confusion
+from trainer_service.evaluation import evaluate
+from trainer_service.plots import plot_confusion, plot_learning_curves
 
 logger = logging.getLogger(__name__)
 
@@ -434,9 +435,11 @@ def export_version(
 ) -> Path:
     """Writes one model version folder and returns it.
 
-    ``out_dir`` receives ``saved_model/``, ``metrics.json``, ``confusion.png``, ``config.json``
-    and ``data_summary.json``. Everything is written into a temporary sibling folder first and
-    renamed at the end, so a reader never sees half a version. ``out_dir`` must not exist.
+    ``out_dir`` receives ``saved_model/``, ``metrics.json``, ``confusion.png`` (the test
+    confusion matrix, counts and row-normalised), ``learning_curves.png`` (when ``metrics`` holds
+    the per-epoch ``history``), ``config.json`` and ``data_summary.json``. Everything is
+    written into a temporary sibling folder first and renamed at the end, so a reader never
+    sees half a version. ``out_dir`` must not exist.
     ``memory_source`` (the base training windows) gives the memory shipped for on-device learning.
     """
     from shared.model.tracker import export_tracker
@@ -457,7 +460,10 @@ def export_version(
             tracker, staging / "saved_model", memory=memory, learning=learning
         )
         test_metrics = metrics.get("test", metrics)
-        plot_confusion(test_metrics, staging / "confusion.png", title=tracker.spec.arch)
+        title = f"{out_dir.name} ({tracker.spec.arch})"
+        plot_confusion(test_metrics, staging / "confusion.png", title=title)
+        if metrics.get("history"):
+            plot_learning_curves(metrics["history"], staging / "learning_curves.png", title=title)
         _write_json(staging / "metrics.json", {**metrics, "model_id": model_id})
         _write_json(staging / "config.json", config_dict)
         _write_json(staging / "data_summary.json", data_summary)
