@@ -182,6 +182,20 @@ def test_progress_says_where_the_run_is_in_every_phase() -> None:
     for device in ("d-1", "d-2"):
         app.handle(*prediction(device, 4, FIRST, "Walking", "Walking"))
     assert app.progress().startswith("waiting for the retrained model; meanwhile 0/8 windows")
+    # The trainer's status says which epoch of the retrain it is at.
+    retraining = DeviceStatus(
+        "demo-trainer", "online", FIRST, 1.0, {"retrain_epoch": 2, "retrain_epochs_max": 4}
+    )
+    app.handle(TOPICS.trainer_status("demo-trainer"), codec.encode_status(retraining))
+    assert app.progress() == (
+        "the trainer is retraining: epoch 2 of at most 4 (early stopping may end it sooner); "
+        "meanwhile 0/8 windows scored with what the devices learned"
+    )
+    between_rounds = DeviceStatus(
+        "demo-trainer", "online", FIRST, 2.0, {"retrain_epoch": 0, "retrain_epochs_max": 0}
+    )
+    app.handle(TOPICS.trainer_status("demo-trainer"), codec.encode_status(between_rounds))
+    assert app.progress().startswith("waiting for the retrained model")
     app.handle(*manifest(NEW))
     app.handle(*status("d-1", NEW))
     app.handle(*prediction("d-1", 5, NEW, "Walking", "Walking"))

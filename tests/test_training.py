@@ -112,6 +112,20 @@ def test_har_train_writes_a_complete_version(
         args.func(args)
 
 
+def test_train_model_says_each_epoch_as_it_starts(tmp_path: Path) -> None:
+    from trainer_service.training import train_model
+
+    data = load_wisdm(write_tiny_wisdm(tmp_path / "tiny.txt", users=3, samples=40))
+    ws = make_windows(data, 16, 8)
+    heard: list[tuple[int, int]] = []
+    config = TrainConfig(window=16, width=8, epochs=3, patience=10)
+    result = train_model(
+        ws, ws, config, data.labels, progress=False, on_epoch=lambda *e: heard.append(e)
+    )
+    assert heard == [(1, 3), (2, 3), (3, 3)]
+    assert len(result.history) == len(heard)
+
+
 def test_split_never_puts_one_person_in_two_sets(tmp_path: Path) -> None:
     data = load_wisdm(write_tiny_wisdm(tmp_path / "tiny.txt", users=9, samples=40))
     for seed in range(5):

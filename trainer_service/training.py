@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,8 +307,12 @@ def train_model(
     *,
     init_from: Path | None = None,
     progress: bool = True,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
-    """Trains with early stopping on validation macro-F1; returns the best weights seen."""
+    """Trains with early stopping on validation macro-F1; returns the best weights seen.
+
+    ``on_epoch(epoch, epochs)`` is called as each epoch starts, with the epoch counted from 1
+    and the most epochs this run may take (early stopping may end it sooner)."""
     from shared.model.tensorflow_import import import_tensorflow
 
     tf = import_tensorflow()
@@ -335,6 +340,8 @@ def train_model(
     history: list[dict[str, float]] = []
     bar = _progress(config.epochs, progress)
     for epoch in range(config.epochs):
+        if on_epoch is not None:
+            on_epoch(epoch + 1, config.epochs)
         loss = run_epoch(tracker, train, weights, config, rng)
         val_metrics = evaluate(tracker, val)
         history.append(
