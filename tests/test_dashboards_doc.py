@@ -5,8 +5,8 @@
 - every JSON block parses; the Home Assistant config shown is the one the agent publishes;
 - the ``mosquitto_sub`` recipes run against a real broker holding messages our codec wrote, and
   print what the page says they print; the removal recipe really deletes the retained configs;
-- the Node-RED flow is wired to our topics, and its function code (run with Node.js when it is
-  installed) turns real messages into what the page shows;
+- the Node-RED flow (docs/node-red-flow.json) and its code are checked in
+  tests/test_node_red_flow.py;
 - the manual Home Assistant YAML uses our topics and the same templates, on fields real
   messages have.
 """
@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -64,7 +63,12 @@ def block(label: str) -> str:
 def test_blocks_are_found() -> None:
     # Guards the parsing the other tests rely on.
     labels = {name for _, name, _ in all_blocks()}
-    assert {"labels", "node-red-flow", "homeassistant-activity", "remove-discovery"} <= labels
+    assert {
+        "labels",
+        "node-red-predictions",
+        "homeassistant-activity",
+        "remove-discovery",
+    } <= labels
     assert {"homeassistant-correct-template", "homeassistant-recorder"} <= labels
 
 
@@ -233,86 +237,6 @@ def test_removal_recipe_deletes_the_retained_configs(broker_settings: BrokerSett
     assert len(retained_under(broker_settings, prefix)) == len(homeassistant.OBJECT_IDS)
     run_recipe(block("remove-discovery"), broker_settings, None)
     assert retained_under(broker_settings, prefix) == []
-
-
-# ------------------------------------------------------------------------------ Node-RED
-
-
-def flow_nodes() -> dict[str, dict[str, Any]]:
-    nodes = json.loads(block("node-red-flow"))
-    assert isinstance(nodes, list)
-    by_id = {node["id"]: node for node in nodes}
-    assert len(by_id) == len(nodes), "node ids must be unique"
-    return by_id
-
-
-def test_node_red_flow_is_wired_to_our_topics() -> None:
-    nodes = flow_nodes()
-    (tab,) = [n for n in nodes.values() if n["type"] == "tab"]
-    (broker,) = [n for n in nodes.values() if n["type"] == "mqtt-broker"]
-    inputs = [n for n in nodes.values() if n["type"] == "mqtt in"]
-    topics = Topics(ROOT)
-    assert sorted(n["topic"] for n in inputs) == [topics.all_prediction(), topics.all_status()]
-    for node in nodes.values():
-        if node["type"] not in ("tab", "mqtt-broker"):
-            assert node["z"] == tab["id"]
-        for output in node.get("wires", []):
-            assert set(output) <= set(nodes), f"{node['id']} wires to an unknown node"
-    for mqtt_in in inputs:
-        assert mqtt_in["broker"] == broker["id"]
-        assert mqtt_in["qos"] == "1"
-        node, chain = mqtt_in, [mqtt_in["type"]]
-        while node["wires"]:
-            ((next_id,),) = node["wires"]
-            node = nodes[next_id]
-            chain.append(node["type"])
-        assert chain == ["mqtt in", "json", "function", "debug"]
-
-
-def test_node_red_functions_are_the_code_shown() -> None:
-    nodes = flow_nodes()
-    assert nodes["har-predictions-fields"]["func"] == block("node-red-predictions")
-    assert nodes["har-status-fields"]["func"] == block("node-red-status")
-
-
-def run_function(code: str, topic: str, payload: bytes) -> Any:
-    """Run a Node-RED function body the way Node-RED does: ``msg`` in, ``msg`` returned."""
-    harness = (
-        "const input = JSON.parse(require('fs').readFileSync(0, 'utf8'));"
-        "const run = new Function('msg', input.code);"
-        "const out = run({topic: input.topic, payload: JSON.parse(input.payload)});"
-        "process.stdout.write(JSON.stringify(out));"
-    )
-    request = json.dumps({"code": code, "topic": topic, "payload": payload.decode("utf-8")})
-    result = subprocess.run(
-        ["node", "-e", harness],
-        input=request,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def test_node_red_functions_turn_real_messages_into_what_the_page_shows() -> None:
-    if shutil.which("node") is None:
-        pytest.skip("Node.js is not installed")
-    topics = Topics(ROOT)
-    nodes = flow_nodes()
-    samples = sample_messages(DEVICE)
-    out = run_function(
-        nodes["har-predictions-fields"]["func"], topics.prediction(DEVICE), samples["prediction"][0]
-    )
-    assert out["topic"] == DEVICE
-    assert out["payload"] == json.loads(block("node-red-output"))
-    online, offline = (
-        run_function(nodes["har-status-fields"]["func"], topics.status(DEVICE), payload)
-        for payload in samples["status"]
-    )
-    assert online["payload"] == {"device": DEVICE, "state": "online", "model_version": "v0007"}
-    assert offline["payload"] == {"device": DEVICE, "state": "offline", "model_version": None}
 
 
 # ------------------------------------------------------------------------------ Home Assistant

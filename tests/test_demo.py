@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shlex
 import signal
 import subprocess
 import sys
@@ -182,6 +183,20 @@ def test_progress_says_where_the_run_is_in_every_phase() -> None:
     for device in ("d-1", "d-2"):
         app.handle(*prediction(device, 4, FIRST, "Walking", "Walking"))
     assert app.progress().startswith("waiting for the retrained model; meanwhile 0/8 windows")
+    # The trainer's status says which epoch of the retrain it is at.
+    retraining = DeviceStatus(
+        "demo-trainer", "online", FIRST, 1.0, {"retrain_epoch": 2, "retrain_epochs_max": 4}
+    )
+    app.handle(TOPICS.trainer_status("demo-trainer"), codec.encode_status(retraining))
+    assert app.progress() == (
+        "the trainer is retraining: epoch 2 of at most 4 (early stopping may end it sooner); "
+        "meanwhile 0/8 windows scored with what the devices learned"
+    )
+    between_rounds = DeviceStatus(
+        "demo-trainer", "online", FIRST, 2.0, {"retrain_epoch": 0, "retrain_epochs_max": 0}
+    )
+    app.handle(TOPICS.trainer_status("demo-trainer"), codec.encode_status(between_rounds))
+    assert app.progress().startswith("waiting for the retrained model")
     app.handle(*manifest(NEW))
     app.handle(*status("d-1", NEW))
     app.handle(*prediction("d-1", 5, NEW, "Walking", "Walking"))
@@ -329,3 +344,87 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path) -> None:
     assert not left, f"still running after Ctrl-C: {left}\n{text}"
     with pytest.raises(ProcessLookupError):
         os.killpg(process.pid, 0)  # nothing at all is left in the demo's process group
+
+
+@pytest.mark.broker
+def test_printed_watch_command_logs_in_read_only_beside_the_peoples_app(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's broker (shipped config, demo ACL) with the app logged in as dashboard: the
+    printed `har watch` command, as typed, sees the fleet, may publish nothing, and leaves the
+    app's session alone (client id = username would end it for a second dashboard login)."""
+    from har.cli import main
+    from har.demo.run import WATCH_USER, watch_command, write_demo_acl
+    from har.local_broker import ShippedMosquitto
+    from shared.config import BrokerSettings
+    from shared.messages import Confirmation
+    from shared.mqtt_transport import MqttConnection, Outbound, PublishRefusedError
+
+    for name in [name for name in os.environ if name.startswith("HAR_")]:
+        monkeypatch.delenv(name)
+    passwords = {"dashboard": "app-secret", WATCH_USER: "watch-secret", "demo-wrist-1": "dev"}
+    (tmp_path / "broker").mkdir()
+    acl = write_demo_acl(tmp_path / "acl")
+    broker = ShippedMosquitto(tmp_path / "broker", passwords=passwords, acl_file=acl)
+    password_file = tmp_path / "watch.password"
+    password_file.write_text(passwords[WATCH_USER])
+    command = watch_command(["har"], broker.port, password_file)
+    assert passwords[WATCH_USER] not in command
+    har, *argv = shlex.split(command)
+    assert har == "har"
+
+    topics = Topics()  # the shipped ACL's root
+
+    def login(user: str, client_id: str, **extra: object) -> MqttConnection:
+        settings = BrokerSettings(
+            host=broker.host, port=broker.port, username=user, password=passwords[user]
+        )
+        connection = MqttConnection(settings, client_id=client_id, **extra)  # type: ignore[arg-type]
+        connection.start()
+        assert connection.wait_connected(10.0), f"{user} could not log in"
+        return connection
+
+    changes: list[bool] = []
+    broker.start()
+    app = device = None
+    try:
+        app = login(
+            "dashboard",
+            "demo-people-app",
+            persistent_session=False,
+            on_connection_change=changes.append,
+        )
+        device = login("demo-wrist-1", "demo-wrist-1", persistent_session=False)
+        status = DeviceStatus("demo-wrist-1", "online", "v1", time.time(), {})
+        device.publish(
+            Outbound(topics.status("demo-wrist-1"), codec.encode_status(status), retain=True)
+        ).wait_accepted(10.0)
+
+        assert main([*argv, "--once", "--json", "--wait", "1"]) == 0
+        snapshot = json.loads(capsys.readouterr().out)
+        assert [(d["device_id"], d["presence"]) for d in snapshot["devices"]] == [
+            ("demo-wrist-1", "online")
+        ]
+
+        watcher = login(WATCH_USER, "any-id", persistent_session=False)
+        try:
+            refused = watcher.publish(
+                Outbound(
+                    topics.confirmation("demo-wrist-1"),
+                    codec.encode_confirmation(Confirmation("p1", "Walking", "user", 1.0)),
+                )
+            )
+            with pytest.raises(PublishRefusedError):
+                refused.wait_accepted(10.0)
+        finally:
+            watcher.stop()
+        # The app was never disconnected: connected once, still connected, and the broker did
+        # not close an older connection of the same client id.
+        assert changes == [True]
+        assert app.connected
+        assert "already connected" not in broker.log_text()
+    finally:
+        for connection in (app, device):
+            if connection is not None:
+                connection.stop()
+        broker.stop()

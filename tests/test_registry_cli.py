@@ -63,6 +63,10 @@ def test_keys_models_promote_and_rollback_publish_signed_manifests(
     assert main(["models", "list", "--json", *common]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [(v["version"], v["current"]) for v in listed] == [("m-one", True), ("m-two", False)]
+    plot = tmp_path / "versions.png"
+    assert main(["models", "plot", "--out", str(plot), *common]) == 0
+    assert "(2 versions)" in capsys.readouterr().out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["models", "show", "m-two", *common]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["parent"] == "m-one"

@@ -281,8 +281,11 @@ def test_retrain_publishes_a_version_that_an_agent_installs(
     agent: DeviceAgent | None = None
     try:
         assert service.wait_connected(WAIT)
-        command, _ = connect(broker_settings)
         topics = Topics(broker_settings.topic_root)
+        watcher, statuses = connect(
+            broker_settings, [(topics.trainer_status(settings.instance), 1)]
+        )
+        command, _ = connect(broker_settings)
         publish(
             command,
             topics.trainer_command(),
@@ -293,6 +296,19 @@ def test_retrain_publishes_a_version_that_an_agent_installs(
         assert service.retrain_done.wait(300), "the first training round never finished"
         first = service.registry.current()
         assert first is not None, service.last_outcome
+        # Each epoch's start went out in a status at once (from scratch: initial_epochs = 3),
+        # then a status said that no retrain is running.
+        epochs: list[tuple[int, int]] = []
+        while True:
+            counters = codec.decode_status(receive(statuses, WAIT).payload).counters
+            epoch = (counters.get("retrain_epoch", 0), counters.get("retrain_epochs_max", 0))
+            if epoch[0]:
+                epochs.append(epoch)
+            elif epochs:
+                break
+        watcher.stop()
+        assert epochs == sorted(epochs)
+        assert sorted(set(epochs)) == [(n, 3) for n in range(1, len(set(epochs)) + 1)]
         service.retrain_done.clear()
 
         agent_settings = AgentSettings(
@@ -336,6 +352,11 @@ def test_retrain_publishes_a_version_that_an_agent_installs(
         assert second != first
         assert service.registry.get(second).parent == first
         assert service.registry.get(second).summary["confirmed_usable"] >= 5
+        # A retrained version keeps its per-epoch history and draws its learning curves.
+        retrained = service.registry.get(second).path
+        history = json.loads((retrained / "metrics.json").read_text())["history"]
+        assert 1 <= len(history) <= settings.retrain.epochs
+        assert (retrained / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert agent.model_changed.wait(WAIT), "the agent did not install the new version"
         assert agent.active_version == second
     finally:

@@ -72,11 +72,21 @@ def test_har_train_writes_a_complete_version(
         "config.json",
         "confusion.png",
         "data_summary.json",
+        "learning_curves.png",
         "metrics.json",
         "saved_model",
     ]
     assert (folder / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((folder / "metrics.json").read_text())
+    # The learning curves' data: one entry per epoch run, with loss and validation scores.
+    assert [entry["epoch"] for entry in metrics["history"]] == list(range(metrics["epochs_run"]))
+    for entry in metrics["history"]:
+        assert entry["loss"] > 0
+        assert 0.0 <= entry["val_accuracy"] <= 1.0
+        assert 0.0 <= entry["val_macro_f1"] <= 1.0
+    best = metrics["history"][metrics["best_epoch"]]
+    assert best["val_macro_f1"] == pytest.approx(metrics["validation"]["macro_f1"])
     test = metrics["test"]
     assert set(test) >= {"accuracy", "macro_f1", "per_class", "confusion", "labels"}
     assert test["labels"] == list(ACTIVITIES)
@@ -100,6 +110,20 @@ def test_har_train_writes_a_complete_version(
     # Versions are immutable: the same version cannot be written twice.
     with pytest.raises(ModelError, match="already exists"):
         args.func(args)
+
+
+def test_train_model_says_each_epoch_as_it_starts(tmp_path: Path) -> None:
+    from trainer_service.training import train_model
+
+    data = load_wisdm(write_tiny_wisdm(tmp_path / "tiny.txt", users=3, samples=40))
+    ws = make_windows(data, 16, 8)
+    heard: list[tuple[int, int]] = []
+    config = TrainConfig(window=16, width=8, epochs=3, patience=10)
+    result = train_model(
+        ws, ws, config, data.labels, progress=False, on_epoch=lambda *e: heard.append(e)
+    )
+    assert heard == [(1, 3), (2, 3), (3, 3)]
+    assert len(result.history) == len(heard)
 
 
 def test_split_never_puts_one_person_in_two_sets(tmp_path: Path) -> None:

@@ -55,6 +55,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _common(show)
     show.add_argument("version")
     show.set_defaults(func=run_models_show)
+    plot = model_actions.add_parser(
+        "plot",
+        help="a PNG of every version's accuracy against the time it was made",
+        description="Draw the test accuracy (held-out users of the base data) of every "
+        "registered version, and for retrained versions the accuracy on held-out recent "
+        "confirmations, against the time each was made; the current version is marked.",
+    )
+    _common(plot)
+    plot.add_argument("--out", type=Path, required=True, help="the PNG file to write")
+    plot.set_defaults(func=run_models_plot)
     imported = model_actions.add_parser(
         "import",
         help="register a copy of a version folder written by har train",
@@ -174,6 +184,18 @@ def run_models_show(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    return 0
+
+
+def run_models_plot(args: argparse.Namespace) -> int:
+    from trainer_service.plots import plot_versions, version_points
+
+    registry = _registry(args)
+    points = version_points(registry.versions(), registry.current())
+    if not points:
+        raise ConfigError(f"no model versions in {registry.root} to plot")
+    plot_versions(points, args.out)
+    print(f"wrote {args.out} ({len(points)} versions)")
     return 0
 
 

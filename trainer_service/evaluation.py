@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -111,30 +110,3 @@ def evaluate(model: Any, ws: WindowSet) -> dict[str, Any]:
     """Metrics of ``model`` (tracker or runtime model) on the windows of ``ws``."""
     predicted = predict_classes(model, ws)
     return metrics_from_predictions(ws.y, predicted, ws.labels)
-
-
-def plot_confusion(metrics: dict[str, Any], path: Path, title: str = "") -> None:
-    """Saves the confusion matrix (row-normalised colours, counts as text) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    matrix = np.asarray(metrics["confusion"], dtype=np.int64)
-    labels = metrics["labels"]
-    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.1 * len(labels) + 2.5, 1.0 * len(labels) + 2))
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(len(labels)):
-        for j in range(len(labels)):
-            colour = "white" if share[i, j] > 0.6 else "black"
-            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color=colour, fontsize=9)
-    heading = f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}"
-    ax.set_title(f"{title}\n{heading}" if title else heading)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -31,6 +31,8 @@ GAUGES = frozenset(
         "joined_confirmations",
         "devices",
         "inbox_depth",
+        "retrain_epoch",
+        "retrain_epochs_max",
     }
 )
 

@@ -4,7 +4,8 @@ devices should run.
 Layout under ``root``::
 
     versions/<version>/saved_model/      the SavedModel (as ``export_version`` wrote it)
-    versions/<version>/metrics.json ...  metrics, confusion.png, config.json, data_summary.json
+    versions/<version>/metrics.json ...  metrics, confusion.png, learning_curves.png, config.json,
+                                         data_summary.json
     versions/<version>/release.json      {"parent", "sha256", "size", "created", "status", ...}
     versions/<version>/model.bundle      the payload devices download (its sha256 is above)
     versions/<version>/manifest.json     the signed manifest last published for it

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,8 +124,11 @@ def run_retrain(
     private_key: Any,
     chunk_size: int,
     now: float,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> tuple[RetrainOutcome, ModelManifest | None]:
-    """Train, evaluate, gate and (if it passes) register and promote a new version."""
+    """Train, evaluate, gate and (if it passes) register and promote a new version.
+
+    ``on_epoch`` is passed to ``train_model``: it hears each epoch as it starts."""
     from shared.model.runtime import ActivityModel
     from trainer_service.evaluation import evaluate
     from trainer_service.training import TrainConfig, export_version, split_by_user, train_model
@@ -183,6 +187,7 @@ def run_retrain(
         base.labels,
         init_from=current_dir if tuned is not None else None,
         progress=False,
+        on_epoch=on_epoch,
     )
     candidate: dict[str, Any] = {"test": evaluate(result.tracker, split.test)}
     previous: dict[str, Any] = {}
@@ -210,6 +215,8 @@ def run_retrain(
         **candidate,
         "validation": result.best_val,
         "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "history": result.history,
         "current": previous,
         "gate": reason,
         "split": "by user",

@@ -83,6 +83,8 @@ class TrainerService:
         self._lock = threading.Lock()
         self._shut_down = False
         self._new_confirmations = 0
+        # (epoch, most epochs) of the retrain running now, (0, 0) between rounds: in the status.
+        self._retrain_epoch = (0, 0)
         self._last_retrain = clock()
         self._inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=settings.ingest.queue_size)
         self._receipts = ReceiptBook()
@@ -239,6 +241,10 @@ class TrainerService:
                 "inbox_depth": self._inbox.qsize(),
             }
         )
+        with self._lock:
+            epoch, epochs = self._retrain_epoch
+        counts["retrain_epoch"] = epoch
+        counts["retrain_epochs_max"] = epochs
         return counts
 
     def _report(self, code: str, message: str, topic: str = "") -> PublishHandle | None:
@@ -414,15 +420,20 @@ class TrainerService:
             if self._base is None:
                 self._base = load_base(self._settings.base_data)
             self.store.join_pending()
-            outcome, manifest = run_retrain(
-                base=self._base,
-                confirmed=self.store.confirmed_windows(),
-                registry=self.registry,
-                settings=self._settings.retrain,
-                private_key=private_key,
-                chunk_size=self._settings.publish.chunk_bytes,
-                now=self._clock(),
-            )
+            try:
+                outcome, manifest = run_retrain(
+                    base=self._base,
+                    confirmed=self.store.confirmed_windows(),
+                    registry=self.registry,
+                    settings=self._settings.retrain,
+                    private_key=private_key,
+                    chunk_size=self._settings.publish.chunk_bytes,
+                    now=self._clock(),
+                    on_epoch=self._on_retrain_epoch,
+                )
+            finally:
+                with self._lock:
+                    self._retrain_epoch = (0, 0)
             if manifest is not None:
                 self.counters.add("models_promoted")
                 self.publish_current()
@@ -438,6 +449,13 @@ class TrainerService:
         self.last_outcome = outcome
         self.retrain_done.set()
         return outcome
+
+    def _on_retrain_epoch(self, epoch: int, epochs: int) -> None:
+        """An epoch of the retrain starts: say so in a status now, not at the next interval."""
+        with self._lock:
+            self._retrain_epoch = (epoch, epochs)
+        if self._connection.connected:
+            self._connection.publish(self._status("online", self._counters_or_last()))
 
     def _require_private_key(self) -> Any:
         if self._private_key is None:

@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description=(
             "Train on a WISDM-format file (plain, .gz or the official .tar.gz), split by user "
             "into train/validation/test, and write OUT/VERSION/ with saved_model/, "
-            "metrics.json, confusion.png, config.json and data_summary.json."
+            "metrics.json (with the per-epoch history), confusion.png, learning_curves.png, "
+            "config.json and data_summary.json."
         ),
     )
     parser.add_argument("--data", type=Path, required=True, help="WISDM-format data file")

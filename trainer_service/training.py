@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ from shared.windowing import (
     make_windows,
     split_users,
 )
-from trainer_service.evaluation import evaluate, plot_confusion
+from trainer_service.evaluation import evaluate
+from trainer_service.plots import plot_confusion, plot_learning_curves
 
 logger = logging.getLogger(__name__)
 
@@ -305,8 +307,12 @@ def train_model(
     *,
     init_from: Path | None = None,
     progress: bool = True,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
-    """Trains with early stopping on validation macro-F1; returns the best weights seen."""
+    """Trains with early stopping on validation macro-F1; returns the best weights seen.
+
+    ``on_epoch(epoch, epochs)`` is called as each epoch starts, with the epoch counted from 1
+    and the most epochs this run may take (early stopping may end it sooner)."""
     from shared.model.tensorflow_import import import_tensorflow
 
     tf = import_tensorflow()
@@ -334,6 +340,8 @@ def train_model(
     history: list[dict[str, float]] = []
     bar = _progress(config.epochs, progress)
     for epoch in range(config.epochs):
+        if on_epoch is not None:
+            on_epoch(epoch + 1, config.epochs)
         loss = run_epoch(tracker, train, weights, config, rng)
         val_metrics = evaluate(tracker, val)
         history.append(
@@ -434,9 +442,11 @@ def export_version(
 ) -> Path:
     """Writes one model version folder and returns it.
 
-    ``out_dir`` receives ``saved_model/``, ``metrics.json``, ``confusion.png``, ``config.json``
-    and ``data_summary.json``. Everything is written into a temporary sibling folder first and
-    renamed at the end, so a reader never sees half a version. ``out_dir`` must not exist.
+    ``out_dir`` receives ``saved_model/``, ``metrics.json``, ``confusion.png`` (the test
+    confusion matrix, counts and row-normalised), ``learning_curves.png`` (when ``metrics`` holds
+    the per-epoch ``history``), ``config.json`` and ``data_summary.json``. Everything is
+    written into a temporary sibling folder first and renamed at the end, so a reader never
+    sees half a version. ``out_dir`` must not exist.
     ``memory_source`` (the base training windows) gives the memory shipped for on-device learning.
     """
     from shared.model.tracker import export_tracker
@@ -457,7 +467,10 @@ def export_version(
             tracker, staging / "saved_model", memory=memory, learning=learning
         )
         test_metrics = metrics.get("test", metrics)
-        plot_confusion(test_metrics, staging / "confusion.png", title=tracker.spec.arch)
+        title = f"{out_dir.name} ({tracker.spec.arch})"
+        plot_confusion(test_metrics, staging / "confusion.png", title=title)
+        if metrics.get("history"):
+            plot_learning_curves(metrics["history"], staging / "learning_curves.png", title=title)
         _write_json(staging / "metrics.json", {**metrics, "model_id": model_id})
         _write_json(staging / "config.json", config_dict)
         _write_json(staging / "data_summary.json", data_summary)

@@ -194,10 +194,15 @@ class PeopleApp:
             return f"first model: {scored('before')}/{total} windows of the first pass scored"
         if self.confirmations_sent < wanted:
             return f"people confirming: {self.confirmations_sent}/{wanted} confirmations sent"
-        return (
-            f"waiting for the retrained model; meanwhile {scored('learned')}/{total} windows "
-            "scored with what the devices learned"
-        )
+        learned = f"{scored('learned')}/{total} windows scored with what the devices learned"
+        counters = self.trainer_status.counters if self.trainer_status is not None else {}
+        epoch, epochs = counters.get("retrain_epoch", 0), counters.get("retrain_epochs_max", 0)
+        if epoch > 0:
+            return (
+                f"the trainer is retraining: epoch {epoch} of at most {epochs} "
+                f"(early stopping may end it sooner); meanwhile {learned}"
+            )
+        return f"waiting for the retrained model; meanwhile {learned}"
 
     def handle(self, topic: str, payload: bytes) -> list[tuple[str, Confirmation]]:
         """One inbound message; returns (topic, confirmation) pairs to publish."""

@@ -8,8 +8,10 @@ import logging
 import os
 import queue
 import secrets
+import shlex
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +34,21 @@ WINDOW_HOP = 40  # a prediction every 2 s of sensor time (80-sample windows at 2
 STATUS_INTERVAL_S = 5.0
 FINAL_STATUS_WAIT_S = 15.0
 PROGRESS_EVERY_S = 10.0  # the longest the demo stays silent while it waits
+WATCH_USER = "watch"
+# The demo's broker adds a read-only login for `har watch` to the shipped ACL: with client id =
+# username (mosquitto.conf), a `har watch` logged in as dashboard would end the people's app's
+# session, and the app's own on every reconnect.
+WATCH_ACL_BLOCK = f"""
+# ------------------------------------------------------------------- watch (the demo only)
+# `har watch` beside the demo: reads what it shows, publishes nothing (its confirm keys are
+# refused), and does not take the dashboard user's session.
+user {WATCH_USER}
+topic read har/v1/devices/+/prediction
+topic read har/v1/devices/+/status
+topic read har/v1/devices/+/confirmation
+topic read har/v1/devices/+/error
+topic read har/v1/model/manifest
+"""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,14 +147,18 @@ class Demo:
 
     def _start_broker(self, public_key: Path) -> str:
         """The production broker config, its users and the devices' provisioning folders."""
-        passwords = {"trainer": secrets.token_urlsafe(18), "dashboard": secrets.token_urlsafe(18)}
+        passwords = {
+            user: secrets.token_urlsafe(18) for user in ("trainer", "dashboard", WATCH_USER)
+        }
         secrets_dir = self.workdir / "secrets"
         secrets_dir.mkdir(mode=0o700)
-        trainer_password = secrets_dir / "trainer.password"
-        trainer_password.write_text(passwords["trainer"])
-        trainer_password.chmod(0o600)
+        for user in ("trainer", WATCH_USER):
+            password_file = secrets_dir / f"{user}.password"
+            password_file.write_text(passwords[user])
+            password_file.chmod(0o600)
         (self.workdir / "broker").mkdir()
-        broker = ShippedMosquitto(self.workdir / "broker", passwords=passwords)
+        acl = write_demo_acl(self.workdir / "broker" / "acl-with-watch")
+        broker = ShippedMosquitto(self.workdir / "broker", passwords=passwords, acl_file=acl)
         self.broker = broker
         for device_id in DEVICE_IDS:
             self._add_device(broker, device_id, public_key)
@@ -145,8 +166,10 @@ class Demo:
         say(
             f"mosquitto (deploy/mosquitto/mosquitto.conf and acl, pid {broker.pid}): plain "
             f"127.0.0.1:{broker.port}, TLS 127.0.0.1:{broker.tls_port}; users trainer, "
-            f"dashboard, {', '.join(DEVICE_IDS)}"
+            f"dashboard, {WATCH_USER} (read-only), {', '.join(DEVICE_IDS)}"
         )
+        command = watch_command(har_command(), broker.port, secrets_dir / f"{WATCH_USER}.password")
+        say(f"to watch the fleet live while the demo runs, in another terminal: {command}")
         return passwords["dashboard"]
 
     def _add_device(self, broker: ShippedMosquitto, device_id: str, public_key: Path) -> None:
@@ -386,6 +409,36 @@ class Demo:
             exit_codes=self.children.exit_codes,
             outcome=outcome,
         )
+
+
+def write_demo_acl(path: Path) -> Path:
+    """The shipped ACL plus the demo's read-only ``watch`` user, written to ``path``."""
+    path.write_text((DEPLOY_DIR / "mosquitto" / "acl").read_text() + WATCH_ACL_BLOCK)
+    return path
+
+
+def har_command() -> list[str]:
+    """How to run ``har`` with this interpreter: its entry point beside it, or ``-m har``."""
+    beside = Path(sys.executable).with_name("har")
+    return [str(beside)] if beside.is_file() else [sys.executable, "-m", "har"]
+
+
+def watch_command(har: list[str], port: int, password_file: Path) -> str:
+    """The ``har watch`` command line for the demo's broker (the password stays in its file)."""
+    return shlex.join(
+        [
+            *har,
+            "watch",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--username",
+            WATCH_USER,
+            "--password-file",
+            str(password_file),
+        ]
+    )
 
 
 def _started_pid(broker: ShippedMosquitto) -> int:

@@ -1,0 +1,238 @@
+"""The README's figures table, rendered from the benches' evidence files (docs/evidence/*.json).
+
+Every figure in the table is read from an evidence file; each row names the file and the command
+that writes it. The table sits in README.md between the two marker comments below.
+
+    python bench/readme_figures.py            # print the table
+    python bench/readme_figures.py --write    # put it into README.md
+    python bench/readme_figures.py --check    # exit 1 if README.md's table differs
+
+``tests/test_readme_figures.py`` fails when README.md and the evidence disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BEGIN = "<!-- figures:begin (bench/readme_figures.py --write; do not edit by hand) -->"
+END = "<!-- figures:end -->"
+
+Evidence = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Row:
+    what: str
+    evidence: str  # file name under docs/evidence/
+    command: str
+    figure: Callable[[Evidence], str]
+
+
+def _pct(share: float) -> str:
+    """0.9499 -> '95.0 %', 0.4105 -> '41.1 %' (halves round up, as people round)."""
+    percent = (Decimal(str(share)) * 100).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP)
+    return f"{percent} %"
+
+
+def _accuracy(ev: Evidence) -> str:
+    ours = ev["models"]["ours (cnn)"]
+    lstm = ev["models"]["seed-lstm"]
+    return (
+        f"ours (cnn) **{_pct(ours['median_accuracy'])} / {_pct(ours['median_macro_f1'])}** "
+        f"(worst split {_pct(ours['min_accuracy'])}); the article's stateful LSTM baseline "
+        f"{_pct(lstm['median_accuracy'])} / {_pct(lstm['median_macro_f1'])}"
+    )
+
+
+def _personalize(ev: Evidence) -> str:
+    results = ev["results"]
+    k20 = results["time_order"]["by_k"]["20"]
+    wrong = results["time_order_10pct_wrong"]["by_k"]["20"]
+    rotated = results["rotated_time_order"]["by_k"]
+    lgp = ev["learn_guard_persist_per_confirmation"]
+    return (
+        f"mean accuracy per person, K = 20: **{k20['mean_user_accuracy_before']:.1f} % -> "
+        f"{k20['mean_user_accuracy_after']:.1f} %**, "
+        f"{k20['users_worse_by_more_than_half_a_point']} of {k20['users']} people worse, "
+        f"{len(k20['classes_losing_more_than_2_points'])} classes losing recall; "
+        f"10 % wrong answers, K = 20: "
+        f"{wrong['users_worse_by_more_than_half_a_point']} of {wrong['users']} worse; "
+        f"device turned 90°: {rotated['30']['mean_user_accuracy_before']:.1f} % -> "
+        f"{rotated['30']['mean_user_accuracy_after']:.1f} % after 30, "
+        f"{rotated['50']['mean_user_accuracy_after']:.1f} % after 50; "
+        f"learn + guard + persist {lgp['p50_ms']:.1f} ms p50"
+    )
+
+
+def _model_runtime(ev: Evidence) -> str:
+    cnn = next(m for m in ev["models"] if m["arch"] == "cnn")
+    return (
+        f"load {cnn['load_s']:.2f} s, predict one window {cnn['predict_1_window']['p50_ms']:.2f} / "
+        f"{cnn['predict_1_window']['p99_ms']:.2f} ms, learn on 32 "
+        f"{cnn['learn_32_windows']['p50_ms']:.1f} ms, persist state "
+        f"{cnn['persist_state']['p50_ms']:.1f} ms; SavedModel "
+        f"{cnn['saved_model_bytes'] / 1e6:.1f} MB, state file "
+        f"{cnn['state_file_bytes'] / 1e3:.1f} KB"
+    )
+
+
+def _join(values: list[str]) -> str:
+    return " / ".join(values)
+
+
+def _fleet(ev: Evidence) -> str:
+    medians = sorted(ev["medians"], key=lambda m: m["devices"])
+    sizes = _join([str(int(m["devices"])) for m in medians])
+    new_version = _join([f"{m['new_version_on_all_devices_s']:.1f}" for m in medians])
+    p50 = _join([f"{m['sensor_to_prediction']['p50_ms']:.0f}" for m in medians])
+    p99 = _join([f"{m['sensor_to_prediction']['p99_ms'] / 1000:.2f}" for m in medians])
+    stored = _join(
+        [f"{m['stored_by_trainer']['confirmation_to_stored']['p50_ms']:.0f}" for m in medians]
+    )
+    lost = sum(sum(m["lost"].values()) for m in medians)
+    largest = medians[-1]
+    cpu = largest["cpu_share_of_one_core"]
+    return (
+        f"{sizes} devices: new signed version reported by **all devices in {new_version} s**; "
+        f"sensor-to-prediction p50 {p50} ms, p99 {p99} s; confirmation-to-stored p50 {stored} ms; "
+        f"**{lost} messages lost**; at {int(largest['devices'])} devices the simulator takes "
+        f"{cpu['sim'] * 100:.0f} % of a core, the trainer {cpu['trainer'] * 100:.0f} %, "
+        f"Mosquitto {cpu['mosquitto'] * 100:.0f} % (medians of {ev['repeat']} runs)"
+    )
+
+
+def _chaos(ev: Evidence) -> str:
+    config = ev["config"]
+    kills = ev["phases"]["kills"]
+    lost = sum(ev["lost"].values())
+    duplicates = sum(ev["duplicates"].values())
+    bursts = ev["phases"]["bursts"]
+    dropped = sum(burst["dropped"] for burst in bursts.values())
+    return (
+        f"{config['broker_kills']} broker + {config['trainer_kills']} trainer + "
+        f"{config['agent_kills']} agent kills: **{lost} lost** "
+        f"({kills['batches']['produced']} batches, {kills['predictions']['in_agent_stores']} "
+        f"predictions, {kills['confirmations']['sent']} confirmations), {duplicates} duplicates "
+        f"stored, drained {kills['drain_s']:.0f} s after the last kill; {ev['payloads']:,} "
+        f"hostile payloads, {ev['dead_threads']} threads dead, "
+        f"{len(ev['processes_down'])} processes down; {config['burst']:,}-message bursts: "
+        f"{dropped} dropped"
+    )
+
+
+def _broker_persistence(ev: Evidence) -> str:
+    by_setting = {result["setting"]: result for result in ev["results"]}
+    shipped = by_setting["interval 10 s"]
+    every_change = by_setting["on changes, 1"]
+    return (
+        f"`autosave_interval 10` (shipped): {shipped['messages_per_s']:,} msg/s; "
+        f"saving on every change: {every_change['messages_per_s']:,} msg/s "
+        f"({ev['messages']:,} QoS 1 messages of {ev['payload_bytes'] / 1000:.1f} KB)"
+    )
+
+
+ROWS = (
+    Row(
+        "held-out-user accuracy / macro-F1, HAPT users 1-24, median of 3 by-user splits",
+        "accuracy.json",
+        ".venv/bin/python bench/accuracy.py > docs/evidence/accuracy.json",
+        _accuracy,
+    ),
+    Row(
+        "on-device learning, 15 held-out people, confirmations in time order through the "
+        "agent's code, remaining windows scored",
+        "personalize.json",
+        ".venv/bin/python bench/personalize.py --candidates"
+        " --evidence docs/evidence/personalize.json",
+        _personalize,
+    ),
+    Row(
+        "model (cnn): load, predict p50 / p99, learn, persist",
+        "model_runtime.json",
+        ".venv/bin/python bench/model_runtime.py > docs/evidence/model_runtime.json",
+        _model_runtime,
+    ),
+    Row(
+        "fleet through one Mosquitto with the trainer (`har sim`, 20 Hz, 1 s batches, "
+        "10 % of predictions confirmed)",
+        "fleet.json",
+        ".venv/bin/python bench/fleet.py > docs/evidence/fleet.json",
+        _fleet,
+    ),
+    Row(
+        "kill -9 at random moments while 3 agents stream and a user confirms; hostile "
+        "payloads on every subscribed topic; QoS 1 bursts at an agent and at the trainer",
+        "chaos.json",
+        ".venv/bin/python bench/chaos.py",
+        _chaos,
+    ),
+    Row(
+        "broker autosave (what a `kill -9` of Mosquitto keeps)",
+        "broker_persistence.json",
+        ".venv/bin/python bench/broker_persistence.py",
+        _broker_persistence,
+    ),
+)
+
+
+def load_evidence(evidence_dir: Path, name: str) -> Evidence:
+    loaded: Evidence = json.loads((evidence_dir / name).read_text())
+    return loaded
+
+
+def render(evidence_dir: Path = REPO / "docs/evidence") -> str:
+    """The table, markers included, from the evidence files in ``evidence_dir``."""
+    lines = [
+        BEGIN,
+        "| what | figure | evidence | command |",
+        "|---|---|---|---|",
+    ]
+    for row in ROWS:
+        figure = row.figure(load_evidence(evidence_dir, row.evidence))
+        link = f"[{row.evidence}](docs/evidence/{row.evidence})"
+        lines.append(f"| {row.what} | {figure} | {link} | `{row.command}` |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def table_in(readme: str) -> str:
+    """The table between the markers of ``readme``, markers included."""
+    start = readme.index(BEGIN)
+    end = readme.index(END, start) + len(END)
+    return readme[start:end]
+
+
+def replace_table(readme: str, table: str) -> str:
+    return readme.replace(table_in(readme), table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="put the table into README.md")
+    mode.add_argument("--check", action="store_true", help="exit 1 if README.md differs")
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    parser.add_argument("--evidence-dir", type=Path, default=REPO / "docs/evidence")
+    args = parser.parse_args(argv)
+    table = render(args.evidence_dir)
+    if args.write:
+        args.readme.write_text(replace_table(args.readme.read_text(), table))
+    elif args.check:
+        if table_in(args.readme.read_text()) != table:
+            print("README.md's figures differ from docs/evidence: run --write", file=sys.stderr)
+            return 1
+    else:
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
