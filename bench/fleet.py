@@ -17,7 +17,7 @@ For each N, on a fresh broker and trainer (real processes, loopback only):
   and **confirmation-to-stored latency** (the trainer's commit time minus the confirmation's
   timestamp);
 - CPU (share of one core) and RSS of the simulator, the trainer and Mosquitto over the steady
-  state.
+  state. ``--sim-runtime tensorflow litert`` runs each fleet size on both model runtimes.
 
 Prints one JSON document. Figures are medians over the run; compare N with N within one run.
 
@@ -151,7 +151,9 @@ def store_counts(db: Path, first_seqs: dict[str, tuple[int, int]]) -> dict[str, 
     }
 
 
-def run_fleet(n: int, args: argparse.Namespace, versions: tuple[Path, Path], root: Path) -> dict:
+def run_fleet(
+    n: int, runtime: str, args: argparse.Namespace, versions: tuple[Path, Path], root: Path
+) -> dict:
     from har.local_broker import MosquittoProcess
     from shared.config import BrokerSettings
     from shared.mqtt_transport import InboundMessage, MqttConnection
@@ -243,9 +245,9 @@ def run_fleet(n: int, args: argparse.Namespace, versions: tuple[Path, Path], roo
         ],
         stdout=subprocess.DEVNULL,
         stderr=logs["sim"],
-        env=env,
+        env={**env, "HAR_RUNTIME": runtime},  # the sim's `runtime` setting
     )  # fmt: skip
-    result: dict[str, Any] = {"devices": n}
+    result: dict[str, Any] = {"devices": n, "sim_runtime": runtime}
     try:
         started = time.monotonic()
         ready = observer.wait_all(devices, first, timeout=300)
@@ -347,6 +349,13 @@ def main() -> int:
         "--latency-sample", type=int, default=50, help="devices whose latency is measured"
     )
     parser.add_argument("--repeat", type=int, default=3, help="runs per fleet size (medians)")
+    parser.add_argument(
+        "--sim-runtime",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "tensorflow", "litert"],
+        help="the simulator's model runtime; several: side by side for each fleet size",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -354,8 +363,12 @@ def main() -> int:
     try:
         versions = train_versions(root)
         by_size = {
-            n: [run_fleet(n, args, versions, root / f"run-{i}") for i in range(args.repeat)]
+            (n, runtime): [
+                run_fleet(n, runtime, args, versions, root / f"run-{n}-{runtime}-{i}")
+                for i in range(args.repeat)
+            ]
             for n in args.devices
+            for runtime in args.sim_runtime
         }
     finally:
         if not args.keep:

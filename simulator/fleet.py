@@ -214,8 +214,10 @@ class FleetSimulator:
         per_device = {}
         for device in self.devices:
             totals.update(device.counters)
+            loaded = self._runtimes.get(device.device_id)
             per_device[device.device_id] = {
                 "model_version": device.model_version,
+                "model_runtime": loaded.model.runtime if loaded else None,
                 "first_seq": device.first_seq,
                 "next_seq": device.next_seq,
                 **dict(sorted(device.counters.items())),

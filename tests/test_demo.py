@@ -325,6 +325,10 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path) -> None:
         pids = json.loads((workdir / "pids.json").read_text())
         assert set(pids) == {"mosquitto", "trainer", "demo-wrist-1", "demo-wrist-2", "demo-wrist-3"}
         assert all(_alive(pid) for pid in pids.values()), "every child runs before Ctrl-C"
+        # One of the three runs the light agent: LiteRT, from .venv-lite (no TensorFlow).
+        assert any("demo-wrist-3 runs the light agent: LiteRT" in line for line in output)
+        assert "models run on litert" in (workdir / "demo-wrist-3.log").read_text()
+        assert "models run on tensorflow" in (workdir / "demo-wrist-1.log").read_text()
 
         process.send_signal(signal.SIGINT)  # to the demo process only, not its group
         code = process.wait(timeout=45)

@@ -334,6 +334,8 @@ def test_a_fleet_streams_predicts_confirms_installs_updates_and_says_goodbye(
             # mistake_rate 0: each answer is the truth of the prediction it confirms.
             assert confirmation.label == predicted[confirmation.prediction_id].truth
         assert row["model_version"] == second
+        # One process holds many devices: it runs them on LiteRT when it is installed.
+        assert row["model_runtime"] == "litert"
         assert not observer.errors[device]
     assert report["totals"]["unsent_at_exit"] == 0
     assert report["totals"]["confirmations_sent"] == sum(

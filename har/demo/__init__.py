@@ -23,7 +23,8 @@ Run the whole loop on this machine, with nothing but this repository.
    degrees, which no one in the base data does.
 3. A first model is trained on the base data, registered, signed and promoted.
 4. "har trainer serve" (plain listener, user trainer) and three "har agent" processes (TLS,
-   each logged in as its device id) run as real processes.
+   each logged in as its device id) run as real processes. The third runs the light agent: the
+   model's LiteRT form, from .venv-lite (no TensorFlow) when scripts/setup.sh made it.
 5. This process plays the people's app (one connection, user dashboard): each person confirms a
    share of their device's predictions and sometimes answers wrongly on purpose.
 6. The agents learn each confirmation at once; after --confirmations of them the trainer retrains

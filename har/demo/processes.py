@@ -107,13 +107,14 @@ class Children:
             self._record(name, pid)
         return pid
 
-    def start(self, name: str, *arguments: str) -> int:
-        """``python -m har ARGUMENTS`` as ``name``, its output in ``<workdir>/<name>.log``."""
+    def start(self, name: str, *arguments: str, python: Path | None = None) -> int:
+        """``python -m har ARGUMENTS`` as ``name``, its output in ``<workdir>/<name>.log``; with
+        this interpreter, or ``python`` (another venv's)."""
         log_path = self._workdir / f"{name}.log"
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         with self._signals.deferred(), log_path.open("wb") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", "har", *arguments],
+                [str(python or sys.executable), "-m", "har", *arguments],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

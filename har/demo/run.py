@@ -29,6 +29,10 @@ from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound
 from shared.topics import Topics
 
 DEVICE_IDS = ("demo-wrist-1", "demo-wrist-2", "demo-wrist-3")
+# This device runs the light agent: the model's LiteRT form, from .venv-lite (scripts/setup.sh:
+# the agent-lite extra, no TensorFlow) when it is there, else from this venv on runtime litert.
+LIGHT_DEVICE = "demo-wrist-3"
+LITE_PYTHON = Path(__file__).resolve().parents[2] / ".venv-lite" / "bin" / "python"
 TRAINER = "demo-trainer"
 WINDOW_HOP = 40  # a prediction every 2 s of sensor time (80-sample windows at 20 Hz)
 STATUS_INTERVAL_S = 5.0
@@ -135,9 +139,14 @@ class Demo:
         self.children.start("trainer", "trainer", "serve", "--config", str(self._trainer_toml()))
         for wearer in self.data.wearers:
             config = self._agent_toml(wearer)
-            self.children.start(wearer.device_id, "agent", "--config", str(config))
+            python = Path(sys.executable)
+            if wearer.device_id == LIGHT_DEVICE and LITE_PYTHON.exists():
+                python = LITE_PYTHON
+            self.children.start(wearer.device_id, "agent", "--config", str(config), python=python)
         pids = ", ".join(f"{name} pid {self.children.pids[name]}" for name in DEVICE_IDS)
         say(f"agents started: {pids}; pids of every child in {self.children.pid_file}")
+        where = "from .venv-lite, without TensorFlow" if LITE_PYTHON.exists() else "from .venv"
+        say(f"{LIGHT_DEVICE} runs the light agent: LiteRT ({where}); the others TensorFlow")
         deadline = time.monotonic() + self.args.timeout
         self._pump(self.app.all_online, deadline, "the devices did not come online")
         say(f"all {len(DEVICE_IDS)} devices online (TLS, each logged in as its device id)")
@@ -287,6 +296,7 @@ class Demo:
             f'kind = "replay"\nreplay_file = "{wearer.recording}"\nreplay_user = {wearer.user}\n'
             f"speed = {self.args.speed}\nloop = true\n\n"
             f"[agent]\nstatus_interval_s = {STATUS_INTERVAL_S}\nwindow_hop = {WINDOW_HOP}\n"
+            f'runtime = "{"litert" if wearer.device_id == LIGHT_DEVICE else "tensorflow"}"\n'
         )
         return path
 
