@@ -45,9 +45,16 @@ def _pct(share: float) -> str:
 def _accuracy(ev: Evidence) -> str:
     ours = ev["models"]["ours (cnn)"]
     lstm = ev["models"]["seed-lstm"]
+    exported = [split["as_exported"] for split in ours["splits"]]
+    same = all(e["litert"] == e["tensorflow"] for e in exported)
+    differ = sum(e["windows_classed_differently"] for e in exported)
     return (
         f"ours (cnn) **{_pct(ours['median_accuracy'])} / {_pct(ours['median_macro_f1'])}** "
-        f"(worst split {_pct(ours['min_accuracy'])}); the article's stateful LSTM baseline "
+        f"(worst split {_pct(ours['min_accuracy'])}); "
+        f"{'the same' if same else 'NOT the same'} on LiteRT ({differ} test windows classed "
+        f"differently, probabilities within "
+        f"{max(e['max_probability_gap'] for e in exported):.0e}); "
+        f"the article's stateful LSTM baseline "
         f"{_pct(lstm['median_accuracy'])} / {_pct(lstm['median_macro_f1'])}"
     )
 
@@ -81,6 +88,26 @@ def _model_runtime(ev: Evidence) -> str:
         f"{cnn['persist_state']['p50_ms']:.1f} ms; SavedModel "
         f"{cnn['saved_model_bytes'] / 1e6:.1f} MB, state file "
         f"{cnn['state_file_bytes'] / 1e3:.1f} KB"
+    )
+
+
+def _agent(ev: Evidence) -> str:
+    runs, sizes = ev["runs"], ev["installed_mb"]
+
+    def one(name: str) -> str:
+        run = runs[name]
+        return (
+            f"{run['cpu_share_of_one_core'] * 100:.1f} % of one core, RSS "
+            f"{run['rss_mb']['peak']:.0f} MB, predict p50 {run['predict_latency']['p50_ms']:.2f} "
+            f"ms ({run['predict_back_to_back']['p50_ms']:.2f} ms back to back), learn + guard + "
+            f"persist p50 {run['learn_and_persist_latency']['p50_ms']:.1f} ms"
+        )
+
+    return (
+        f"**light agent (LiteRT, no TensorFlow): {one('litert')}; installed "
+        f"{sizes['device_image_lite']:.0f} MB** (device image; {sizes['venv_lite']:.0f} MB as a "
+        f"dev venv). Full agent (TensorFlow): {one('tensorflow')}; installed "
+        f"{sizes['venv_full'] / 1000:.1f} GB"
     )
 
 
@@ -153,6 +180,13 @@ ROWS = (
         ".venv/bin/python bench/personalize.py --candidates"
         " --evidence docs/evidence/personalize.json",
         _personalize,
+    ),
+    Row(
+        "agent at 20 Hz for 60 s (a confirmation every 5 s), each runtime in a process of its "
+        "own, side by side",
+        "agent.json",
+        ".venv/bin/python bench/agent.py",
+        _agent,
     ),
     Row(
         "model (cnn): load, predict p50 / p99, learn, persist",

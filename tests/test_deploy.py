@@ -920,3 +920,21 @@ def test_compose_containers_reach_the_production_broker_over_tls() -> None:
     tls = load_settings(module.TrainerSettings, config_file=example, environ=production)
     assert (tls.broker.port, tls.broker.tls) == (8883, True)
     assert tls.broker.ca_file == Path("/etc/har/ca.crt")
+
+
+def test_light_agent_drop_in_overrides_the_unit_with_room_above_its_measured_peak() -> None:
+    drop_in = (DEPLOY / "systemd" / "har-agent.service.d" / "lite.conf").read_text()
+    unit = (DEPLOY / "systemd" / "har-agent.service").read_text()
+    assert re.search(r"^\[Service\]$", drop_in, flags=re.MULTILINE)
+    settings = dict(re.findall(r"^(\w+)=(.*)$", drop_in, flags=re.MULTILINE))
+    assert settings, "the drop-in sets nothing"
+    for key in settings:  # it adjusts the unit's own settings, it adds none
+        assert re.search(rf"^{key}=", unit, flags=re.MULTILINE), key
+
+    def megabytes(value: str) -> float:
+        number, unit_letter = float(value[:-1]), value[-1]
+        return number * {"M": 1, "G": 1024}[unit_letter]
+
+    evidence = json.loads((REPO / "docs" / "evidence" / "agent.json").read_text())
+    peak = evidence["runs"]["litert"]["rss_mb"]["peak"]
+    assert peak * 1.4 < megabytes(settings["MemoryHigh"]) < megabytes(settings["MemoryMax"])
