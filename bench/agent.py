@@ -2,15 +2,16 @@
 
 One signed release of the production architecture (``har train`` in a child process) is put on a
 local Mosquitto. Then, one after the other, the real agent runs in a process of its own on each
-runtime for ``--seconds`` of sensor time (synthetic sensor paced in real time), with a person's
-app in the same process confirming a prediction every few seconds:
+runtime for ``--seconds`` of sensor time (synthetic sensor paced in real time), while a person's
+app in this process confirms a prediction every few seconds:
 
 - ``tensorflow``: the agent in this project's ``.venv`` (the SavedModel);
 - ``litert``: the agent in ``.venv-lite``, which has no TensorFlow at all (``scripts/setup.sh``
   makes it with ``pip install '.[agent-lite]'``), running the bundle's LiteRT form.
 
 CPU is measured over the run only (after start-up and the model install), from the agent
-process's user + system time. RSS is the agent process's, app client included. Predict latency
+process's user + system time. RSS is the agent process's alone (the app confirming runs in this
+process), with how much of it is file-backed (the libraries' pages). Predict latency
 is the agent's own (a window every 2 s, caches cold in between); the same call back to back is
 reported beside it. Installed sizes
 are those of the two venvs as ``scripts/setup.sh`` makes them (pip and editable tooling included)
@@ -103,35 +104,19 @@ def device_image_mb(workdir: Path) -> float:
 
 # ----------------------------------------------------------------------------------- the agent
 def run_agent(args: argparse.Namespace) -> dict[str, Any]:
-    """In the child: the agent on ``args.child_runtime`` against the broker, measured."""
+    """In the child: the agent on ``args.child_runtime`` against the broker, measured. Only the
+    agent runs here; the person's app confirming its predictions runs in the parent."""
     from device_agent.agent import DeviceAgent
     from device_agent.sensors import SensorSettings, open_sensor
     from device_agent.settings import AgentSettings, AgentTuning
-    from shared import codec
     from shared.config import BrokerSettings
-    from shared.messages import Confirmation
-    from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound
-    from shared.topics import Topics
 
     rss_at_start = rss_mb()
-    settings = BrokerSettings(host="127.0.0.1", port=args.port)
-    topics = Topics(settings.topic_root)
-    inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=10_000)
-    app = MqttConnection(
-        settings,
-        client_id=f"bench-app-{args.child_runtime}",
-        subscriptions=[(topics.prediction(args.device), 1)],
-        inbox=inbox,
-        persistent_session=False,
-    )
-    app.start()
-    app.wait_connected(10)
-    app.wait_subscribed(10)
     agent_settings = AgentSettings(
         device_id=args.device,
         state_dir=args.state_dir,
         public_key=args.public_key,
-        broker=settings,
+        broker=BrokerSettings(host="127.0.0.1", port=args.port),
         sensor=SensorSettings(kind="synthetic", speed=1.0),
         agent=AgentTuning(window_hop=40, runtime=args.child_runtime, await_receipts=False),
     )
@@ -141,40 +126,17 @@ def run_agent(args: argparse.Namespace) -> dict[str, Any]:
     if not agent.model_changed.wait(120):
         raise SystemExit("the agent did not install the model")
     rss_after_load = rss_mb()
-
-    stop = threading.Event()
-
-    def confirm_some() -> None:
-        next_at = time.monotonic() + args.confirm_every
-        while not stop.is_set():
-            try:
-                message = inbox.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            message.ack()
-            if time.monotonic() < next_at:
-                continue
-            next_at += args.confirm_every
-            prediction = codec.decode_prediction(message.payload)
-            confirmation = Confirmation(prediction.prediction_id, "Walking", "user", 1.0)
-            app.publish(
-                Outbound(topics.confirmation(args.device), codec.encode_confirmation(confirmation))
-            )
-
-    confirmer = threading.Thread(target=confirm_some, daemon=True)
-    confirmer.start()
     batches_before = agent.counters.get("batches_queued")
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
     wall_before = time.monotonic()
-    stop.wait(args.seconds)
+    time.sleep(args.seconds)  # the run being measured, not synchronisation
     usage_after = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.monotonic() - wall_before
-    stop.set()
-    confirmer.join(5)
     cpu = (usage_after.ru_utime - usage_before.ru_utime) + (
         usage_after.ru_stime - usage_before.ru_stime
     )
     counters = agent.status_counters()
+    end = {name: rss_mb(field=name) for name in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
     back_to_back = predict_back_to_back(agent.active_model)
     result = {
         "runtime": agent.runtime,
@@ -194,13 +156,71 @@ def run_agent(args: argparse.Namespace) -> dict[str, Any]:
             "python_and_imports": round(rss_at_start, 1),
             "before_agent_start": round(rss_before_agent, 1),
             "after_model_load": round(rss_after_load, 1),
-            "end": round(rss_mb(), 1),
-            "peak": round(rss_mb(field="VmHWM"), 1),
+            "end": round(end["VmRSS"], 1),
+            "peak": round(end["VmHWM"], 1),
+            # Of the end figure: memory of its own, and pages of mapped files (the libraries),
+            # which are clean and shared and which the kernel may drop under pressure.
+            "end_anonymous": round(end["RssAnon"], 1),
+            "end_file_backed": round(end["RssFile"], 1),
         },
     }
     agent.shutdown()
-    app.stop()
     return result
+
+
+class PersonsApp:
+    """In the parent: the person confirming one of the device's predictions every few seconds."""
+
+    def __init__(self, port: int, device: str, every_s: float) -> None:
+        from shared.config import BrokerSettings
+        from shared.mqtt_transport import MqttConnection
+        from shared.topics import Topics
+
+        self._topics = Topics(BrokerSettings().topic_root)
+        self._device = device
+        self._every_s = every_s
+        self._inbox: queue.Queue[Any] = queue.Queue(maxsize=10_000)
+        self._connection = MqttConnection(
+            BrokerSettings(host="127.0.0.1", port=port),
+            client_id=f"bench-app-{device}",
+            subscriptions=[(self._topics.prediction(device), 1)],
+            inbox=self._inbox,
+            persistent_session=False,
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._confirm_some, name="bench-app", daemon=True)
+
+    def __enter__(self) -> PersonsApp:
+        self._connection.start()
+        self._connection.wait_connected(10)
+        self._connection.wait_subscribed(10)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._connection.stop()
+
+    def _confirm_some(self) -> None:
+        from shared import codec
+        from shared.messages import Confirmation
+        from shared.mqtt_transport import Outbound
+
+        next_at = time.monotonic() + self._every_s
+        while not self._stop.is_set():
+            try:
+                message = self._inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            message.ack()
+            if time.monotonic() < next_at:
+                continue
+            next_at += self._every_s
+            prediction = codec.decode_prediction(message.payload)
+            confirmation = Confirmation(prediction.prediction_id, "Walking", "user", 1.0)
+            topic = self._topics.confirmation(self._device)
+            self._connection.publish(Outbound(topic, codec.encode_confirmation(confirmation)))
 
 
 def predict_back_to_back(model: Any) -> list[float]:
@@ -239,13 +259,17 @@ def agent_in_child(args: argparse.Namespace, runtime: str, public: Path, port: i
         str(args.workdir / runtime),
         "--seconds",
         str(args.seconds),
-        "--confirm-every",
-        str(args.confirm_every),
     ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=args.seconds + 300, env=env, check=False
-    )
+    with PersonsApp(port, f"bench-{runtime}", args.confirm_every):
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=args.seconds + 300,
+            env=env,
+            check=False,
+        )
     if done.returncode != 0:
         raise SystemExit(f"the {runtime} agent failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
