@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up this checkout on a fresh Debian/Ubuntu machine; safe to run again.
 #  - installs Mosquitto (broker + clients) and jq with apt when they are missing
+#  - installs PostgreSQL (the server binaries the tests start, initdb and postgres) with apt when
+#    they are missing; Debian keeps them off PATH, in /usr/lib/postgresql/<version>/bin
 #  - creates .venv with the interpreter in $PYTHON (default python3, >= 3.10)
-#  - installs this project editable with every extra (agent, trainer, dev), again only when
+#  - installs this project editable with every extra (agent, trainer, postgres, dev), again only when
 #    pyproject.toml changed since (a hash of it is kept in .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +37,24 @@ if ! have_mosquitto || ! have_clients || ! have_jq; then
   fi
 fi
 
+# initdb and postgres: on PATH, where `pg_config --bindir` says, or in Debian's versioned folder
+# (the same search as har/local_postgres.py). The package's own cluster service is not needed:
+# the tests run servers of their own.
+have_postgres() {
+  command -v initdb >/dev/null 2>&1 && return 0
+  if command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/initdb" ]; then
+    return 0
+  fi
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
+}
+if ! have_postgres; then
+  echo ">> installing postgresql with apt (the tests start throwaway servers of their own)" >&2
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y postgresql
+fi
+
 # Install only when the venv is new or pyproject.toml changed since the last install: an editable
 # install takes seconds and prints setuptools' warning box every time. The stamp holds the
 # pyproject.toml hash it was made with, and is written only after the install succeeded.
@@ -48,7 +68,7 @@ wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo ">> installing this project into .venv (pyproject.toml is new or changed)" >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[agent,trainer,dev]'
+  .venv/bin/python -m pip install --quiet -e '.[agent,trainer,postgres,dev]'
   echo "$wanted" >"$stamp"
 fi
 echo ">> ready: .venv/bin/har --help" >&2

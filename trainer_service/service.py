@@ -49,7 +49,7 @@ from trainer_service.receipts import ReceiptBook
 from trainer_service.registry import ModelRegistry
 from trainer_service.retrain import RetrainOutcome, load_base, run_retrain
 from trainer_service.settings import TrainerSettings
-from trainer_service.store import TrainerStore, Writer
+from trainer_service.store import Writer, open_store
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class TrainerService:
         self._topics = Topics(settings.broker.topic_root)
         self.counters = Counters()
         self._last_counters: dict[str, int] = {}
-        self.store = TrainerStore(settings.store_path, clock=clock)
+        self.store = open_store(settings.store_url, password=settings.store.password(), clock=clock)
         self.registry = ModelRegistry(settings.registry_dir)
         # Statuses are composed on paho's thread too (birth): they read this, never the disk.
         self._current_version = self.registry.current()
