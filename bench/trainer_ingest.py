@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -497,6 +498,7 @@ def main() -> int:
     finally:
         postgres.stop()
         mosquitto.stop()
+        shutil.rmtree(args.root, ignore_errors=True)
 
     def median_of(config: str, mode: str, n: int) -> dict[str, Any]:
         kind, replicas = config.split(":")
