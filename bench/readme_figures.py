@@ -111,6 +111,25 @@ def _agent(ev: Evidence) -> str:
     )
 
 
+def _trainer_ingest(ev: Evidence) -> str:
+    rows = ev["table"]
+    steady = [row for row in rows if row["mode"] == "steady"]
+    burst = {row["config"]: row for row in rows if row["mode"] == "burst"}
+    kill = ev["kill"]
+    lost = sum(row["lost"] for row in rows)
+    return (
+        f"steady {_join(sorted({str(row['devices']) for row in steady}, key=int))} devices: "
+        f"all stored, **{lost} lost**, p99 <= {max(row['p99_ms'] for row in steady):.0f} ms; "
+        f"burst of {ev['burst']['devices'] * ev['burst']['batches_per_device']:,} waiting "
+        f"batches: **{burst['sqlite:1']['stored_per_s']:,.0f}/s** (1 replica, SQLite; goal >= "
+        f"2,000), PostgreSQL {burst['postgresql:1']['stored_per_s']:,.0f}/s (1) -> "
+        f"{burst['postgresql:2']['stored_per_s']:,.0f}/s (2 replicas, "
+        f"**x{ev['burst_ratio_2_vs_1_replica']['postgresql']:.2f}**); leader killed "
+        f"mid-stream: the other leads after {kill['survivor_leads_after_s']:.1f} s, "
+        f"**{kill['lost']} lost, {kill['duplicates_stored']} stored twice** (one run)"
+    )
+
+
 def _join(values: list[str]) -> str:
     return " / ".join(values)
 
@@ -200,6 +219,13 @@ ROWS = (
         "fleet.json",
         ".venv/bin/python bench/fleet.py > docs/evidence/fleet.json",
         _fleet,
+    ),
+    Row(
+        "trainer ingest: 1 vs 2 `har trainer serve` replicas on SQLite and on PostgreSQL, "
+        "devices on their own connections, 1 s batches",
+        "trainer_ingest.json",
+        ".venv/bin/python bench/trainer_ingest.py --evidence docs/evidence/trainer_ingest.json",
+        _trainer_ingest,
     ),
     Row(
         "kill -9 at random moments while 3 agents stream and a user confirms; hostile "

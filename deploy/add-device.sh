@@ -20,8 +20,8 @@ The ACL needs no line for a new device: its patterns (%u = the username) let eve
 only under har/v1/devices/<its username>/ and homeassistant/{sensor,select,button}/<its
 username>/, so the username must be the device id. That is why this script refuses an id
 outside the device-id alphabet (1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit) and
-the reserved user names trainer, dashboard, operator, healthcheck (in any letter case), whose
-users would then also get a device's rights or lend theirs to it.
+the reserved user names trainer, trainer-2, dashboard, operator, healthcheck (in any letter
+case), whose users would then also get a device's rights or lend theirs to it.
 
 Options:
   --passwd FILE         the broker's password file; must exist (default: $HAR_MOSQUITTO_PASSWD,
@@ -92,8 +92,8 @@ done
 [[ "$device_id" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ ]] \
     || die "invalid device id '$device_id': use 1-64 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit"
 case "${device_id,,}" in
-    trainer | dashboard | operator | healthcheck)
-        die "'$device_id' is a reserved user name (trainer, dashboard, operator, healthcheck): the ACL gives that user other rights; choose another device id" ;;
+    trainer | trainer-2 | dashboard | operator | healthcheck)
+        die "'$device_id' is a reserved user name (trainer, trainer-2, dashboard, operator, healthcheck): the ACL gives that user other rights; choose another device id" ;;
 esac
 [[ "$broker_host" =~ ^[A-Za-z0-9.:-]*$ ]] || die "--broker-host '$broker_host' is not a host name or address"
 [[ -z "$reload_pid" || "$reload_pid" =~ ^[1-9][0-9]*$ ]] || die "--reload-pid '$reload_pid' is not a process id"

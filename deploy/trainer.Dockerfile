@@ -1,4 +1,5 @@
-# The trainer service image: `har` with the trainer extra (TensorFlow CPU, matplotlib, tqdm).
+# The trainer service image: `har` with the trainer extra (TensorFlow CPU, matplotlib, tqdm) and
+# the postgres extra (psycopg, for a PostgreSQL store).
 # It also runs the central side's one-off commands: har keys, har train, har models, har data.
 #
 #   docker build -f deploy/trainer.Dockerfile -t har-trainer .     (from the repository root)
@@ -15,7 +16,7 @@ COPY . /src
 # Not editable: the runtime image holds the installed package, not the sources.
 RUN python -m venv /opt/har/.venv \
  && /opt/har/.venv/bin/pip install --upgrade pip \
- && /opt/har/.venv/bin/pip install '/src[trainer]'
+ && /opt/har/.venv/bin/pip install '/src[trainer,postgres]'
 
 # ---- runtime
 FROM python:3.11-slim

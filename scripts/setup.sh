@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Set up this checkout on a fresh Debian/Ubuntu machine; safe to run again.
 #  - installs Mosquitto (broker + clients) and jq with apt when they are missing
+#  - installs PostgreSQL (the server binaries the tests start, initdb and postgres) with apt when
+#    they are missing; Debian keeps them off PATH, in /usr/lib/postgresql/<version>/bin
 #  - creates .venv with the interpreter in $PYTHON (default python3, >= 3.10)
-#  - installs this project editable with every extra (agent, agent-lite, trainer, dev), again
-#    only when pyproject.toml changed since (a hash of it is kept in .venv)
+#  - installs this project editable with every extra (agent, agent-lite, trainer, postgres, dev),
+#    again only when pyproject.toml changed since (a hash of it is kept in .venv)
 #  - does the same in .venv-lite with the light agent's extra only (agent-lite: no TensorFlow)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +38,24 @@ if ! have_mosquitto || ! have_clients || ! have_jq; then
   fi
 fi
 
+# initdb and postgres: on PATH, where `pg_config --bindir` says, or in Debian's versioned folder
+# (the same search as har/local_postgres.py). The package's own cluster service is not needed:
+# the tests run servers of their own.
+have_postgres() {
+  command -v initdb >/dev/null 2>&1 && return 0
+  if command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/initdb" ]; then
+    return 0
+  fi
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
+}
+if ! have_postgres; then
+  echo ">> installing postgresql with apt (the tests start throwaway servers of their own)" >&2
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y postgresql
+fi
+
 # install_into VENV EXTRAS: make VENV if it is missing, and install this project editable with
 # EXTRAS into it only when the venv is new or pyproject.toml changed since the last install: an
 # editable install takes seconds and prints setuptools' warning box every time. The stamp holds
@@ -57,7 +77,7 @@ install_into() {
     echo "$wanted" >"$stamp"
   fi
 }
-install_into .venv agent,agent-lite,trainer,dev
+install_into .venv agent,agent-lite,trainer,postgres,dev
 # The light agent's environment, without TensorFlow: what a wearable installs (deploy/README.md).
 # The tests run the agent from it, which proves the light agent never needs TensorFlow.
 install_into .venv-lite agent-lite

@@ -13,6 +13,7 @@ import dataclasses
 import sys
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,24 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 
 S = TypeVar("S")
 REDACTED = "<redacted>"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user part and any ``password=`` parameter redacted."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, host = netloc.rsplit("@", 1)
+        if ":" in user:
+            netloc = f"{user.split(':', 1)[0]}:{REDACTED}@{host}"
+    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if netloc == parts.netloc and not any(name.lower() == "password" for name, _ in pairs):
+        return url  # nothing secret in it (and "sqlite:///path" keeps its three slashes)
+    query = "&".join(
+        f"{name}={REDACTED}" if name.lower() == "password" else f"{name}={value}"
+        for name, value in pairs
+    )
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 @dataclass(frozen=True, slots=True)

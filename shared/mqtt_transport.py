@@ -264,6 +264,7 @@ class MqttConnection:
         will: Outbound | None = None,
         birth: Callable[[], Sequence[Outbound]] | None = None,
         persistent_session: bool = True,
+        session_expiry_s: int = 0,  # of a persistent session; 0: _SESSION_EXPIRY_S
         on_connection_change: Callable[[bool], None] | None = None,
         counters: Counters | None = None,
     ) -> None:
@@ -278,6 +279,7 @@ class MqttConnection:
         self._properties = PropertiesCache()
         self._birth = birth
         self._persistent_session = persistent_session
+        self._session_expiry_s = session_expiry_s or _SESSION_EXPIRY_S
         self._on_connection_change = on_connection_change
         self._rng = random.Random()
         # inbox_waits: times paho's thread waited for room; inbox_dropped_qos0: QoS 0 dropped.
@@ -448,7 +450,7 @@ class MqttConnection:
     def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if self._persistent_session:
-            props.SessionExpiryInterval = _SESSION_EXPIRY_S
+            props.SessionExpiryInterval = self._session_expiry_s
         if self._inbox is not None and self._inbox.maxsize > 0:
             # Flow control: never more unacknowledged QoS 1 messages in flight than we can queue.
             props.ReceiveMaximum = min(self._inbox.maxsize, 65535)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Mosquitto broker per test, a topic root per test, MQTT test clients."""
+"""Shared fixtures: a real Mosquitto broker per test, a topic root per test, MQTT test clients, a
+real PostgreSQL server per session (a database per test), and stores of both kinds."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from har.local_postgres import PostgresProcess, find_postgres_bindir
 from shared.config import BrokerSettings
 from tests.mosquitto import BrokerUsers, ComposeBroker, MosquittoProcess, accepts_connections
+from trainer_service.store import Store, open_store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 USE_DOCKER = os.environ.get("HAR_TEST_DOCKER") == "1"
@@ -72,6 +75,49 @@ def broker_factory(
 @pytest.fixture
 def broker(broker_factory: Callable[..., MosquittoProcess | ComposeBroker]) -> MosquittoProcess:
     return broker_factory()  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresProcess]:
+    """One PostgreSQL server for the session (about 2 s to start), on a free loopback port."""
+    if find_postgres_bindir() is None:
+        pytest.skip(
+            "PostgreSQL's initdb/postgres are not installed (scripts/setup.sh installs them)"
+        )
+    pytest.importorskip("psycopg", reason="psycopg is not installed (the postgres extra)")
+    server = PostgresProcess()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresProcess) -> str:
+    """A fresh, empty database of its own for the test."""
+    return postgres_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The store contract runs against both backends: a new SQLite file, a new database."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'store' / 't.sqlite3'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def make_store(store_url: str) -> Iterator[Callable[..., Store]]:
+    """Opens the test's store (again, if called again); closes every one it opened."""
+    opened: list[Store] = []
+
+    def make(**kwargs: object) -> Store:
+        store = open_store(store_url, **kwargs)  # type: ignore[arg-type]
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()  # closing twice is harmless
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from shared.messages import (
     TrainerCommand,
     WindowRef,
 )
-from trainer_service.store import TrainerStore
+from trainer_service.store import SqliteStore
 
 SAMPLES = np.array([[0.0, 9.80665, -1.5], [1.25, -0.5, 3.0]], dtype=np.float32)
 
@@ -512,7 +512,7 @@ JSON_CODECS = {
 }
 
 
-def _store_decoded(store: TrainerStore, message: object) -> None:
+def _store_decoded(store: SqliteStore, message: object) -> None:
     """What the trainer stores of a decoded message; StorageError only for a broken disk."""
     with store.transaction() as writer:
         if isinstance(message, Prediction):
@@ -547,7 +547,7 @@ def test_no_json_payload_raises_anything_but_payload_error_and_what_decodes_is_k
         target = target[key]
     target[path[-1]] = value
     payload = json.dumps(doc).encode()  # ensure_ascii: a lone surrogate travels as \udxxx
-    store = TrainerStore(Path(":memory:"))
+    store = SqliteStore(Path(":memory:"))
     try:
         for decode, encode in JSON_CODECS.items():
             try:

@@ -803,7 +803,7 @@ def har_subcommands() -> set[str]:
 
 def test_compose_builds_each_service_from_an_existing_dockerfile_and_dockerignore() -> None:
     services = compose_services()
-    assert set(services) == {"mosquitto", "trainer", "sim"}
+    assert set(services) == {"mosquitto", "trainer", "trainer-2", "postgres", "sim"}
     built = {
         name: compose_value(block, "dockerfile")
         for name, block in services.items()
@@ -829,7 +829,7 @@ def test_images_install_their_extra_and_run_their_role_by_default() -> None:
     assert "--build-arg AGENT_EXTRA=agent-lite" in agent_image
     extras = read_toml(REPO / "pyproject.toml")["project"]["optional-dependencies"]
     assert not any(r.startswith("tensorflow") for r in extras["agent-lite"])
-    assert "pip install '/src[trainer]'" in TRAINER_DOCKERFILE.read_text()
+    assert "pip install '/src[trainer,postgres]'" in TRAINER_DOCKERFILE.read_text()
     assert dockerfile_cmd(AGENT_DOCKERFILE) == ["har", "agent", "--config", "/etc/har/agent.toml"]
     assert dockerfile_cmd(TRAINER_DOCKERFILE) == [
         *["har", "trainer", "serve", "--config", "/etc/har/trainer.toml"]

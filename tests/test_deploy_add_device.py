@@ -34,7 +34,7 @@ from tests.test_deploy import (
 pytestmark = pytest.mark.broker
 
 ADD_DEVICE = DEPLOY / "add-device.sh"
-RESERVED = ("trainer", "dashboard", "operator", "healthcheck")
+RESERVED = ("trainer", "trainer-2", "dashboard", "operator", "healthcheck")
 
 
 def add_device(

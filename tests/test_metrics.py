@@ -22,7 +22,7 @@ from tests.trainer_helpers import trainer_settings_for
 from trainer_service.metrics import GAUGES, TrainerCollector
 from trainer_service.service import TrainerService
 from trainer_service.settings import MetricsSettings
-from trainer_service.store import TrainerStore, VersionAccuracy
+from trainer_service.store import SqliteStore, VersionAccuracy
 
 
 def predicted(device: str, pid: str, label: str, version: str) -> Prediction:
@@ -32,7 +32,7 @@ def predicted(device: str, pid: str, label: str, version: str) -> Prediction:
 def test_accuracy_per_version_counts_confirmed_predictions_of_the_same_device(
     tmp_path: Path,
 ) -> None:
-    store = TrainerStore(tmp_path / "t.sqlite3")
+    store = SqliteStore(tmp_path / "t.sqlite3")
     with store.transaction() as writer:
         writer.add_prediction(predicted("d1", "p1", "Walking", "v1"))
         writer.add_prediction(predicted("d1", "p2", "Walking", "v1"))

@@ -24,7 +24,7 @@ from shared.topics import Topics
 from tests.mqtt_helpers import connect, receive
 from tests.release_helpers import CHUNK_SIZE, Releases, make_releases
 from trainer_service.distribution import publish_all, release_messages
-from trainer_service.store import TrainerStore
+from trainer_service.store import SqliteStore
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
@@ -198,7 +198,7 @@ def test_trainer_killed_mid_stream_loses_no_accepted_batch(
                 break
         trainer.process.kill()  # SIGKILL, mid-stream and possibly mid-transaction
         trainer.process.wait(10)
-        at_kill = TrainerStore(tmp_path / "data" / "trainer.sqlite3")
+        at_kill = SqliteStore(tmp_path / "data" / "trainer.sqlite3")
         stored_at_kill = len(at_kill.batch_seqs("d1"))
         at_kill.close()
         assert 0 < stored_at_kill < total, "the kill must land mid-stream"
@@ -214,7 +214,7 @@ def test_trainer_killed_mid_stream_loses_no_accepted_batch(
         assert restarted.stop() == 0, restarted.output()
     finally:
         watcher.stop()
-    store = TrainerStore(tmp_path / "data" / "trainer.sqlite3")
+    store = SqliteStore(tmp_path / "data" / "trainer.sqlite3")
     assert store.batch_seqs("d1") == list(range(total))
     np.testing.assert_array_equal(store.batch("d1", 123), np.full((20, 3), 123 % 97, np.float32))
     store.close()

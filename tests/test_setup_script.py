@@ -21,14 +21,14 @@ fi
 
 def checkout_copy(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A checkout holding only what setup.sh reads, and an environment whose PATH has stand-ins
-    for mosquitto, mosquitto_sub and jq (so apt is not needed) and for python3."""
+    for mosquitto, mosquitto_sub, jq and initdb (so apt is not needed) and for python3."""
     checkout = tmp_path / "checkout"
     (checkout / "scripts").mkdir(parents=True)
     shutil.copy(REPO / "scripts" / "setup.sh", checkout / "scripts" / "setup.sh")
     shutil.copy(REPO / "pyproject.toml", checkout / "pyproject.toml")
     tools = tmp_path / "bin"
     tools.mkdir()
-    for name in ("mosquitto", "mosquitto_sub", "jq"):
+    for name in ("mosquitto", "mosquitto_sub", "jq", "initdb"):
         (tools / name).write_text("#!/bin/sh\nexit 0\n")
     (tools / "python3").write_text(FAKE_PYTHON)
     for tool in tools.iterdir():
@@ -66,7 +66,7 @@ def test_setup_installs_on_a_fresh_checkout_then_only_when_pyproject_changes(
 ) -> None:
     checkout, env = checkout_copy(tmp_path)
     calls = Path(env["CALLS"])
-    install = "-m pip install --quiet -e .[agent,agent-lite,trainer,dev]"
+    install = "-m pip install --quiet -e .[agent,agent-lite,trainer,postgres,dev]"
     light = "-m pip install --quiet -e .[agent-lite]"
 
     fresh = setup(checkout, env, calls)
@@ -101,4 +101,4 @@ def test_a_failed_install_is_tried_again(tmp_path: Path) -> None:
     assert run_setup(checkout, env).returncode != 0
     shutil.copy(tmp_path / "bin" / "python3", failing)  # pip works again
     again = setup(checkout, env, calls)
-    assert "-m pip install --quiet -e .[agent,agent-lite,trainer,dev]" in again
+    assert "-m pip install --quiet -e .[agent,agent-lite,trainer,postgres,dev]" in again

@@ -7,7 +7,6 @@ import json
 import logging
 import queue
 import signal
-import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +47,7 @@ from trainer_service.settings import (
     RetrainSettings,
     TrainerSettings,
 )
-from trainer_service.store import ConfirmedWindow, TrainerStore
+from trainer_service.store import ConfirmedWindow, SqliteStore
 
 WAIT = 60.0
 
@@ -63,73 +62,6 @@ def prediction(device: str, pid: str, seq: int, offset: int, length: int) -> Pre
 
 
 # ------------------------------------------------------------------------------ storage
-
-
-def test_batches_are_stored_once_per_device_and_sequence_number(tmp_path: Path) -> None:
-    store = TrainerStore(tmp_path / "t.sqlite3")
-    with store.transaction() as writer:
-        assert writer.add_batch(batch("d1", 0))
-        assert writer.add_batch(batch("d2", 0))
-        assert not writer.add_batch(batch("d1", 0))  # a redelivery
-    assert store.counts().batches == 2
-    np.testing.assert_array_equal(store.batch("d1", 0), batch("d1", 0).samples)
-
-
-def test_confirmation_joins_a_window_that_spans_batches_even_when_they_arrive_late(
-    tmp_path: Path,
-) -> None:
-    store = TrainerStore(tmp_path / "t.sqlite3")
-    with store.transaction() as writer:
-        writer.add_batch(batch("d1", 5))
-        writer.add_prediction(prediction("d1", "p1", 5, 15, 16))  # samples 15..19 + 0..10 of 6
-        assert writer.add_confirmation("d1", Confirmation("p1", "Sitting", "user", 2.0))
-    assert store.confirmed_windows() == []  # batch 6 is still missing
-    with store.transaction() as writer:
-        writer.add_batch(batch("d1", 6))
-    assert store.join_pending() == 1
-    [window] = store.confirmed_windows()
-    expected = np.concatenate([batch("d1", 5).samples, batch("d1", 6).samples])[15:31]
-    np.testing.assert_array_equal(window.window, expected)
-    assert (window.label, window.device_id) == ("Sitting", "d1")
-
-
-def test_confirmation_on_another_devices_topic_never_labels_the_window(tmp_path: Path) -> None:
-    store = TrainerStore(tmp_path / "t.sqlite3")
-    with store.transaction() as writer:
-        writer.add_batch(batch("d1", 0))
-        writer.add_prediction(prediction("d1", "p1", 0, 0, 10))
-        writer.add_confirmation("d2", Confirmation("p1", "Sitting", "user", 2.0))
-    assert store.join_pending() == 0
-    assert store.counts().joined == 0
-
-
-def test_retention_deletes_old_batches_but_keeps_confirmed_windows(tmp_path: Path) -> None:
-    now = [1000.0]
-    store = TrainerStore(tmp_path / "t.sqlite3", clock=lambda: now[0])
-    with store.transaction() as writer:
-        for seq in range(10):
-            writer.add_batch(batch("d1", seq))
-        writer.add_prediction(prediction("d1", "p1", 0, 0, 10))
-        writer.add_confirmation("d1", Confirmation("p1", "Sitting", "user", 2.0))
-    now[0] = 1000.0 + 86400 * 2
-    with store.transaction() as writer:
-        for seq in range(10, 15):
-            writer.add_batch(batch("d1", seq))
-    removed = store.apply_retention(max_age_s=86400, max_batches_per_device=3)
-    assert removed == 12
-    assert store.batch_seqs("d1") == [12, 13, 14]
-    assert len(store.confirmed_windows()) == 1
-
-
-def test_schema_is_versioned_and_a_newer_file_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "t.sqlite3"
-    store = TrainerStore(path)
-    assert store.schema_version == 1
-    store.close()
-    with sqlite3.connect(path) as db:
-        db.execute("PRAGMA user_version = 99")
-    with pytest.raises(StorageError, match="schema 99"):
-        TrainerStore(path)
 
 
 def test_holdout_is_stable_and_never_trained_on() -> None:
@@ -389,7 +321,7 @@ def test_devices_outside_the_allow_list_are_refused(
         service.shutdown()
     assert event["code"] == "unknown_device"
     assert "intruder" in event["message"]
-    store = TrainerStore(settings.store_path)
+    store = SqliteStore(settings.store_path)
     assert store.batch_seqs("d1") == [0]
     assert store.batch_seqs("intruder") == []
 
@@ -467,21 +399,6 @@ def test_a_failing_store_read_is_a_reported_storage_error_and_upkeep_carries_on(
     assert service.counters.get("error_internal_error") == 0
     with pytest.raises(StorageError, match="cannot read"):
         service.store.counts()
-
-
-def test_every_store_read_raises_storage_error(tmp_path: Path) -> None:
-    store = TrainerStore(tmp_path / "t.sqlite3")
-    store.close()
-    for read in (
-        store.counts,
-        store.confirmed_windows,
-        store.join_pending,
-        lambda: store.batch_seqs("d1"),
-        lambda: store.batch("d1", 0),
-        lambda: store.schema_version,
-    ):
-        with pytest.raises(StorageError, match="cannot read"):
-            read()
 
 
 # ------------------------------------------------------------------------------ model releases

@@ -6,13 +6,17 @@ Threads:
   in one transaction, commits, and only then acknowledges each message to the broker. A kill -9
   at any instant loses nothing: what was not committed was not acknowledged, and the broker
   delivers it again to the persistent session; storage deduplicates what was.
-- **retrain**: waits for a trigger (N new confirmations, the interval, a command), runs a round
-  and publishes the new version.
+- **retrain**: takes or keeps the leader lock (``Store.leader_lock``) every second; only the
+  leader retrains and publishes models. It looks in the store for a trigger (N confirmations
+  stored since the last round, by any replica; the interval; a command, which whichever replica
+  received it left in the store's ``meta`` table), runs a round and publishes the new version.
+  Several ``har trainer serve`` replicas on one store and one ``$share`` group split the ingest;
+  when the leader dies, another takes the lock within about a second.
 - **metrics** (``[metrics] port``, off by default): prometheus_client's HTTP server answers
   ``/metrics`` from the status counters and the store on its own thread.
-- **upkeep**: joins late confirmations, applies retention, publishes the service's status, and
-  publishes the current model again after every (re)connect (a broker that lost its retained
-  messages gets them back).
+- **upkeep**: joins late confirmations, applies retention, publishes the service's status, and,
+  on the leader, publishes the current model again after every (re)connect (a broker that lost
+  its retained messages gets them back) and on becoming leader.
 
 Failures follow ``shared.supervision``: a failing message or job is logged, counted, published on
 the error topic and skipped; a loop that dies anyway makes ``run()`` publish a ``thread_died``
@@ -49,11 +53,17 @@ from trainer_service.receipts import ReceiptBook
 from trainer_service.registry import ModelRegistry
 from trainer_service.retrain import RetrainOutcome, load_base, run_retrain
 from trainer_service.settings import TrainerSettings
-from trainer_service.store import TrainerStore, Writer
+from trainer_service.store import (
+    META_RETRAIN_BASELINE,
+    META_RETRAIN_REQUEST,
+    Writer,
+    open_store,
+)
 
 log = logging.getLogger(__name__)
 
 PUBLISH_RETRY_S = 30.0  # after a failed publish of the current model on this connection
+LEADER_POLL_S = 1.0  # how often the retrain loop checks the leader lock and the triggers
 
 
 class TrainerService:
@@ -65,7 +75,9 @@ class TrainerService:
         self._topics = Topics(settings.broker.topic_root)
         self.counters = Counters()
         self._last_counters: dict[str, int] = {}
-        self.store = TrainerStore(settings.store_path, clock=clock)
+        self.store = open_store(settings.store_url, password=settings.store.password(), clock=clock)
+        self._leader_lock = self.store.leader_lock()
+        self._leading = threading.Event()  # set while this process holds the leader lock
         self.registry = ModelRegistry(settings.registry_dir)
         # Statuses are composed on paho's thread too (birth): they read this, never the disk.
         self._current_version = self.registry.current()
@@ -76,13 +88,11 @@ class TrainerService:
         self._known = set(settings.ingest.known_devices)
         self._base: Any = None
         self._stop = threading.Event()
-        self._retrain_requested = threading.Event()
-        self._retrain_reason = ""
+        self._retrain_wake = threading.Event()  # look for a trigger now, not in a second
         self.retrain_done = threading.Event()  # set after every round (tests, demo)
         self.last_outcome: RetrainOutcome | None = None
         self._lock = threading.Lock()
         self._shut_down = False
-        self._new_confirmations = 0
         # (epoch, most epochs) of the retrain running now, (0, 0) between rounds: in the status.
         self._retrain_epoch = (0, 0)
         self._last_retrain = clock()
@@ -107,6 +117,7 @@ class TrainerService:
             # counting rows in the store there.
             birth=lambda: [self._status("online", self._last_counters)],
             persistent_session=True,
+            session_expiry_s=settings.ingest.session_expiry_s,
             counters=self.counters,  # inbox_waits, transport_callback_errors in the status
         )
         self.metrics: MetricsServer | None = None  # started by start() when metrics.port > 0
@@ -171,7 +182,7 @@ class TrainerService:
     def shutdown(self, final_state: DeviceState = "offline") -> None:
         """Finish the group being stored, say goodbye (``final_state``), disconnect. Idempotent."""
         self._stop.set()
-        self._retrain_requested.set()
+        self._retrain_wake.set()
         with self._lock:
             if self._shut_down:
                 return
@@ -185,6 +196,8 @@ class TrainerService:
         self._connection.stop()
         if self.metrics is not None:
             self.metrics.close()  # before the store closes under a scrape
+        self._leader_lock.release()
+        self._leading.clear()
         try:
             self.store.close()
         except StorageError as exc:
@@ -195,9 +208,16 @@ class TrainerService:
             timeout
         )
 
+    @property
+    def is_leader(self) -> bool:
+        """True while this process holds the leader lock (it alone retrains and publishes)."""
+        return self._leading.is_set()
+
     def request_retrain(self, reason: str) -> None:
-        self._retrain_reason = reason
-        self._retrain_requested.set()
+        """Ask the leader, whichever replica it is, for a round (through the store)."""
+        with self.store.transaction() as writer:
+            writer.set_meta(META_RETRAIN_REQUEST, reason)
+        self._retrain_wake.set()
 
     # ================================================================== status and errors
     def _status(self, state: DeviceState, counters: Mapping[str, int]) -> Outbound:
@@ -239,6 +259,7 @@ class TrainerService:
                 "joined_confirmations": stored.joined,
                 "devices": stored.devices,
                 "inbox_depth": self._inbox.qsize(),
+                "leader": int(self.is_leader),
             }
         )
         with self._lock:
@@ -310,12 +331,8 @@ class TrainerService:
         )
         for code, text, topic in problems:
             self._report(code, text, topic)
-        if new_confirmations:
-            with self._lock:
-                self._new_confirmations += new_confirmations
-                pending = self._new_confirmations
-            if pending >= self._settings.retrain.min_new_confirmations:
-                self.request_retrain(f"{pending} new confirmations")
+        if new_confirmations and self.is_leader:
+            self._retrain_wake.set()  # count them now (a follower's are counted within a second)
 
     def _ingest_one(
         self, writer: Writer, message: InboundMessage, problems: list[tuple[str, str, str]]
@@ -323,7 +340,7 @@ class TrainerService:
         """Store one message; returns 1 for a new confirmation. Bad input goes to ``problems``."""
         topic = message.topic
         if topic == self._topics.trainer_command():
-            self._command(message, problems)
+            self._command(writer, message, problems)
             return 0
         device = self._topics.device_of(topic)
         kind = self._topics.kind_of(topic)
@@ -385,37 +402,76 @@ class TrainerService:
                 f"payload names device {claimed!r} but arrived on {topic_device!r}'s topic"
             )
 
-    def _command(self, message: InboundMessage, problems: list[tuple[str, str, str]]) -> None:
+    def _command(
+        self, writer: Writer, message: InboundMessage, problems: list[tuple[str, str, str]]
+    ) -> None:
         try:
             command = codec.decode_command(message.payload)
         except PayloadError as exc:
             problems.append(("malformed_command", str(exc), message.topic))
             return
         self.counters.add("commands")
-        self.request_retrain(f"command {command.request_id}")
+        # For the leader, whichever replica this is; committed with the group, like any message.
+        writer.set_meta(META_RETRAIN_REQUEST, f"command {command.request_id}")
+        self._retrain_wake.set()
 
     # ================================================================== retraining
     def _retrain_loop(self) -> None:
-        interval = self._settings.retrain.interval_s
         while not self._stop.is_set():
-            triggered = self._retrain_requested.wait(timeout=5.0)
+            self._retrain_wake.wait(timeout=LEADER_POLL_S)
+            self._retrain_wake.clear()
             if self._stop.is_set():
                 return
-            due = interval > 0 and self._clock() - self._last_retrain >= interval
-            if not triggered and not (due and self._new_confirmations > 0):
+            try:
+                reason = self._retrain_trigger() if self._lead() else None
+            except (HarError, OSError) as exc:
+                # The store or the lock is away for now: report it, look again in a second.
+                self._report("retrain_trigger_failed", f"{type(exc).__name__}: {exc}")
                 continue
-            self._retrain_requested.clear()
-            self.retrain_once(self._retrain_reason or "interval")
+            if reason is not None:
+                self.retrain_once(reason)
+
+    def _lead(self) -> bool:
+        """Take or keep the leader lock; True while this process holds it."""
+        held = self._leader_lock.try_acquire()
+        if held and not self._leading.is_set():
+            log.info("%s is the leader now: it retrains and publishes", self._settings.instance)
+            self.counters.add("leader_acquired")
+            self._last_retrain = self._clock()
+            if self.store.meta(META_RETRAIN_BASELINE) is None:
+                self._set_retrain_baseline()  # count from now, as a freshly started trainer does
+            self._leading.set()  # upkeep publishes the current model on this connection now
+        elif not held and self._leading.is_set():
+            log.warning("%s lost the leader lock", self._settings.instance)
+            self.counters.add("leader_lost")
+            self._leading.clear()
+        return held
+
+    def _set_retrain_baseline(self) -> None:
+        count = self.store.confirmation_count()
+        with self.store.transaction() as writer:
+            writer.set_meta(META_RETRAIN_BASELINE, str(count))
+
+    def _retrain_trigger(self) -> str | None:
+        """Why the leader should retrain now (None: no reason), from what every replica stored."""
+        requested = self.store.take_meta(META_RETRAIN_REQUEST)
+        if requested is not None:
+            return requested
+        retrain = self._settings.retrain
+        new = self.store.confirmation_count() - int(self.store.meta(META_RETRAIN_BASELINE) or 0)
+        if new >= retrain.min_new_confirmations:
+            return f"{new} new confirmations"
+        due = retrain.interval_s > 0 and self._clock() - self._last_retrain >= retrain.interval_s
+        return "interval" if due and new > 0 else None
 
     def retrain_once(self, reason: str) -> RetrainOutcome | None:
         """One round, start to finish; reports instead of raising."""
         log.info("retraining (%s)", reason)
         self.counters.add("retrain_rounds")
-        with self._lock:
-            self._new_confirmations = 0
         self._last_retrain = self._clock()
         outcome = None
         try:
+            self._set_retrain_baseline()  # confirmations stored from now count for the next one
             private_key = self._require_private_key()
             if self._base is None:
                 self._base = load_base(self._settings.base_data)
@@ -434,7 +490,9 @@ class TrainerService:
             finally:
                 with self._lock:
                     self._retrain_epoch = (0, 0)
-            if manifest is not None:
+            if manifest is not None and not self._lead():
+                self._report("leader_lost", f"{manifest.version} promoted, not published")
+            elif manifest is not None:
                 self.counters.add("models_promoted")
                 self.publish_current()
             else:
@@ -491,7 +549,12 @@ class TrainerService:
             # change of the current version, so `har models promote --no-publish` run beside
             # the service (whose login it must not share) reaches the fleet too.
             wanted = (self._connection.connect_count, self._registry_current())
-            if wanted != self._published and now >= next_publish and self._connection.connected:
+            if (
+                self.is_leader
+                and wanted != self._published
+                and now >= next_publish
+                and self._connection.connected
+            ):
                 if not self._upkeep_job("publish", self.publish_current, refused_is_final=True):
                     next_publish = now + PUBLISH_RETRY_S
                 elif wanted != self._published:  # refused by the ACL: not again on this one

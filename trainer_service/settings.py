@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.config import BrokerSettings
+from shared.config import BrokerSettings, redact_url
 from shared.errors import ConfigError
 from shared.topics import is_valid_id
 
@@ -56,10 +56,18 @@ class IngestSettings:
     commit_batch: int = 200  # messages committed per transaction at most
     shared_group: str = "trainers"  # $share/<group>/...: trainer processes split the load
     known_devices: tuple[str, ...] = ()  # empty: accept every well-formed device id
+    # How long the broker keeps this trainer's session (and queues its share of the messages)
+    # while it is away. One trainer: long, a restart finds everything queued. Replicas: short
+    # (e.g. 10), because Mosquitto keeps handing a dead replica its share of a $share group
+    # until its session expires; what was queued there is then dropped, and comes again from
+    # the devices, which resend what no receipt named (deploy/README.md, "Scaling out").
+    session_expiry_s: int = 7 * 24 * 3600
 
     def __post_init__(self) -> None:
         if not 1 <= self.queue_size <= 65535:
             raise ConfigError("ingest.queue_size must be within 1..65535")
+        if not 1 <= self.session_expiry_s <= 0xFFFFFFFE:
+            raise ConfigError("ingest.session_expiry_s must be within 1..4294967294")
         if not is_valid_id(self.shared_group):
             raise ConfigError("ingest.shared_group must be a valid id")
 
@@ -70,6 +78,32 @@ class RetentionSettings:
     max_age_days: float = 30.0  # sensor batches and predictions older than this are deleted
     max_batches_per_device: int = 2_592_000  # ... and never more than 30 days of 1 s batches
     interval_s: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    # "" (the default): SQLite in data_dir. "sqlite:///ABSOLUTE/PATH", or
+    # "postgresql://USER@HOST:PORT/DB" for several trainer replicas on one database.
+    url: str = ""
+    password_file: Path | None = None  # the PostgreSQL password, kept out of the URL
+
+    def __post_init__(self) -> None:
+        if self.url and not self.url.startswith(("sqlite://", "postgresql://", "postgres://")):
+            raise ConfigError(
+                f"store.url {redact_url(self.url)!r} must start with sqlite:// or postgresql://"
+            )
+
+    def __repr__(self) -> str:
+        # Settings end up in logs and tracebacks: never a password from the URL.
+        return f"StoreSettings(url={redact_url(self.url)!r}, password_file={self.password_file!r})"
+
+    def password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        try:
+            return self.password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read store.password_file: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +132,7 @@ class TrainerSettings:
     ingest: IngestSettings = field(default_factory=IngestSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.instance):
@@ -105,4 +140,9 @@ class TrainerSettings:
 
     @property
     def store_path(self) -> Path:
+        """The default SQLite file (used when ``store.url`` is empty)."""
         return self.data_dir / "trainer.sqlite3"
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url or f"sqlite://{self.store_path.absolute()}"

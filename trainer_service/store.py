@@ -1,7 +1,16 @@
-"""The trainer's durable store: every device's batches, predictions and confirmations, in SQLite.
+"""The trainer's durable store: every device's batches, predictions and confirmations.
 
-One file in WAL mode with a versioned schema (``PRAGMA user_version``) and forward migrations.
-Sensor batches are keyed by (device, sequence number), so a redelivered batch is stored once.
+``Store`` is the contract and holds every query, written once in SQL that SQLite and PostgreSQL
+both run (``?`` placeholders, ``INSERT ... ON CONFLICT``, the reserved words ``offset`` and
+``window`` quoted). Two backends, chosen by ``[store] url``:
+
+- ``SqliteStore`` (the default): one file in WAL mode, schema version in ``PRAGMA user_version``;
+  one trainer process, or a few on one machine.
+- ``trainer_service.store_postgres.PostgresStore``: several trainer replicas on one database.
+
+Both have the same versioned schema with forward migrations (one list per dialect, of equal
+length). Sensor batches are keyed by (device, sequence number), so a redelivered batch is stored
+once, whichever replica receives it.
 Confirmations are joined to the window they label: the prediction names the window's place in the
 device's batch stream, and the window's samples are copied out of the stored batches, so a
 confirmed window survives the retention policy that later deletes old batches.
@@ -12,24 +21,29 @@ acknowledges it to the broker only after that, so a crash before the commit mean
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from shared.codec import samples_from_bytes, samples_to_bytes
 from shared.errors import StorageError
+from shared.fileio import FileLock
 from shared.messages import Confirmation, DeviceStatus, Prediction, SensorBatch
 
-# Each migration takes the schema from version i to i + 1; never edit one that has shipped.
-# (``meta`` is reserved for service-wide facts; nothing uses it yet.)
+# Each migration takes the schema from version i to i + 1; never edit one that has shipped, and
+# add each new one to ``store_postgres._MIGRATIONS`` too (a test holds the two to one schema).
+# ``meta`` holds service-wide facts every replica sees (``META_*`` below).
 _MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE batches (
@@ -84,6 +98,11 @@ _MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
+# meta rows: a retrain asked for by a command, whichever replica received it (the leader takes
+# it), and the number of stored confirmations when the last retrain round started.
+META_RETRAIN_REQUEST = "retrain_request"
+META_RETRAIN_BASELINE = "retrain_baseline_confirmations"
+
 
 @dataclass(frozen=True, slots=True)
 class ConfirmedWindow:
@@ -114,48 +133,102 @@ class VersionAccuracy:
         return self.correct / self.confirmed if self.confirmed else 0.0
 
 
-class TrainerStore:
-    """Thread-safe; every write method commits before it returns.
+class Cursor(Protocol):
+    """What both drivers' cursors offer and the store uses."""
 
-    Every ``sqlite3.Error``, of a read or of a write, comes out as ``StorageError``.
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+Execute = Callable[[str, Sequence[object]], Cursor]
+
+
+class LeaderLock(ABC):
+    """Who among the trainer processes on one store retrains and publishes: at most one holds it.
+
+    The lock is tied to the holder's process (a file lock, a database session), so it is free
+    again as soon as that process dies, however it dies.
     """
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
-        self._path = path
+    @abstractmethod
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; True while this process holds it (never blocks long)."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Let go (idempotent)."""
+
+
+class FileLeaderLock(LeaderLock):
+    """An exclusive ``flock`` on a file beside the SQLite database: processes on one machine."""
+
+    def __init__(self, path: Path) -> None:
+        self._lock = FileLock(path)
+
+    def try_acquire(self) -> bool:
+        return self._lock.acquire()
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+class Store(ABC):
+    """The store contract, with every query; thread-safe, every write commits before it returns.
+
+    A backend provides the connection (``_execute``), its schema bookkeeping and its leader lock.
+    Every driver error, of a read or of a write, comes out as ``StorageError``.
+    """
+
+    _BEGIN = "BEGIN"
+
+    def __init__(
+        self, where: str, errors: tuple[type[Exception], ...], clock: Callable[[], float]
+    ) -> None:
+        self._where = where  # how messages name the store: never with a password
+        self._errors = errors
         self._clock = clock
         self._lock = threading.RLock()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives a process kill (the WAL is in the OS's hands once
-            # written); FULL adds an fsync per commit for power loss: take it, commits are batched.
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._migrate()
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot open trainer store {path}: {exc}") from exc
+
+    # ---------------------------------------------------------------- the backend's part
+    @abstractmethod
+    def _execute(self, sql: str, args: Sequence[object] = ()) -> Cursor:
+        """Run one statement on the store's connection (the caller holds ``_lock``)."""
+
+    @abstractmethod
+    def _read_schema_version(self) -> int: ...
+
+    @abstractmethod
+    def _close(self) -> None: ...
+
+    @abstractmethod
+    def leader_lock(self) -> LeaderLock:
+        """A lock that at most one process using this store holds at a time."""
+
+    def _record_seen(self, execute: Execute, devices: list[str], now: float) -> None:
+        """Insert devices not seen before and move ``last_seen`` of the others to ``now``."""
+        for device_id in devices:
+            execute(
+                "INSERT INTO devices (device_id, first_seen, last_seen) VALUES (?, ?, ?)"
+                " ON CONFLICT(device_id) DO UPDATE SET last_seen = excluded.last_seen",
+                (device_id, now, now),
+            )
+
+    # ---------------------------------------------------------------- lifecycle
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._where})"
 
     @property
     def schema_version(self) -> int:
         with self._reading():
-            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
-
-    def _migrate(self) -> None:
-        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise StorageError(
-                f"{self._path} has schema {version}; this trainer knows up to {SCHEMA_VERSION}"
-            )
-        for target in range(version, SCHEMA_VERSION):
-            # executescript commits by itself; run each migration and its version bump together.
-            self._db.executescript(
-                f"BEGIN; {_MIGRATIONS[target]}; PRAGMA user_version = {target + 1}; COMMIT;"
-            )
+            return self._read_schema_version()
 
     def close(self) -> None:
         with self._reading():
-            self._db.close()
+            self._close()
 
     @contextmanager
     def _reading(self) -> Iterator[None]:
@@ -163,92 +236,122 @@ class TrainerStore:
         with self._lock:
             try:
                 yield
-            except sqlite3.Error as exc:
-                raise StorageError(f"cannot read {self._path}: {exc}") from exc
+            except self._errors as exc:
+                raise StorageError(f"cannot read {self._where}: {exc}") from exc
+
+    def _rows(self, sql: str, args: Sequence[object] = ()) -> list[Any]:
+        with self._reading():
+            return self._execute(sql, args).fetchall()
+
+    def _checked_execute(self, sql: str, args: Sequence[object]) -> Cursor:
+        try:
+            return self._execute(sql, args)
+        except self._errors as exc:
+            raise StorageError(f"database write failed: {exc}") from exc
 
     @contextmanager
     def transaction(self) -> Iterator[Writer]:
         """One atomic unit of writes; committed when the block ends without an error."""
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StorageError(f"cannot write {self._path}: {exc}") from exc
+                self._execute(self._BEGIN)
+            except self._errors as exc:
+                raise StorageError(f"cannot write {self._where}: {exc}") from exc
+            writer = Writer(self._checked_execute, self._clock())
             try:
-                yield Writer(self._db, self._clock())
+                yield writer
+                self._record_seen(self._checked_execute, writer.seen_devices(), writer.now)
             except BaseException as exc:
-                self._db.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise StorageError(f"cannot write {self._path}: {exc}") from exc
+                self._rollback()
+                if isinstance(exc, self._errors):
+                    raise StorageError(f"cannot write {self._where}: {exc}") from exc
                 raise
             try:
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise StorageError(f"cannot commit to {self._path}: {exc}") from exc
+                self._execute("COMMIT")
+            except self._errors as exc:
+                self._rollback()
+                raise StorageError(f"cannot commit to {self._where}: {exc}") from exc
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(*self._errors):  # a connection gone took the transaction along
+            self._execute("ROLLBACK")
 
     # ---------------------------------------------------------------------- reading
     def counts(self) -> StoreCounts:
-        with self._reading():
-            batches, samples = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(n_samples), 0) FROM batches"
-            ).fetchone()
-            predictions = self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
-            confirmations, joined = self._db.execute(
-                "SELECT COUNT(*), COUNT(joined) FROM confirmations"
-            ).fetchone()
-            devices = self._db.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
-        return StoreCounts(batches, samples, predictions, confirmations, joined, devices)
+        [(batches, samples, predictions, confirmations, joined, devices)] = self._rows(
+            "SELECT (SELECT COUNT(*) FROM batches), (SELECT COALESCE(SUM(n_samples), 0)"
+            " FROM batches), (SELECT COUNT(*) FROM predictions), (SELECT COUNT(*) FROM"
+            " confirmations), (SELECT COUNT(joined) FROM confirmations),"
+            " (SELECT COUNT(*) FROM devices)"
+        )
+        return StoreCounts(
+            int(batches),
+            int(samples),
+            int(predictions),
+            int(confirmations),
+            int(joined),
+            int(devices),
+        )
+
+    def confirmation_count(self) -> int:
+        """Confirmations stored (never deleted): what retrain triggers count from."""
+        return int(self._rows("SELECT COUNT(*) FROM confirmations")[0][0])
 
     def accuracy_by_version(self) -> dict[str, VersionAccuracy]:
         """Per model version: its confirmed predictions, and how many the user confirmed as is."""
-        with self._reading():
-            rows = self._db.execute(
-                "SELECT p.model_version, COUNT(*), SUM(p.label = c.label) FROM predictions p"
-                " JOIN confirmations c"
-                " ON c.prediction_id = p.prediction_id AND c.device_id = p.device_id"
-                " GROUP BY p.model_version ORDER BY p.model_version"
-            ).fetchall()
+        rows = self._rows(
+            "SELECT p.model_version, COUNT(*), SUM(CASE WHEN p.label = c.label THEN 1 ELSE 0 END)"
+            " FROM predictions p JOIN confirmations c"
+            " ON c.prediction_id = p.prediction_id AND c.device_id = p.device_id"
+            " GROUP BY p.model_version ORDER BY p.model_version"
+        )
         return {row[0]: VersionAccuracy(int(row[1]), int(row[2])) for row in rows}
 
     def devices_by_state(self) -> dict[str, int]:
         """Devices per last reported state ("online", "offline", ...; "unknown": no status yet)."""
-        with self._reading():
-            rows = self._db.execute(
-                "SELECT COALESCE(state, 'unknown'), COUNT(*) FROM devices GROUP BY 1 ORDER BY 1"
-            ).fetchall()
+        rows = self._rows(
+            "SELECT COALESCE(state, 'unknown'), COUNT(*) FROM devices GROUP BY 1 ORDER BY 1"
+        )
         return {row[0]: int(row[1]) for row in rows}
 
     def batch_seqs(self, device_id: str) -> list[int]:
-        with self._reading():
-            rows = self._db.execute(
-                "SELECT seq FROM batches WHERE device_id = ? ORDER BY seq", (device_id,)
-            ).fetchall()
+        rows = self._rows("SELECT seq FROM batches WHERE device_id = ? ORDER BY seq", (device_id,))
         return [int(row[0]) for row in rows]
 
     def batch(self, device_id: str, seq: int) -> npt.NDArray[np.float32] | None:
-        with self._reading():
-            row = self._db.execute(
-                "SELECT samples FROM batches WHERE device_id = ? AND seq = ?", (device_id, seq)
-            ).fetchone()
-        return None if row is None else samples_from_bytes(row[0])
+        rows = self._rows(
+            "SELECT samples FROM batches WHERE device_id = ? AND seq = ?", (device_id, seq)
+        )
+        return samples_from_bytes(bytes(rows[0][0])) if rows else None
 
     def confirmed_windows(self) -> list[ConfirmedWindow]:
         """Every confirmation joined to its window, oldest first."""
-        with self._reading():
-            rows = self._db.execute(
-                "SELECT prediction_id, device_id, label, window, received FROM confirmations"
-                " WHERE joined IS NOT NULL ORDER BY received, prediction_id"
-            ).fetchall()
+        rows = self._rows(
+            'SELECT prediction_id, device_id, label, "window", received FROM confirmations'
+            " WHERE joined IS NOT NULL ORDER BY received, prediction_id"
+        )
         return [
-            ConfirmedWindow(row[0], row[1], row[2], samples_from_bytes(row[3]), float(row[4]))
+            ConfirmedWindow(
+                row[0], row[1], row[2], samples_from_bytes(bytes(row[3])), float(row[4])
+            )
             for row in rows
         ]
+
+    def meta(self, name: str) -> str | None:
+        rows = self._rows("SELECT value FROM meta WHERE name = ?", (name,))
+        return str(rows[0][0]) if rows else None
+
+    def take_meta(self, name: str) -> str | None:
+        """Delete a meta row and return its value (None: there was none); atomic."""
+        with self.transaction() as writer:
+            row = writer.fetchone("DELETE FROM meta WHERE name = ? RETURNING value", (name,))
+        return None if row is None else str(row[0])
 
     # ---------------------------------------------------------------------- joining
     def join_pending(self, limit: int = 1000) -> int:
         """Join unjoined confirmations whose prediction and batches have arrived since."""
         with self._reading():
-            pending = self._db.execute(
+            pending = self._execute(
                 "SELECT prediction_id FROM confirmations WHERE joined IS NULL"
                 " ORDER BY received LIMIT ?",
                 (limit,),
@@ -278,107 +381,187 @@ class TrainerStore:
         return removed
 
 
-class Writer:
-    """The writes of one transaction (only valid inside ``TrainerStore.transaction``)."""
+class SqliteStore(Store):
+    """One SQLite file in WAL mode (``:memory:`` for a throwaway store)."""
 
-    def __init__(self, db: sqlite3.Connection, now: float) -> None:
-        self._db = db
-        self._now = now
-        self._seen_devices: set[str] = set()  # one transaction has one "now": write it once
+    _BEGIN = "BEGIN IMMEDIATE"
 
-    def _exec(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(str(path), (sqlite3.Error,), clock)
+        self._path = path
         try:
-            return self._db.execute(sql, args)
+            if str(path) != ":memory:":
+                path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a process kill (the WAL is in the OS's hands once
+            # written); FULL adds an fsync per commit for power loss: take it, commits are batched.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._migrate()
         except sqlite3.Error as exc:
-            raise StorageError(f"database write failed: {exc}") from exc
+            raise StorageError(f"cannot open trainer store {path}: {exc}") from exc
 
-    def execute(self, sql: str, args: tuple[object, ...] = ()) -> int:
+    def _execute(self, sql: str, args: Sequence[object] = ()) -> Cursor:
+        return self._db.execute(sql, tuple(args))
+
+    def _read_schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        version = self._read_schema_version()
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"{self._path} has schema {version}; this trainer knows up to {SCHEMA_VERSION}"
+            )
+        for target in range(version, SCHEMA_VERSION):
+            # executescript commits by itself; run each migration and its version bump together.
+            self._db.executescript(
+                f"BEGIN; {_MIGRATIONS[target]}; PRAGMA user_version = {target + 1}; COMMIT;"
+            )
+
+    def _close(self) -> None:
+        self._db.close()
+
+    def leader_lock(self) -> LeaderLock:
+        if str(self._path) == ":memory:":
+            raise StorageError("an in-memory store has no leader lock")
+        return FileLeaderLock(self._path.with_name(self._path.name + ".leader"))
+
+
+class Writer:
+    """The writes of one transaction (only valid inside ``Store.transaction``)."""
+
+    def __init__(self, execute: Execute, now: float) -> None:
+        self._exec = execute
+        self.now = now
+        self._seen_devices: set[str] = set()  # recorded once, in order, before the commit
+
+    def execute(self, sql: str, args: Sequence[object] = ()) -> int:
         return int(self._exec(sql, args).rowcount)
 
-    def _seen(self, device_id: str) -> None:
-        if device_id in self._seen_devices:
-            return
-        self._seen_devices.add(device_id)
-        self._exec(
-            "INSERT INTO devices (device_id, first_seen, last_seen) VALUES (?, ?, ?)"
-            " ON CONFLICT(device_id) DO UPDATE SET last_seen = excluded.last_seen",
-            (device_id, self._now, self._now),
+    def fetchone(self, sql: str, args: Sequence[object] = ()) -> Any:
+        return self._exec(sql, args).fetchone()
+
+    def fetchall(self, sql: str, args: Sequence[object] = ()) -> list[Any]:
+        return self._exec(sql, args).fetchall()
+
+    def seen_devices(self) -> list[str]:
+        """The devices this transaction touched, sorted: every replica locks them in one order."""
+        return sorted(self._seen_devices)
+
+    def _insert(self, table: str, columns: Iterable[str], args: Sequence[object]) -> bool:
+        """INSERT unless the key is there already; True if the row is new."""
+        names = list(columns)
+        cursor = self._exec(
+            f"INSERT INTO {table} ({', '.join(names)}) VALUES"  # noqa: S608 - names are ours
+            f" ({', '.join('?' * len(names))}) ON CONFLICT DO NOTHING",
+            args,
         )
+        return cursor.rowcount == 1
 
     def add_batch(self, batch: SensorBatch) -> bool:
         """Store a batch; False if (device, seq) is stored already (a redelivery)."""
-        self._seen(batch.device_id)
-        cursor = self._exec(
-            "INSERT OR IGNORE INTO batches (device_id, seq, sample_rate_hz, t0_ns, n_samples,"
-            " samples, offsets_us, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        self._seen_devices.add(batch.device_id)
+        return self._insert(
+            "batches",
+            (
+                "device_id",
+                "seq",
+                "sample_rate_hz",
+                "t0_ns",
+                "n_samples",
+                "samples",
+                "offsets_us",
+                "received",
+            ),
             (
                 batch.device_id,
-                batch.seq,
-                batch.sample_rate_hz,
-                batch.t0_ns,
-                batch.n_samples,
+                int(batch.seq),
+                float(batch.sample_rate_hz),
+                int(batch.t0_ns),
+                int(batch.n_samples),
                 samples_to_bytes(batch.samples),
                 None if batch.offsets_us is None else batch.offsets_us.astype("<u4").tobytes(),
-                self._now,
+                self.now,
             ),
         )
-        return cursor.rowcount == 1
 
     def add_prediction(self, prediction: Prediction) -> bool:
-        self._seen(prediction.device_id)
-        cursor = self._exec(
-            "INSERT OR IGNORE INTO predictions (prediction_id, device_id, batch_seq, offset,"
-            " length, label, model_version, ts, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        self._seen_devices.add(prediction.device_id)
+        return self._insert(
+            "predictions",
+            (
+                "prediction_id",
+                "device_id",
+                "batch_seq",
+                '"offset"',
+                "length",
+                "label",
+                "model_version",
+                "ts",
+                "received",
+            ),
             (
                 prediction.prediction_id,
                 prediction.device_id,
-                prediction.window.batch_seq,
-                prediction.window.offset,
-                prediction.window.length,
+                int(prediction.window.batch_seq),
+                int(prediction.window.offset),
+                int(prediction.window.length),
                 prediction.label,
                 prediction.model_version,
-                prediction.ts,
-                self._now,
+                float(prediction.ts),
+                self.now,
             ),
         )
-        return cursor.rowcount == 1
 
     def add_confirmation(self, device_id: str, confirmation: Confirmation) -> bool:
         """Store a confirmation (the first one for a prediction wins) and try to join it."""
-        self._seen(device_id)
-        cursor = self._exec(
-            "INSERT OR IGNORE INTO confirmations (prediction_id, device_id, label, source, ts,"
-            " received) VALUES (?, ?, ?, ?, ?, ?)",
+        self._seen_devices.add(device_id)
+        new = self._insert(
+            "confirmations",
+            ("prediction_id", "device_id", "label", "source", "ts", "received"),
             (
                 confirmation.prediction_id,
                 device_id,
                 confirmation.label,
                 confirmation.source,
-                confirmation.ts,
-                self._now,
+                float(confirmation.ts),
+                self.now,
             ),
         )
-        if cursor.rowcount != 1:
-            return False
-        self.join(confirmation.prediction_id)
-        return True
+        if new:
+            self.join(confirmation.prediction_id)
+        return new
 
     def update_status(self, status: DeviceStatus) -> None:
-        self._seen(status.device_id)
+        self._seen_devices.add(status.device_id)
         self._exec(
-            "UPDATE devices SET state = ?, model_version = ?, counters = ? WHERE device_id = ?",
+            "INSERT INTO devices (device_id, first_seen, last_seen, state, model_version,"
+            " counters) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET"
+            " state = excluded.state, model_version = excluded.model_version,"
+            " counters = excluded.counters",
             (
+                status.device_id,
+                self.now,
+                self.now,
                 status.state,
                 status.model_version,
                 json.dumps(dict(status.counters)),
-                status.device_id,
             ),
+        )
+
+    def set_meta(self, name: str, value: str) -> None:
+        self._exec(
+            "INSERT INTO meta (name, value) VALUES (?, ?)"
+            " ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (name, value),
         )
 
     def join(self, prediction_id: str) -> bool:
         """Copy the confirmed window's samples out of the stored batches, if all are here."""
         row = self._exec(
-            "SELECT c.device_id, p.device_id, p.batch_seq, p.offset, p.length"
+            'SELECT c.device_id, p.device_id, p.batch_seq, p."offset", p.length'
             " FROM confirmations c JOIN predictions p USING (prediction_id)"
             " WHERE c.prediction_id = ? AND c.joined IS NULL",
             (prediction_id,),
@@ -397,21 +580,21 @@ class Writer:
             ).fetchone()
             if stored is None:
                 return False  # not arrived yet: ``join_pending`` tries again later
-            samples = samples_from_bytes(stored[0])
+            samples = samples_from_bytes(bytes(stored[0]))
             pieces.append(samples)
             have += samples.shape[0]
             seq += 1
         window = np.concatenate(pieces)[offset : offset + length]
         self._exec(
-            "UPDATE confirmations SET window = ?, window_length = ?, joined = ?"
+            'UPDATE confirmations SET "window" = ?, window_length = ?, joined = ?'
             " WHERE prediction_id = ?",
-            (samples_to_bytes(window), length, self._now, prediction_id),
+            (samples_to_bytes(window), length, self.now, prediction_id),
         )
         return True
 
     def trim_batches(self, max_per_device: int) -> int:
         removed = 0
-        devices = [row[0] for row in self._exec("SELECT device_id FROM devices")]
+        devices = [row[0] for row in self._exec("SELECT device_id FROM devices", ()).fetchall()]
         for device_id in devices:
             removed += self.execute(
                 "DELETE FROM batches WHERE device_id = ? AND seq <= COALESCE((SELECT seq FROM"
@@ -419,3 +602,21 @@ class Writer:
                 (device_id, device_id, max_per_device),
             )
         return removed
+
+
+def open_store(
+    url: str, *, password: str | None = None, clock: Callable[[], float] = time.time
+) -> Store:
+    """The store ``url`` names: ``sqlite:///ABSOLUTE/PATH`` or ``postgresql://...`` (with
+    ``password`` if given; psycopg is imported only then)."""
+    if url.startswith("sqlite://"):
+        return SqliteStore(Path(url.removeprefix("sqlite://")), clock=clock)
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            from trainer_service.store_postgres import PostgresStore
+        except ImportError as exc:
+            raise StorageError(
+                f"a postgresql:// store needs psycopg: pip install 'har-edge[postgres]' ({exc})"
+            ) from exc
+        return PostgresStore(url, password=password, clock=clock)
+    raise StorageError("store.url must start with sqlite:// or postgresql://")

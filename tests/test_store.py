@@ -1,0 +1,290 @@
+"""The store contract, run against both backends (SQLite file, PostgreSQL database), and what is
+particular to each: schema bookkeeping, the leader lock, a lost PostgreSQL connection."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.config import redact_url
+from shared.errors import PayloadError, StorageError
+from shared.messages import Confirmation, DeviceStatus, Prediction, SensorBatch, WindowRef
+from trainer_service.settings import StoreSettings
+from trainer_service.store import (
+    SCHEMA_VERSION,
+    SqliteStore,
+    Store,
+    VersionAccuracy,
+    open_store,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+MakeStore = Callable[..., Store]
+
+
+def batch(device: str, seq: int, n: int = 20) -> SensorBatch:
+    samples = (np.arange(n * 3, dtype=np.float32).reshape(n, 3) + seq * 1000) / 100
+    return SensorBatch(device, seq, 20.0, 1_700_000_000_000_000_000 + seq, samples)
+
+
+def prediction(device: str, pid: str, seq: int, offset: int, length: int) -> Prediction:
+    return Prediction(pid, device, WindowRef(seq, offset, length), "Walking", 0, (1.0,), "v1", 1.0)
+
+
+# ------------------------------------------------------------------------------ the contract
+
+
+def test_batches_are_stored_once_per_device_and_sequence_number(make_store: MakeStore) -> None:
+    store = make_store()
+    with store.transaction() as writer:
+        assert writer.add_batch(batch("d1", 0))
+        assert writer.add_batch(batch("d2", 0))
+        assert not writer.add_batch(batch("d1", 0))  # a redelivery
+    second = make_store()  # another replica on the same store
+    with second.transaction() as writer:
+        assert not writer.add_batch(batch("d2", 0))
+        assert writer.add_batch(batch("d2", 1))
+    assert store.counts().batches == 3
+    assert store.counts().devices == 2
+    np.testing.assert_array_equal(store.batch("d1", 0), batch("d1", 0).samples)
+    assert store.batch("d1", 7) is None
+
+
+def test_confirmation_joins_a_window_that_spans_batches_even_when_they_arrive_late(
+    make_store: MakeStore,
+) -> None:
+    store = make_store()
+    with store.transaction() as writer:
+        writer.add_batch(batch("d1", 5))
+        writer.add_prediction(prediction("d1", "p1", 5, 15, 16))  # samples 15..19 + 0..10 of 6
+        assert writer.add_confirmation("d1", Confirmation("p1", "Sitting", "user", 2.0))
+        assert not writer.add_confirmation("d1", Confirmation("p1", "Walking", "user", 3.0))
+    assert store.confirmed_windows() == []  # batch 6 is still missing
+    assert store.confirmation_count() == 1
+    with store.transaction() as writer:
+        writer.add_batch(batch("d1", 6))
+    assert store.join_pending() == 1
+    [window] = store.confirmed_windows()
+    expected = np.concatenate([batch("d1", 5).samples, batch("d1", 6).samples])[15:31]
+    np.testing.assert_array_equal(window.window, expected)
+    assert (window.label, window.device_id) == ("Sitting", "d1")
+
+
+def test_confirmation_on_another_devices_topic_never_labels_the_window(
+    make_store: MakeStore,
+) -> None:
+    store = make_store()
+    with store.transaction() as writer:
+        writer.add_batch(batch("d1", 0))
+        writer.add_prediction(prediction("d1", "p1", 0, 0, 10))
+        writer.add_confirmation("d2", Confirmation("p1", "Sitting", "user", 2.0))
+    assert store.join_pending() == 0
+    assert store.counts().joined == 0
+
+
+def test_retention_deletes_old_batches_but_keeps_confirmed_windows(make_store: MakeStore) -> None:
+    now = [1000.0]
+    store = make_store(clock=lambda: now[0])
+    with store.transaction() as writer:
+        for seq in range(10):
+            writer.add_batch(batch("d1", seq))
+        writer.add_prediction(prediction("d1", "p1", 0, 0, 10))
+        writer.add_confirmation("d1", Confirmation("p1", "Sitting", "user", 2.0))
+    now[0] = 1000.0 + 86400 * 2
+    with store.transaction() as writer:
+        for seq in range(10, 15):
+            writer.add_batch(batch("d1", seq))
+    removed = store.apply_retention(max_age_s=86400, max_batches_per_device=3)
+    assert removed == 12
+    assert store.batch_seqs("d1") == [12, 13, 14]
+    assert len(store.confirmed_windows()) == 1
+
+
+def test_accuracy_statuses_and_meta(make_store: MakeStore) -> None:
+    store = make_store()
+    with store.transaction() as writer:
+        for pid, label, version in (("p1", "Walking", "v1"), ("p2", "Walking", "v1")):
+            writer.add_prediction(
+                Prediction(pid, "d1", WindowRef(0, 0, 10), label, 0, (1.0,), version, 1.0)
+            )
+        writer.add_confirmation("d1", Confirmation("p1", "Walking", "user", 2.0))
+        writer.add_confirmation("d1", Confirmation("p2", "Jogging", "user", 2.0))
+        writer.update_status(DeviceStatus("d3", "online", "v1", 3.0, {"batches": 4}))
+        writer.set_meta("retrain_request", "command a")
+        writer.set_meta("retrain_request", "command b")  # the last one wins
+    assert store.accuracy_by_version() == {"v1": VersionAccuracy(confirmed=2, correct=1)}
+    assert store.devices_by_state() == {"online": 1, "unknown": 1}
+    assert store.meta("retrain_request") == "command b"
+    assert store.take_meta("retrain_request") == "command b"
+    assert store.take_meta("retrain_request") is None
+
+
+def test_a_failed_transaction_stores_nothing(make_store: MakeStore) -> None:
+    store = make_store()
+
+    def failing_group() -> None:
+        with store.transaction() as writer:
+            writer.add_batch(batch("d1", 0))
+            raise RuntimeError("the group failed")
+
+    with pytest.raises(RuntimeError):
+        failing_group()
+    assert store.counts().batches == 0
+    assert store.counts().devices == 0
+
+
+def test_every_store_read_raises_storage_error(make_store: MakeStore) -> None:
+    store = make_store()
+    store.close()
+    for read in (
+        store.counts,
+        store.confirmed_windows,
+        store.join_pending,
+        store.confirmation_count,
+        lambda: store.batch_seqs("d1"),
+        lambda: store.batch("d1", 0),
+        lambda: store.schema_version,
+    ):
+        with pytest.raises(StorageError, match="cannot read"):
+            read()
+
+
+def test_schema_is_versioned_and_a_newer_one_is_refused(
+    make_store: MakeStore, store_url: str
+) -> None:
+    store = make_store()
+    assert store.schema_version == SCHEMA_VERSION == 1
+    if isinstance(store, SqliteStore):
+        store.close()
+        with sqlite3.connect(store_url.removeprefix("sqlite://")) as db:
+            db.execute("PRAGMA user_version = 99")
+    else:
+        with store.transaction() as writer:
+            writer.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(StorageError, match="schema 99"):
+        make_store()
+
+
+def test_one_leader_at_a_time_and_the_lock_is_free_once_its_process_dies(
+    make_store: MakeStore, store_url: str
+) -> None:
+    store = make_store()
+    first, second = store.leader_lock(), make_store().leader_lock()
+    assert first.try_acquire()
+    assert first.try_acquire()  # still held
+    assert not second.try_acquire()
+    first.release()
+    assert second.try_acquire()
+    second.release()
+    # A process that holds it, killed with SIGKILL: the lock is free within a second.
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from trainer_service.store import open_store\n"
+            "lock = open_store(sys.argv[1]).leader_lock()\n"
+            "assert lock.try_acquire(); print('held', flush=True); sys.stdin.read()",
+            store_url,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+    ) as holder:
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline() == b"held\n"
+            assert not first.try_acquire()
+            holder.kill()
+            holder.wait(10)
+            killed = time.monotonic()
+            while not first.try_acquire():
+                assert time.monotonic() - killed < 5.0, "the dead holder's lock was never freed"
+                time.sleep(0.02)  # a bounded poll, as a replica's retrain loop does every second
+            assert time.monotonic() - killed < 2.0
+        finally:
+            holder.kill()
+            first.release()
+
+
+# ------------------------------------------------------------------------------ each backend
+
+
+def test_sqlite_and_postgresql_have_the_same_schema(tmp_path: Path, postgres_url: str) -> None:
+    def columns(store: Store, sql: str) -> set[tuple[str, str]]:
+        with store.transaction() as writer:
+            return {(row[0], row[1]) for row in writer.fetchall(sql)}
+
+    lite = open_store(f"sqlite://{tmp_path / 't.sqlite3'}")
+    postgres = open_store(postgres_url)
+    try:
+        ours = columns(
+            lite,
+            "SELECT m.name, p.name FROM sqlite_master m, pragma_table_info(m.name) p"
+            " WHERE m.type = 'table'",
+        )
+        theirs = columns(
+            postgres,
+            "SELECT table_name, column_name FROM information_schema.columns"
+            " WHERE table_schema = 'public' AND table_name <> 'schema_version'",
+        )
+    finally:
+        lite.close()
+        postgres.close()
+    assert ours == theirs
+    assert ("batches", "samples") in ours
+
+
+def test_postgres_refuses_a_nul_in_text_as_bad_input_and_keeps_the_rest(
+    postgres_url: str,
+) -> None:
+    store = open_store(postgres_url)
+    try:
+        with store.transaction() as writer:
+            assert writer.add_batch(batch("d1", 0))
+            bad = Prediction("p\x00", "d1", WindowRef(0, 0, 10), "Walking", 0, (1.0,), "v1", 1.0)
+            with pytest.raises(PayloadError, match="NUL"):
+                writer.add_prediction(bad)
+            assert writer.add_prediction(prediction("d1", "p2", 0, 0, 10))
+        assert store.counts().predictions == 1
+        assert store.batch_seqs("d1") == [0]
+    finally:
+        store.close()
+
+
+def test_postgres_store_comes_back_after_its_connection_is_cut(
+    postgres_url: str, postgres_server: object
+) -> None:
+    import psycopg
+
+    store = open_store(postgres_url)
+    try:
+        with store.transaction() as writer:
+            writer.add_batch(batch("d1", 0))
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            # As a server restart would: every other session of this database ends.
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        with pytest.raises(StorageError):
+            store.counts()  # the statement that finds the connection gone
+        assert store.batch_seqs("d1") == [0]  # the next one connects again
+    finally:
+        store.close()
+
+
+def test_store_settings_never_show_a_password(postgres_server: object) -> None:
+    url = "postgresql://har:s3cret-pw@127.0.0.1:1/har"
+    assert "s3cret-pw" not in repr(StoreSettings(url=url))
+    assert redact_url(url) == "postgresql://har:<redacted>@127.0.0.1:1/har"
+    with pytest.raises(StorageError) as refused:
+        open_store(url)
+    assert "s3cret-pw" not in str(refused.value)
+    assert "127.0.0.1:1" in str(refused.value)
