@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared/data/hapt-wisdm-format/hapt_users01-24_raw.txt"
@@ -64,3 +65,16 @@ def percentiles(seconds: list[float], digits: int = 3) -> dict[str, float | int]
         "p99_ms": round(float(np.percentile(ms, 99)), digits),
         "max_ms": round(float(ms.max()), digits),
     }
+
+
+def medians(runs: list[Any]) -> Any:
+    """Field by field, the median of the runs' numbers (the runs share one structure)."""
+    import numpy as np
+
+    first = runs[0]
+    if isinstance(first, dict):
+        return {key: medians([run[key] for run in runs]) for key in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        values = [run for run in runs if run is not None]
+        return round(float(np.median(values)), 3) if values else None
+    return first

@@ -18,7 +18,8 @@ are those of the two venvs as ``scripts/setup.sh`` makes them (pip and editable 
 and of a device image of the light agent: a venv without pip, installed with ``--no-compile``.
 Prints one JSON document and writes it to ``docs/evidence/agent.json``.
 
-    .venv/bin/python bench/agent.py [--seconds 60] [--runtime tensorflow litert] [--no-image]
+    .venv/bin/python bench/agent.py [--seconds 60] [--repeat 3] [--runtime tensorflow litert]
+                                    [--no-image]
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, har_train, percentiles, rss_mb  # also puts the repository on sys.path
+from _common import (  # also puts the repository on sys.path
+    REPO,
+    har_train,
+    medians,
+    percentiles,
+    rss_mb,
+)
 
 EVIDENCE = REPO / "docs" / "evidence" / "agent.json"
 LITE_PYTHON = REPO / ".venv-lite" / "bin" / "python"
@@ -71,10 +78,14 @@ def make_release(workdir: Path, model: Path | None) -> tuple[Path, Any]:
     return public, registry
 
 
-def tree_mb(folder: Path) -> float:
-    """Bytes of every file under ``folder`` (symlinks not followed), in MiB."""
+def tree_mb(folder: Path, *, skip: tuple[str, ...] = ()) -> float:
+    """Bytes of every file under ``folder`` (symlinks not followed, the ``skip`` subfolders
+    left out), in MiB."""
     total = 0
-    for root, _, files in os.walk(folder):
+    for root, folders, files in os.walk(folder):
+        folders[:] = [
+            name for name in folders if Path(root, name) not in {folder / s for s in skip}
+        ]
         for name in files:
             total += os.lstat(os.path.join(root, name)).st_size
     return round(total / 2**20, 1)
@@ -237,7 +248,9 @@ def predict_back_to_back(model: Any) -> list[float]:
     return seconds[100:]  # the first calls warm up
 
 
-def agent_in_child(args: argparse.Namespace, runtime: str, public: Path, port: int) -> Any:
+def agent_in_child(
+    args: argparse.Namespace, runtime: str, name: str, public: Path, port: int
+) -> Any:
     python = Path(sys.executable)
     if runtime == "litert":
         if not LITE_PYTHON.exists():
@@ -250,18 +263,18 @@ def agent_in_child(args: argparse.Namespace, runtime: str, public: Path, port: i
         "--child-runtime",
         runtime,
         "--device",
-        f"bench-{runtime}",
+        f"bench-{name}",
         "--port",
         str(port),
         "--public-key",
         str(public),
         "--state-dir",
-        str(args.workdir / runtime),
+        str(args.workdir / name),
         "--seconds",
         str(args.seconds),
     ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    with PersonsApp(port, f"bench-{runtime}", args.confirm_every):
+    with PersonsApp(port, f"bench-{name}", args.confirm_every):
         done = subprocess.run(
             command,
             capture_output=True,
@@ -299,6 +312,7 @@ def main() -> int:
     parser.add_argument(
         "--runtime", nargs="+", default=["tensorflow", "litert"], choices=["tensorflow", "litert"]
     )
+    parser.add_argument("--repeat", type=int, default=3, help="runs per runtime (medians)")
     parser.add_argument("--no-image", action="store_true", help="skip building the device image")
     parser.add_argument("--evidence", type=Path, default=EVIDENCE)
     # The child's own arguments.
@@ -336,13 +350,17 @@ def main() -> int:
                 10,
             )
             publisher.stop()
-            runs = {
-                runtime: agent_in_child(args, runtime, public, broker.port)
-                for runtime in args.runtime
-            }
+            # Alternately, so that both runtimes meet the machine's noise alike.
+            each_run: dict[str, list[Any]] = {runtime: [] for runtime in args.runtime}
+            for i in range(args.repeat):
+                for runtime in args.runtime:
+                    result = agent_in_child(args, runtime, f"{runtime}-{i}", public, broker.port)
+                    each_run[runtime].append(result)
+            runs = {runtime: medians(results) for runtime, results in each_run.items()}
         finally:
             broker.stop()
-        sizes = {"venv_full": tree_mb(REPO / ".venv")}
+        # .venv/node-red is a test tool (scripts/install-node-red.sh), not part of the agent.
+        sizes = {"venv_full": tree_mb(REPO / ".venv", skip=("node-red",))}
         if LITE_PYTHON.exists():
             sizes["venv_lite"] = tree_mb(REPO / ".venv-lite")
         if not args.no_image:
@@ -350,7 +368,10 @@ def main() -> int:
     report: dict[str, Any] = {
         "benchmark": "agent",
         "sensor_rate_hz": 20.0,
+        "repeat": args.repeat,
+        # Field by field, the median of the runs of each runtime; every run beneath.
         "runs": runs,
+        "each_run": each_run,
         "installed_mb": sizes,
         "targets": TARGETS,
         "note": "each agent runs in a process of its own, one after the other, on the same "

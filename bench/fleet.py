@@ -43,8 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from _common import har_train, percentiles, rss_mb  # also puts the repository on sys.path
+from _common import har_train, medians, percentiles, rss_mb  # also puts the repository on sys.path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -326,17 +325,6 @@ def run_fleet(
     for handle in logs.values():
         handle.close()
     return result
-
-
-def medians(runs: list[Any]) -> Any:
-    """Field by field, the median of the runs' numbers (the runs share one structure)."""
-    first = runs[0]
-    if isinstance(first, dict):
-        return {key: medians([run[key] for run in runs]) for key in first}
-    if isinstance(first, (int, float)) and not isinstance(first, bool):
-        values = [run for run in runs if run is not None]
-        return round(float(np.median(values)), 3) if values else None
-    return first
 
 
 def main() -> int:

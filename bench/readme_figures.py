@@ -107,7 +107,7 @@ def _agent(ev: Evidence) -> str:
         f"**light agent (LiteRT, no TensorFlow): {one('litert')}; installed "
         f"{sizes['device_image_lite']:.0f} MB** (device image; {sizes['venv_lite']:.0f} MB as a "
         f"dev venv). Full agent (TensorFlow): {one('tensorflow')}; installed "
-        f"{sizes['venv_full'] / 1000:.1f} GB"
+        f"{sizes['venv_full'] / 1000:.1f} GB (medians of {ev['repeat']} runs each)"
     )
 
 
