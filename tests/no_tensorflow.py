@@ -1,15 +1,14 @@
 """Run a process as a device without TensorFlow would: any import of it fails.
 
-``python -m tests.no_tensorflow MODULE ARGS...`` runs ``MODULE`` as ``python -m`` would, with
-TensorFlow (and Keras) made unimportable first, so a code path that reaches for it fails loudly
-instead of quietly loading 0.5 GB. ``block_tensorflow()`` does the same inside a process.
+``block_tensorflow()`` makes TensorFlow (and Keras) unimportable in this process, so a code path
+that reaches for it fails loudly instead of quietly loading 0.5 GB. (The light agent's own test
+runs from ``.venv-lite``, where TensorFlow is not installed at all.)
 """
 
 from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
-import runpy
 import sys
 from collections.abc import Sequence
 
@@ -31,10 +30,3 @@ def block_tensorflow() -> None:
     if any(name.split(".")[0] in _BLOCKED for name in sys.modules):
         raise RuntimeError("TensorFlow was imported before it was blocked")
     sys.meta_path.insert(0, _NoTensorFlow())
-
-
-if __name__ == "__main__":
-    block_tensorflow()
-    module, *arguments = sys.argv[1:]
-    sys.argv = [module, *arguments]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
