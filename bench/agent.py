@@ -29,6 +29,7 @@ import json
 import os
 import queue
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,6 +95,8 @@ def tree_mb(folder: Path, *, skip: tuple[str, ...] = ()) -> float:
 def device_image_mb(workdir: Path) -> float:
     """The light agent as a device image holds it: no pip, no bytecode compiled at install."""
     image = workdir / "device-image"
+    build = REPO / "build"  # what a non-editable install of the checkout leaves behind
+    leftover = not build.exists()
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(image)], check=True)
     subprocess.run(
         [
@@ -110,6 +113,8 @@ def device_image_mb(workdir: Path) -> float:
         check=True,
         capture_output=True,
     )
+    if leftover:
+        shutil.rmtree(build, ignore_errors=True)
     return tree_mb(image)
 
 

@@ -36,6 +36,15 @@ S = TypeVar("S")
 REDACTED = "<redacted>"
 
 
+def read_secret_file(path: Path, setting: str) -> str:
+    """The secret in ``path`` (a password file), surrounding whitespace removed; a ConfigError
+    names the ``setting`` that points at it."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {setting}: {exc}") from exc
+
+
 def redact_url(url: str) -> str:
     """``url`` with the password of its user part and any ``password=`` parameter redacted."""
     parts = urllib.parse.urlsplit(url)
@@ -96,10 +105,7 @@ class BrokerSettings:
         """The password, read from ``password_file`` when one is configured."""
         if self.password_file is None:
             return self.password
-        try:
-            return self.password_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read broker.password_file: {exc}") from exc
+        return read_secret_file(self.password_file, "broker.password_file")
 
 
 def read_toml(path: Path) -> dict[str, Any]:

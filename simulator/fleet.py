@@ -25,7 +25,6 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -36,12 +35,7 @@ from shared import codec, homeassistant
 from shared.counters import LatencyRecorder
 from shared.errors import HarError, ModelError, PayloadError
 from shared.messages import Confirmation, ModelManifest
-from shared.model.runtime import (
-    MAX_WINDOWS_PER_CALL,
-    ActivityModel,
-    resolve_runtime,
-    tensorflow_installed,
-)
+from shared.model.runtime import MAX_WINDOWS_PER_CALL, ActivityModel
 from shared.mqtt_transport import Outbound, PropertiesCache
 from shared.signing import verify_payload
 from shared.supervision import Supervisor
@@ -553,24 +547,14 @@ class FleetSimulator:
     def _load(self, manifest: ModelManifest, payload: bytes) -> LoadedModel:
         self._releases.store(manifest, payload)  # verifies signature, size and sha256 again
         release = self._releases.open(manifest.version)
-        model = self._load_model(release.saved_model_dir)
+        # "auto": LiteRT when installed (at 1000 devices 404 MB instead of 660 MB on TensorFlow).
+        model = ActivityModel.load(release.saved_model_dir, self._settings.runtime, prefer="litert")
         if model.labels != manifest.labels:
             raise ModelError(f"model {manifest.version}: labels differ from its manifest's")
         if model.input_spec.window != manifest.input.window:
             raise ModelError(f"model {manifest.version}: window differs from its manifest's")
         log.info("model %s loaded for the fleet", manifest.version)
         return LoadedModel(manifest, model)
-
-    def _load_model(self, folder: Path) -> ActivityModel:
-        choice = self._settings.runtime
-        runtime = resolve_runtime(choice, prefer="litert")
-        try:
-            return ActivityModel.load(folder, runtime)
-        except ModelError:
-            if choice != "auto" or runtime != "litert" or not tensorflow_installed():
-                raise
-        log.info("model in %s has no LiteRT form: the fleet runs it on TensorFlow", folder)
-        return ActivityModel.load(folder, "tensorflow")
 
     def _loaded_runtime(self, key: str, future: Future[LoadedModel]) -> None:
         waiting = self._loading.pop(key, [])

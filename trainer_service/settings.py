@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.config import BrokerSettings, redact_url
+from shared.config import BrokerSettings, read_secret_file, redact_url
 from shared.errors import ConfigError
 from shared.topics import is_valid_id
 
@@ -100,10 +100,7 @@ class StoreSettings:
     def password(self) -> str | None:
         if self.password_file is None:
             return None
-        try:
-            return self.password_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read store.password_file: {exc}") from exc
+        return read_secret_file(self.password_file, "store.password_file")
 
 
 @dataclass(frozen=True, slots=True)

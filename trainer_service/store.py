@@ -342,7 +342,10 @@ class Store(ABC):
         return str(rows[0][0]) if rows else None
 
     def take_meta(self, name: str) -> str | None:
-        """Delete a meta row and return its value (None: there was none); atomic."""
+        """Delete a meta row and return its value (None: there was none); atomic. Without the
+        row it writes nothing (the leader looks once a second)."""
+        if self.meta(name) is None:
+            return None
         with self.transaction() as writer:
             row = writer.fetchone("DELETE FROM meta WHERE name = ? RETURNING value", (name,))
         return None if row is None else str(row[0])

@@ -137,15 +137,15 @@ class Demo:
         )
         self._connect_app(dashboard_password)
         self.children.start("trainer", "trainer", "serve", "--config", str(self._trainer_toml()))
+        lite_venv = LITE_PYTHON.exists()
         for wearer in self.data.wearers:
             config = self._agent_toml(wearer)
-            python = Path(sys.executable)
-            if wearer.device_id == LIGHT_DEVICE and LITE_PYTHON.exists():
-                python = LITE_PYTHON
+            light = wearer.device_id == LIGHT_DEVICE and lite_venv
+            python = LITE_PYTHON if light else Path(sys.executable)
             self.children.start(wearer.device_id, "agent", "--config", str(config), python=python)
         pids = ", ".join(f"{name} pid {self.children.pids[name]}" for name in DEVICE_IDS)
         say(f"agents started: {pids}; pids of every child in {self.children.pid_file}")
-        where = "from .venv-lite, without TensorFlow" if LITE_PYTHON.exists() else "from .venv"
+        where = "from .venv-lite, without TensorFlow" if lite_venv else "from .venv"
         say(f"{LIGHT_DEVICE} runs the light agent: LiteRT ({where}); the others TensorFlow")
         deadline = time.monotonic() + self.args.timeout
         self._pump(self.app.all_online, deadline, "the devices did not come online")

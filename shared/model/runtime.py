@@ -34,7 +34,7 @@ import numpy.typing as npt
 
 from shared.errors import ModelError, ModelInputError
 from shared.messages import InputSpec
-from shared.model import state_file
+from shared.model import signatures, state_file
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +135,10 @@ class ModelMetadata:
         )
 
 
-def tensorflow_installed() -> bool:
-    return importlib.util.find_spec("tensorflow") is not None
+def runtime_installed(runtime: str) -> bool:
+    """Whether ``runtime``'s package is installed (found, not imported)."""
+    module = {"tensorflow": "tensorflow", "litert": "ai_edge_litert"}[runtime]
+    return importlib.util.find_spec(module) is not None
 
 
 def resolve_runtime(choice: str, *, prefer: str = "tensorflow") -> str:
@@ -146,10 +148,9 @@ def resolve_runtime(choice: str, *, prefer: str = "tensorflow") -> str:
         raise ModelError(f"unknown model runtime {choice!r}; choose from {', '.join(RUNTIMES)}")
     if choice != "auto":
         return choice
-    modules = {"tensorflow": "tensorflow", "litert": "ai_edge_litert"}
     other = "litert" if prefer == "tensorflow" else "tensorflow"
     for runtime in (prefer, other):
-        if importlib.util.find_spec(modules[runtime]) is not None:
+        if runtime_installed(runtime):
             return runtime
     raise ModelError(
         "no model runtime is installed: pip install 'har-edge[agent-lite]' (LiteRT) "
@@ -176,15 +177,26 @@ class ActivityModel(abc.ABC):
         saved_model_dir: Path, runtime: str = "auto", *, prefer: str = "tensorflow"
     ) -> ActivityModel:
         """Loads an exported model on ``runtime`` (see :func:`resolve_runtime`); a
-        :class:`ModelError` says what is wrong with it."""
+        :class:`ModelError` says what is wrong with it. With ``auto``, a model that has no LiteRT
+        form (the seed-lstm) runs on TensorFlow where it is installed."""
+        folder = Path(saved_model_dir)
         chosen = resolve_runtime(runtime, prefer=prefer)
+        lite_form = folder / signatures.LITERT_DIR / signatures.LITERT_MODEL
+        if (
+            runtime == "auto"
+            and chosen == "litert"
+            and not lite_form.is_file()
+            and runtime_installed("tensorflow")
+        ):
+            logger.info("%s has no LiteRT form: it runs on TensorFlow", folder)
+            chosen = "tensorflow"
         if chosen == "litert":
             from shared.model.litert_runtime import LiteRTModel
 
-            return LiteRTModel.open(Path(saved_model_dir))
+            return LiteRTModel.open(folder)
         from shared.model.tensorflow_runtime import TensorFlowModel
 
-        return TensorFlowModel.open(Path(saved_model_dir))
+        return TensorFlowModel.open(folder)
 
     # ----------------------------------------------------------------------------- properties
     @property

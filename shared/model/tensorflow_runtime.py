@@ -85,10 +85,6 @@ class TensorFlowModel(ActivityModel):
             )
         return model
 
-    @property
-    def global_step(self) -> int:
-        return int(self._signatures["metadata"]()["global_step"].numpy())
-
     def _call(self, name: str, **kwargs: Any) -> Any:
         tf = import_tensorflow()
 
