@@ -34,7 +34,7 @@ import numpy.typing as npt
 
 from device_agent.learning import DeviceLearner, LearningPolicy
 from device_agent.local_requests import LocalRequests
-from device_agent.outbox import ErrorReporter, Outbox
+from device_agent.outbox import ErrorReporter, Outbox, forget_relay
 from device_agent.releases import ReleaseStore
 from device_agent.sender import OutboxSender, Receipts
 from device_agent.sensing import SensorPump
@@ -478,10 +478,12 @@ class DeviceAgent:
                 message.topic,
             )
         else:
+            forgotten = False
             try:
-                self._learner.confirm(
+                stored = self._learner.confirm(
                     confirmation.prediction_id, confirmation.label, window, confirmation.ts
-                )
+                ).stored
+                forgotten = stored == "forgotten"  # given before the wearer's forget: not kept
             except StorageError as exc:
                 # Not kept: not acknowledged either, so the broker can deliver it again.
                 self._report("storage_error", f"confirmation not stored: {exc}", message.topic)
@@ -490,7 +492,8 @@ class DeviceAgent:
                 # Kept, learned again when the model is next attached.
                 self._report("learning_failed", str(exc), message.topic)
             try:
-                self._relay(confirmation)
+                if not forgotten:
+                    self._relay(confirmation)
             except StorageError as exc:
                 self._report("storage_error", f"confirmation not relayed: {exc}", message.topic)
                 return  # delivered again, kept again (a duplicate), relayed then
@@ -516,7 +519,9 @@ class DeviceAgent:
             self._confirm_latest(command, message)
             return
         if command.command == "forget":
-            forgotten = self._learner.forget()
+            forgotten = self._learner.forget(
+                command.ts, forget_relay(self._topics, self._device, command)
+            )
             log.info(
                 "forget (request %s): %d confirmations forgotten", command.request_id, forgotten
             )
@@ -685,6 +690,7 @@ class DeviceAgent:
             return
         self.counters.add("receipts")
         self.counters.add("messages_receipted", removed)
+        self.counters.add("forgets_receipted", len(receipt.forgets))  # the trainer forgot too
         message.ack()
 
     # ================================================================== updater thread

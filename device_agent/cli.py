@@ -127,16 +127,27 @@ def run(args: argparse.Namespace) -> int:
 def forget(settings: Any) -> int:
     """Forget every confirmation: locally if no agent runs on this state, else by asking it
     through a request file in its state folder (no broker connection: see local_requests)."""
+    import time
+    import uuid
+
     from device_agent.local_requests import clear_forget_request
+    from device_agent.outbox import forget_relay
     from device_agent.state_lock import StateLock
     from device_agent.store import AgentStore
+    from shared.messages import DeviceCommand
+    from shared.topics import Topics
 
     lock = StateLock(settings.state_dir)
     if lock.acquire():
         try:
             store = AgentStore(settings.store_path)
+            command = DeviceCommand("forget", uuid.uuid4().hex[:16], time.time())
+            topics = Topics(settings.broker.topic_root)
             try:
-                forgotten = store.forget_confirmations()
+                # The trainer is told when the agent next runs (its outbox).
+                forgotten = store.forget_confirmations(
+                    command.ts, forget_relay(topics, settings.device_id, command)
+                )
             finally:
                 store.close()
             for state in settings.learned_dir.glob("*.state"):
@@ -144,7 +155,10 @@ def forget(settings: Any) -> int:
             clear_forget_request(settings.state_dir)
         finally:
             lock.release()
-        print(f"forgot {forgotten} confirmations; the agent will serve the global model")
+        print(
+            f"forgot {forgotten} confirmations; the agent will serve the global model and tell "
+            "the trainer to forget them too when it next runs"
+        )
         return 0
     return _ask_running_agent(settings)
 

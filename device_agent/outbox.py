@@ -17,11 +17,21 @@ from device_agent.store import AgentStore, Priority
 from shared import codec
 from shared.counters import Counters
 from shared.errors import HarError, StorageError
-from shared.messages import ErrorEvent
+from shared.messages import DeviceCommand, ErrorEvent, ReceiptKey
 from shared.mqtt_transport import Outbound
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
+
+
+def forget_relay(topics: Topics, device_id: str, command: DeviceCommand) -> tuple[Outbound, str]:
+    """The message that tells the trainer this device forgot its confirmations (the forget
+    command itself, on the device's ``forgotten`` topic) and its receipt key: it stays in the
+    outbox until the trainer's receipt says it forgot them too."""
+    return (
+        Outbound(topics.forgotten(device_id), codec.encode_device_command(command)),
+        ReceiptKey.forget(command.request_id),
+    )
 
 
 class Outbox:

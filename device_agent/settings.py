@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from device_agent.learning import LearningPolicy
 from device_agent.sensors import SensorSettings
@@ -20,6 +21,12 @@ _LEARNING = LearningPolicy()  # the measured defaults
 class AgentTuning:
     """Batching, buffering and learning knobs; the defaults suit a 20 Hz wearable."""
 
+    # Settings of earlier versions, still accepted in a config file (and ignored).
+    RETIRED: ClassVar[dict[str, str]] = {
+        "alignment_prior": "the placement is now found without a prior; min_rotation_deg "
+        "says which rotations are corrected (docs/model.md)",
+    }
+
     batch_seconds: float = 1.0  # sensor time per published batch
     window_hop: int = 0  # samples between windows; 0 = half the model's window
     outbox_max_messages: int = 100_000  # about a day of batches at 1 s
@@ -27,10 +34,11 @@ class AgentTuning:
     recent_windows: int = 4096  # predictions that can still be confirmed (~4.5 h at 4 s)
     replay_max_windows: int = 2000  # confirmed windows kept for learning and new versions
     # On-device learning (device_agent.learning.LearningPolicy; docs/model.md).
-    alignment_prior: float = _LEARNING.alignment_prior
+    min_rotation_deg: float = _LEARNING.min_rotation_deg
     learn_max_per_class: int = _LEARNING.max_per_class
     memory_tolerance: float = _LEARNING.memory_tolerance
     guard_window: int = _LEARNING.guard_window
+    guard_margin: float = _LEARNING.guard_margin
     accept_margin: float = 0.05  # refuse an update worse than this on held-out confirmations
     min_replay_for_gate: int = 10  # fewer held-out confirmations: the local gate is skipped
     status_interval_s: float = 30.0
@@ -103,10 +111,11 @@ class AgentTuning:
 
     def learning_policy(self) -> LearningPolicy:
         return LearningPolicy(
-            alignment_prior=self.alignment_prior,
+            min_rotation_deg=self.min_rotation_deg,
             max_per_class=self.learn_max_per_class,
             memory_tolerance=self.memory_tolerance,
             guard_window=self.guard_window,
+            guard_margin=self.guard_margin,
         )
 
 

@@ -32,7 +32,7 @@ from shared.codec import samples_from_bytes, samples_to_bytes
 from shared.errors import StorageError
 from shared.mqtt_transport import Outbound
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -85,8 +85,22 @@ CREATE INDEX IF NOT EXISTS outbox_by_receipt_key ON outbox (receipt_key)
     WHERE receipt_key IS NOT NULL;
 """
 
+# Version 4: the guard's record of a confirmation is how each way of answering read it before it
+# was learned (device_agent.learning.Record, as JSON). The version 2 columns personal_correct and
+# global_correct are no longer read; a version 3 store's learned confirmations have no record
+# and earn one again when the agent starts (device_agent.learning.DeviceLearner.attach).
+_MIGRATE_TO_4 = """
+ALTER TABLE replay ADD COLUMN record TEXT;
+CREATE TABLE IF NOT EXISTS facts (
+    name TEXT PRIMARY KEY,
+    value REAL NOT NULL
+);
+"""
+# facts: ``forgotten_before``, the ts up to which the wearer had the device forget its
+# confirmations; a late copy of one of them is not kept again (the trainer keeps the same rule).
+
 Window = npt.NDArray[np.float32]
-Stored = Literal["new", "corrected", "duplicate"]
+Stored = Literal["new", "corrected", "duplicate", "forgotten"]
 
 
 class Priority(enum.IntEnum):
@@ -104,16 +118,15 @@ class OutboxEntry:
 
 @dataclass(frozen=True, slots=True)
 class ReplayEntry:
-    """A confirmed window. ``applied``: the learned state includes it. ``personal_correct`` /
-    ``global_correct``: whether the learned state and the global model labelled it right
-    before it was learned (None until then, or after a correction)."""
+    """A confirmed window. ``applied``: what the device learned includes it. ``record``: the
+    guard's record of it, how each way of answering read it before it was learned (JSON of a
+    ``device_agent.learning.Record``; None until then, or after a correction)."""
 
     prediction_id: str
     label: str
     window: Window
     applied: bool
-    personal_correct: bool | None = None
-    global_correct: bool | None = None
+    record: str | None = None
 
 
 class AgentStore:
@@ -164,6 +177,8 @@ class AgentStore:
             self._db.executescript(_MIGRATE_TO_2)
         if version < 3:
             self._db.executescript(_MIGRATE_TO_3)
+        if version < 4:
+            self._db.executescript(_MIGRATE_TO_4)
         if version < SCHEMA_VERSION:
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -198,27 +213,32 @@ class AgentStore:
         (prediction id, model version, window). ``receipt_key`` keeps it until a receipt names
         it. Returns how many old messages were evicted."""
         with self._lock, self._transaction():
-            self._db.execute(
-                "INSERT INTO outbox (topic, payload, qos, retain, content_type, priority, created,"
-                " receipt_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    message.topic,
-                    message.payload,
-                    message.qos,
-                    int(message.retain),
-                    message.content_type,
-                    int(priority),
-                    time.time(),
-                    receipt_key,
-                ),
-            )
-            self._outbox_count += 1
-            self._outbox_bytes += len(message.payload)
+            self._insert_outbox(message, priority, receipt_key)
             if counters:
                 self._set_counters(counters)
             if recent is not None:
                 self._remember_window(*recent)
             return self._evict_if_full()
+
+    def _insert_outbox(
+        self, message: Outbound, priority: Priority, receipt_key: str | None
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO outbox (topic, payload, qos, retain, content_type, priority, created,"
+            " receipt_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                message.topic,
+                message.payload,
+                message.qos,
+                int(message.retain),
+                message.content_type,
+                int(priority),
+                time.time(),
+                receipt_key,
+            ),
+        )
+        self._outbox_count += 1
+        self._outbox_bytes += len(message.payload)
 
     def _evict_if_full(self) -> int:
         evicted = 0
@@ -376,12 +396,18 @@ class AgentStore:
     # --------------------------------------------------------------------------- confirmations
     def add_confirmation(self, prediction_id: str, label: str, window: Window, ts: float) -> Stored:
         """Keep a confirmed window: "new", "corrected" (a later answer with another label
-        replaces the earlier one, to be learned again) or "duplicate" (nothing changes).
+        replaces the earlier one, to be learned again), "duplicate" (nothing changes) or
+        "forgotten" (given before the wearer's last forget: not kept).
 
         When the set is full, the oldest window of the most represented label goes, so a
         user who confirms mostly one activity does not crowd the others out.
         """
         with self._lock, self._transaction():
+            horizon = self._db.execute(
+                "SELECT value FROM facts WHERE name = 'forgotten_before'"
+            ).fetchone()
+            if horizon is not None and ts <= horizon[0]:
+                return "forgotten"
             row = self._db.execute(
                 "SELECT label, ts FROM replay WHERE prediction_id = ?", (prediction_id,)
             ).fetchone()
@@ -389,8 +415,8 @@ class AgentStore:
                 if row[0] == label or ts < row[1]:
                     return "duplicate"
                 self._db.execute(
-                    "UPDATE replay SET label = ?, ts = ?, applied = 0, personal_correct = NULL,"
-                    " global_correct = NULL WHERE prediction_id = ?",
+                    "UPDATE replay SET label = ?, ts = ?, applied = 0, record = NULL"
+                    " WHERE prediction_id = ?",
                     (label, ts, prediction_id),
                 )
                 return "corrected"
@@ -409,31 +435,47 @@ class AgentStore:
                 )
             return "new"
 
-    def mark_learned(self, records: Mapping[str, tuple[bool | None, bool | None]]) -> None:
-        """These confirmations are in the learned state, with the guard's record of each."""
-        rows = [(_flag(personal), _flag(base), pid) for pid, (personal, base) in records.items()]
+    def mark_learned(self, records: Mapping[str, str | None]) -> None:
+        """These confirmations are learned, with the guard's record of each (None: none)."""
+        rows = [(record, pid) for pid, record in records.items()]
         with self._lock, self._transaction():
             self._db.executemany(
-                "UPDATE replay SET applied = 1, personal_correct = ?, global_correct = ?"
-                " WHERE prediction_id = ?",
-                rows,
+                "UPDATE replay SET applied = 1, record = ? WHERE prediction_id = ?", rows
             )
 
-    def mark_pending_all(self) -> None:
-        """Forget that any confirmed window was learned (the learned state was lost)."""
+    def mark_pending_except(self, learned: Iterable[str]) -> None:
+        """Every confirmation but ``learned`` is to be learned again (a new version's ways were
+        fitted before it arrived, or with another label)."""
+        keep = set(learned)
         with self._lock, self._transaction():
-            self._db.execute("UPDATE replay SET applied = 0")
+            every = [row[0] for row in self._db.execute("SELECT prediction_id FROM replay")]
+            self._db.executemany(
+                "UPDATE replay SET applied = 0 WHERE prediction_id = ?",
+                [(pid,) for pid in every if pid not in keep],
+            )
 
-    def forget_confirmations(self) -> int:
-        """Delete every confirmed window (the wearer asked); returns how many there were."""
+    def forget_confirmations(self, before: float, tell: tuple[Outbound, str] | None = None) -> int:
+        """Delete every confirmed window (the wearer asked at ``before``, the forget's ts) and
+        keep confirmations given until then out; returns how many there were. ``tell``: the
+        message (and its receipt key) that tells the trainer, queued in the same transaction,
+        so that the two never part."""
         with self._lock, self._transaction():
-            return int(self._db.execute("DELETE FROM replay").rowcount)
+            forgotten = int(self._db.execute("DELETE FROM replay").rowcount)
+            self._db.execute(
+                "INSERT INTO facts (name, value) VALUES ('forgotten_before', ?)"
+                " ON CONFLICT(name) DO UPDATE SET value = MAX(value, excluded.value)",
+                (before,),
+            )
+            if tell is not None:
+                self._insert_outbox(tell[0], Priority.NORMAL, tell[1])
+                self._evict_if_full()
+            return forgotten
 
     def replay_entries(self) -> list[ReplayEntry]:
         """Confirmed windows, oldest first."""
         with self._lock, self._reading():
             rows = self._db.execute(
-                "SELECT prediction_id, label, window, applied, personal_correct, global_correct"
+                "SELECT prediction_id, label, window, applied, record"
                 " FROM replay ORDER BY created, rowid"
             ).fetchall()
         return [
@@ -442,8 +484,7 @@ class AgentStore:
                 row[1],
                 samples_from_bytes(row[2]),
                 bool(row[3]),
-                None if row[4] is None else bool(row[4]),
-                None if row[5] is None else bool(row[5]),
+                None if row[4] is None else str(row[4]),
             )
             for row in rows
         ]
@@ -517,7 +558,3 @@ def _entry(row: tuple[Any, ...]) -> OutboxEntry:
         receipt_key=None if row[6] is None else str(row[6]),
         resends=int(row[7]),
     )
-
-
-def _flag(value: bool | None) -> int | None:
-    return None if value is None else int(value)

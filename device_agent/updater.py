@@ -22,7 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_agent.learning import Learned, LearningPolicy, personalise, served_accuracy
+from device_agent.learning import (
+    Learned,
+    LearningPolicy,
+    Record,
+    evidence_of,
+    gate,
+    personalise,
+)
 from device_agent.outbox import ErrorReporter
 from device_agent.releases import ReleaseStore, refuse_replay
 from device_agent.store import AgentStore
@@ -260,39 +267,35 @@ class ReleaseUpdater:
     def _prepare(self, version: str) -> None:
         """Load, warm up, personalise and gate a verified release; hand it to the worker."""
         candidate = open_release(self._releases, version, self._runtime)
-        entries = self._store.replay_entries()
         learned = None
         if candidate.model.personalisable:
+            entries = self._store.replay_entries()
             learned = personalise(candidate.model, entries, self._policy)
-        current = self._active()
-        window = self._policy.guard_window
-        # Each confirmation scored before it was learned: by the current version as it learned
-        # them on the device, by the candidate as it was just given them again.
-        before, scored_before = served_accuracy(
-            [(e.personal_correct, e.global_correct) for e in entries if e.applied], window
-        )
-        after, scored_after = served_accuracy(
-            list(learned.records.values()) if learned else [], window
-        )
-        log.info(
-            "candidate %s: accuracy %s on %d held-out confirmations (current %s on %d)",
-            version,
-            after,
-            scored_after,
-            before,
-            scored_before,
-        )
-        if (
-            min(scored_before, scored_after) >= self._min_for_gate
-            and before is not None
-            and after is not None
-            and after < before - self._accept_margin
-        ):
-            self._rejected.add(_identity(candidate.manifest))
-            raise ModelError(
-                f"model {version} scores {after:.3f} on this device's {scored_after} held-out "
-                f"confirmations against {before:.3f} for "
-                f"{current.version if current else '-'}: worse by more than the margin "
-                f"{self._accept_margin}"
-            )
+            self._gate(candidate, learned, evidence_of(entries))
         self._hand_over(Candidate(candidate, learned))
+
+    def _gate(
+        self, candidate: ActiveModel, learned: Learned, evidence: dict[str, tuple[str, Record]]
+    ) -> None:
+        """Refuse ``candidate`` if, answering the way the device answers now, it labels the
+        latest confirmations worse than the version in use (``device_agent.learning.gate``)."""
+        verdict = gate(
+            learned,
+            evidence,
+            self._policy,
+            accept_margin=self._accept_margin,
+            min_scored=self._min_for_gate,
+        )
+        current = self._active()
+        log.info(
+            "candidate %s answering the %s way: %s on %d held-out confirmations (%s: %s)",
+            candidate.version,
+            verdict.way,
+            verdict.accuracy,
+            verdict.scored,
+            current.version if current else "-",
+            verdict.current_accuracy,
+        )
+        if verdict.refusal is not None:
+            self._rejected.add(_identity(candidate.manifest))
+            raise ModelError(f"model {candidate.version} {verdict.refusal}")

@@ -345,6 +345,8 @@ def encode_receipt(receipt: Receipt) -> bytes:
             "ranges": [list(pair) for pair in receipt.ranges],
             "predictions": list(receipt.predictions),
             "confirmations": list(receipt.confirmations),
+            # Only when there are: receipts without forgets stay byte for byte as before.
+            **({"forgets": list(receipt.forgets)} if receipt.forgets else {}),
             "ts": receipt.ts,
         }
     )
@@ -358,10 +360,10 @@ def decode_receipt(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Receipt:
         isinstance(pair, list) and len(pair) == 2 for pair in ranges
     ):
         raise PayloadError("receipt: ranges must be a list of [first, last] pairs")
-    lists = {name: doc.get(name, []) for name in ("predictions", "confirmations")}
+    lists = {name: doc.get(name, []) for name in ("predictions", "confirmations", "forgets")}
     for name, ids in lists.items():
         if not isinstance(ids, list):
-            raise PayloadError(f"receipt: {name} must be a list of prediction ids")
+            raise PayloadError(f"receipt: {name} must be a list of ids")
     return _build(
         kind,
         lambda: Receipt(
@@ -369,6 +371,7 @@ def decode_receipt(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Receipt:
             ranges=tuple((pair[0], pair[1]) for pair in ranges),
             predictions=tuple(lists["predictions"]),
             confirmations=tuple(lists["confirmations"]),
+            forgets=tuple(lists["forgets"]),
             ts=_field(kind, doc, "ts"),
         ),
     )

@@ -3,13 +3,16 @@
 Precedence, lowest first: dataclass defaults < TOML file < ``HAR_*`` environment < CLI flags.
 A field ``broker.host`` is ``[broker] host = ...`` in TOML, ``HAR_BROKER_HOST`` in the
 environment and ``{"broker.host": ...}`` in the overrides the CLI passes. Unknown keys are errors:
-a typo in a config file must not silently fall back to a default.
+a typo in a config file must not silently fall back to a default. A setting a later version
+retired (a class's ``RETIRED`` map: name -> why) is logged and ignored in a config file, so a
+device's file from before an upgrade still starts it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import types
 import typing
@@ -34,6 +37,8 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 
 S = TypeVar("S")
 REDACTED = "<redacted>"
+
+log = logging.getLogger(__name__)
 
 
 def read_secret_file(path: Path, setting: str) -> str:
@@ -165,8 +170,12 @@ def _merge_file(
 ) -> None:
     hints = _hints(cls)
     names = {field.name for field in dataclasses.fields(cls)}
+    retired: Mapping[str, str] = getattr(cls, "RETIRED", {})
     for key, value in doc.items():
         path = f"{prefix}{key}"
+        if key in retired and key not in names:
+            log.warning("setting %r is retired and ignored: %s", path, retired[key])
+            continue
         if key not in names:
             raise ConfigError(f"unknown setting {path!r} in config file")
         field_type = hints[key]

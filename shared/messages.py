@@ -474,6 +474,7 @@ class Receipt:
     ts: float
     predictions: tuple[str, ...] = ()
     confirmations: tuple[str, ...] = ()
+    forgets: tuple[str, ...] = ()  # request ids of forgets the device relayed
     v: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -486,11 +487,18 @@ class Receipt:
             last = _check_int("range last", pair[1], first, _INT64_MAX)
             _require(first > previous, "receipt ranges must be sorted and disjoint")
             previous = last
-        for name, ids in (("predictions", self.predictions), ("confirmations", self.confirmations)):
+        for name, ids in (
+            ("predictions", self.predictions),
+            ("confirmations", self.confirmations),
+            ("forgets", self.forgets),
+        ):
             _require(len(ids) <= MAX_RECEIPT_IDS, f"a receipt names at most 512 {name}")
             for prediction_id in ids:
                 _check_text(name, prediction_id, 64)
-        _require(bool(self.ranges or self.predictions or self.confirmations), "an empty receipt")
+        _require(
+            bool(self.ranges or self.predictions or self.confirmations or self.forgets),
+            "an empty receipt",
+        )
         _check_float("ts", self.ts, 0.0, _EPOCH_MAX_S)
         _require(self.v == SCHEMA_VERSION, f"unsupported receipt version {self.v}")
 
@@ -512,6 +520,7 @@ class Receipt:
         ]
         keys += [ReceiptKey.prediction(p) for p in self.predictions]
         keys += [ReceiptKey.confirmation(p) for p in self.confirmations]
+        keys += [ReceiptKey.forget(r) for r in self.forgets]
         return keys
 
 
@@ -529,6 +538,10 @@ class ReceiptKey:
     @staticmethod
     def confirmation(prediction_id: str) -> str:
         return f"c:{prediction_id}"
+
+    @staticmethod
+    def forget(request_id: str) -> str:
+        return f"f:{request_id}"
 
 
 @dataclass(frozen=True, slots=True)

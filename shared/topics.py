@@ -69,6 +69,9 @@ class Topics:
     def confirmed(self, device_id: str) -> str:
         return f"{self.device(device_id)}/confirmed"
 
+    def forgotten(self, device_id: str) -> str:
+        return f"{self.device(device_id)}/forgotten"
+
     # --- fleet-wide subscriptions (single-level wildcard on the device id) ---------------------
     def all_sensor(self) -> str:
         return f"{self.root}/devices/+/sensor"
@@ -81,6 +84,9 @@ class Topics:
 
     def all_confirmed(self) -> str:
         return f"{self.root}/devices/+/confirmed"
+
+    def all_forgotten(self) -> str:
+        return f"{self.root}/devices/+/forgotten"
 
     def all_status(self) -> str:
         return f"{self.root}/devices/+/status"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import queue
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -137,7 +138,7 @@ class Watcher:
 def confirm(settings: BrokerSettings, prediction_id: str, label: str) -> None:
     connection, _ = connect(settings)
     try:
-        message = Confirmation(prediction_id=prediction_id, label=label, source="user", ts=1.0)
+        message = Confirmation(prediction_id, label, "user", time.time())  # answered now
         topic = Topics(settings.topic_root).confirmation(DEVICE)
         assert connection.publish(Outbound(topic, codec.encode_confirmation(message))).wait(10)
     finally:
@@ -460,7 +461,7 @@ def test_a_wearer_can_make_the_device_forget_every_confirmation(
 
         topic = Topics(broker_settings.topic_root).command(DEVICE)
         connection, _ = connect(broker_settings)
-        command = codec.encode_device_command(DeviceCommand("forget", "test-1", 1.0))
+        command = codec.encode_device_command(DeviceCommand("forget", "test-1", time.time()))
         assert connection.publish(Outbound(topic, command)).wait(10)
         assert agent.counters.wait_until("forgets", 1, WAIT)
         assert agent.counters.get("confirmations_forgotten") == 3
@@ -490,6 +491,72 @@ def test_a_wearer_can_make_the_device_forget_every_confirmation(
     assert forget(settings) == 0
     assert "forgot 1 confirmations" in capsys.readouterr().out
     assert not list((tmp_path / "device" / "learned").glob("*.state"))
+
+
+def test_a_correction_and_a_forget_reach_the_trainers_store(
+    broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, start_agent: AgentFactory
+) -> None:
+    """The later answer wins in the trainer's store too; a forget empties it of the device's
+    answers, is receipted (so it leaves the agent's outbox), and keeps late relays out."""
+    from tests.trainer_helpers import trainer_settings_for
+    from trainer_service.service import TrainerService
+
+    publish_release(broker_settings, releases.first)
+    trainer = TrainerService(trainer_settings_for(broker_settings, tmp_path / "trainer"))
+    trainer.start()
+    watcher = Watcher(broker_settings)
+    agent = start_agent(agent_settings(broker_settings, tmp_path / "device", releases))
+    connection, _ = connect(broker_settings)
+    topics = Topics(broker_settings.topic_root)
+
+    def answer(prediction_id: str, label: str, ts: float) -> None:
+        message = Confirmation(prediction_id, label, "user", ts)
+        payload = codec.encode_confirmation(message)
+        assert connection.publish(Outbound(topics.confirmation(DEVICE), payload)).wait(10)
+
+    def labels_stored() -> list[str]:
+        return [w.label for w in trainer.store.confirmed_windows() if w.device_id == DEVICE]
+
+    def wait_for_labels(wanted: list[str]) -> bool:
+        # The window is joined once the batches it spans are stored: poll with a deadline.
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            trainer.store.join_pending()
+            if labels_stored() == wanted:
+                return True
+            time.sleep(0.2)
+        return False
+
+    try:
+        assert trainer.wait_connected(WAIT)
+        assert agent.model_changed.wait(WAIT)
+        prediction_id = watcher.prediction().prediction_id
+        answer(prediction_id, LABELS[0], 1.0)
+        assert agent.counters.wait_until("confirmations_applied", 1, WAIT)
+        answer(prediction_id, LABELS[1], 2.0)  # the wearer changed their mind
+        assert agent.counters.wait_until("confirmations_corrected", 1, WAIT)
+        assert trainer.counters.wait_until("confirmations_corrected", 1, WAIT)
+        assert wait_for_labels([LABELS[1]])
+
+        forget = DeviceCommand("forget", "wearer-1", 10.0)
+        payload = codec.encode_device_command(forget)
+        assert connection.publish(Outbound(topics.command(DEVICE), payload)).wait(10)
+        assert trainer.counters.wait_until("forgets", 1, WAIT)
+        assert trainer.counters.get("confirmations_forgotten") == 1
+        assert labels_stored() == []
+        assert trainer.store.confirmation_count() == 0
+        # The trainer's receipt names the forget, which leaves the agent's outbox then.
+        assert agent.counters.wait_until("forgets_receipted", 1, WAIT)
+        # A late copy of the old answer is not stored again; a new answer is.
+        answer(prediction_id, LABELS[2], 3.0)
+        assert trainer.counters.wait_until("confirmations_after_forget", 1, WAIT)
+        later = watcher.prediction().prediction_id
+        answer(later, LABELS[0], 11.0)
+        assert trainer.counters.wait_until("confirmations", 2, WAIT)
+    finally:
+        connection.stop()
+        watcher.stop()
+        trainer.shutdown()
 
 
 def test_a_forged_manifest_does_not_block_the_real_release_it_imitates(

@@ -130,6 +130,23 @@ def test_unknown_keys_and_misplaced_tables_are_errors(
         load_settings(ToolSettings, config_file=write(tmp_path, toml))
 
 
+def test_a_retired_setting_in_a_config_file_is_logged_and_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent.toml from before an upgrade still starts the agent."""
+    from device_agent.settings import AgentSettings
+
+    path = tmp_path / "agent.toml"
+    path.write_text('device_id = "w1"\n[agent]\nalignment_prior = 2.0\nguard_margin = 3.0\n')
+    with caplog.at_level("WARNING", logger="shared.config"):
+        settings = load_settings(AgentSettings, config_file=path)
+    assert settings.agent.guard_margin == 3.0
+    assert "'agent.alignment_prior' is retired and ignored" in caplog.text
+    path.write_text('device_id = "w1"\n[agent]\nalignment_priors = 2.0\n')  # a typo stays one
+    with pytest.raises(ConfigError, match=r"unknown setting 'agent\.alignment_priors'"):
+        load_settings(AgentSettings, config_file=path)
+
+
 def test_unknown_override_is_an_error() -> None:
     with pytest.raises(ConfigError, match=re.escape("unknown setting 'broker.hots'")):
         load_settings(ToolSettings, overrides={"broker.hots": "x"})

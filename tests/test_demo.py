@@ -20,7 +20,7 @@ import pytest
 from har.demo.data import DOWNLOADED, WISDM_ENV, find_data_file, prepare
 from har.demo.people import PeopleApp
 from har.demo.processes import Interrupted, StopSignals
-from har.demo.summary import build, render
+from har.demo.summary import PHASES, build, lost_learning, render
 from har.synthetic_data import write_dataset
 from shared import codec
 from shared.errors import HarError
@@ -229,6 +229,38 @@ def test_summary_counts_and_text(tmp_path: Path) -> None:
     assert "0.0%" in text
     assert "overall" in text
     assert "time: 12.3 s" in text
+
+
+def test_the_summary_flags_a_device_that_lost_what_it_learned_with_the_new_model() -> None:
+    def row(learned: float, after: float) -> dict[str, object]:
+        scores = {"before": 0.5, "while_confirming": 0.6, "learned": learned, "after": after}
+        return {
+            "wearer": "",
+            "accuracy": {p: {"accuracy": a, "windows": 10} for p, a in scores.items()},
+            "model_version": NEW,
+            "confirmations_sent": 3,
+            "wrong_answers": 0,
+            "learned_state_served": True,
+        }
+
+    summary = {
+        "outcome": "ok",
+        "data": "synthetic",
+        "first_model": {"version": FIRST},
+        "new_model": NEW,
+        "devices": {"kept": row(0.95, 0.94), "lost": row(0.95, 0.90), "gained": row(0.9, 1.0)},
+        "overall": {p: {"accuracy": 0.9, "windows": 30} for p in PHASES},
+        "messages": {},
+        "seconds": 1.0,
+        "exit_codes": {},
+        "error_events": [],
+    }
+    assert lost_learning(summary) == ["lost"]  # 5 points down; "kept" lost 1
+    assert "lost more than 2 points of what they learned with the new model: lost" in render(
+        summary
+    )
+    summary["devices"].pop("lost")  # type: ignore[attr-defined]
+    assert "every device kept what it learned across the new model" in render(summary)
 
 
 # ------------------------------------------------------------------------------ signals

@@ -13,13 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from device_agent.learning import (
+    WAYS,
     DeviceLearner,
     LearningPolicy,
-    alignment,
+    Record,
+    choose,
+    gains,
     personalise,
+    placement,
     recent_per_class,
-    served_accuracy,
-    serves,
+    rotation_degrees,
 )
 from device_agent.store import SCHEMA_VERSION, AgentStore
 from shared.counters import Counters, LatencyRecorder
@@ -38,41 +41,72 @@ def rotation(angles: tuple[float, float, float]) -> np.ndarray:
 
 
 angles = st.tuples(*[st.floats(-np.pi, np.pi, allow_nan=False)] * 3)
+GRAVITY = np.array([[0.0, 9.8, 0.0], [0.0, 0.0, 9.8], [9.8, 0.0, 0.0]], np.float32)
 
 
-# ------------------------------------------------------------------------------ pure parts
+def worn(turn: np.ndarray, labels: list[int], gravity: np.ndarray = GRAVITY) -> np.ndarray:
+    """Windows whose samples are each class's gravity as a device turned by ``turn`` reads it."""
+    return (gravity[labels] @ turn.T)[:, None, :].repeat(4, axis=1).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ placement
 @settings(max_examples=60, deadline=None)
 @given(angles)
-def test_alignment_recovers_how_the_device_is_turned(turn_angles: Any) -> None:
-    """Windows of two classes with distinct gravity, worn turned by R: alignment gives R^-1."""
+def test_placement_recovers_how_the_device_is_turned(turn_angles: Any) -> None:
+    """Two activities worn turned by R (at least two answers each): placement gives R^-1, or
+    nothing when R is within how postures differ."""
     turn = rotation(turn_angles)
-    gravity = np.array([[0.0, 9.8, 0.0], [0.0, 0.0, 9.8], [9.8, 0.0, 0.0]], np.float32)
-    labels = np.array([0, 1, 2, 0, 1], np.int64)
-    worn = (gravity[labels] @ turn.T)[:, None, :].repeat(4, axis=1).astype(np.float32)
-    found = alignment(worn, labels, gravity, prior=0.0)
-    np.testing.assert_allclose(found @ turn, np.eye(3), atol=1e-4)
+    labels = [0, 1, 0, 1, 0]
+    found = placement(worn(turn, labels), np.array(labels), GRAVITY, min_rotation_deg=25.0)
+    if rotation_degrees(turn) >= 25.5:
+        np.testing.assert_allclose(found @ turn, np.eye(3), atol=1e-4)
+    elif rotation_degrees(turn) < 24.5:
+        np.testing.assert_array_equal(found, np.eye(3))
+
+
+def test_two_postures_a_few_degrees_apart_give_the_turn_about_gravity() -> None:
+    """Sitting and Standing differ by a tilt of a few degrees; a device turned about the axis
+    gravity lies on keeps both gravities, yet their difference shows the turn (TRIAD)."""
+    tilt = np.radians(8.0)
+    gravity = np.array([[9.8, 0, 0], [9.8 * np.cos(tilt), 9.8 * np.sin(tilt), 0]], np.float32)
+    turn = rotation((np.radians(90.0), 0.0, 0.0))  # about x, where gravity lies
+    labels = [0, 0, 1, 1]
+    found = placement(worn(turn, labels, gravity), np.array(labels), gravity, 25.0)
+    np.testing.assert_allclose(found @ turn, np.eye(3), atol=1e-3)
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(st.tuples(st.integers(0, 2), st.floats(-20, 20), st.floats(-20, 20)), max_size=30),
-    st.floats(0, 10),
+    st.floats(0, 180),
 )
-def test_alignment_is_always_a_proper_rotation(rows: Any, prior: float) -> None:
+def test_placement_is_always_a_proper_rotation(rows: Any, min_degrees: float) -> None:
     labels = np.array([r[0] for r in rows], np.int64)
     windows = np.array([[[r[1], r[2], 1.0]] * 2 for r in rows], np.float32).reshape(-1, 2, 3)
     gravity = np.array([[0.0, 9.8, 0.0], [0.0, 0.0, 9.8], [0.0, 0.0, 0.0]], np.float32)
-    found = alignment(windows, labels, gravity, prior)
+    found = placement(windows, labels, gravity, min_degrees)
     np.testing.assert_allclose(found @ found.T, np.eye(3), atol=1e-4)
     assert np.linalg.det(found) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_alignment_stays_put_without_evidence() -> None:
-    gravity = np.array([[0.0, 9.8, 0.0], [0.0, 0.0, 9.8]], np.float32)
-    none = alignment(np.zeros((0, 4, 3), np.float32), np.zeros(0, np.int64), gravity, 2.0)
+def test_placement_stays_put_without_evidence() -> None:
+    none = placement(np.zeros((0, 4, 3), np.float32), np.zeros(0, np.int64), GRAVITY, 25.0)
     np.testing.assert_array_equal(none, np.eye(3))
-    unknown = alignment(np.ones((2, 4, 3), np.float32), np.array([0, 1]), np.zeros((2, 3)), 2.0)
+    once = placement(worn(TURN_X, [1]), np.array([1]), GRAVITY, 25.0)  # one answer is no class
+    np.testing.assert_array_equal(once, np.eye(3))
+    unknown = placement(np.ones((4, 4, 3), np.float32), np.array([0, 1, 0, 1]), GRAVITY * 0, 25.0)
     np.testing.assert_array_equal(unknown, np.eye(3))
+
+
+def test_one_posture_corrects_only_a_tilt_larger_than_postures_differ() -> None:
+    small = rotation((np.radians(15.0), 0.0, 0.0))
+    assert np.array_equal(placement(worn(small, [0, 0]), np.array([0, 0]), GRAVITY, 25), np.eye(3))
+    large = rotation((np.radians(70.0), 0.0, 0.0))
+    found = placement(worn(large, [0, 0]), np.array([0, 0]), GRAVITY, 25.0)
+    np.testing.assert_allclose(worn(large, [0]) @ found.T, worn(np.eye(3), [0]), atol=1e-3)
+    upside_down = rotation((np.pi, 0.0, 0.0))
+    found = placement(worn(upside_down, [0, 0]), np.array([0, 0]), GRAVITY, 25.0)
+    np.testing.assert_allclose(worn(upside_down, [0]) @ found.T, worn(np.eye(3), [0]), atol=1e-3)
 
 
 @given(st.lists(st.integers(0, 3), max_size=40), st.integers(1, 5))
@@ -85,15 +119,55 @@ def test_recent_per_class_keeps_the_latest_of_each_label(labels: list[int], most
         assert set(latest.tolist()) == {int(i) for i in kept if array[i] == label}
 
 
-def test_the_learned_state_serves_only_once_it_beat_the_global_model() -> None:
-    assert not serves([], 50)
-    assert not serves([(True, True)] * 10, 50)  # as good is not better
-    assert serves([(True, False), (True, True)], 50)
-    assert not serves([(True, False)] + [(False, True)] * 2, 50)
-    assert not serves([(True, False)] * 5 + [(False, True)] * 3, 3)  # only the last 3 count
-    assert serves([(None, None), (True, False)], 50)  # unscored records do not count
-    assert served_accuracy([(True, False), (False, False)], 50) == (0.5, 2)
-    assert served_accuracy([(None, None)], 50) == (None, 0)
+# ------------------------------------------------------------------------------ the guard
+def record(global_p: float, aligned_p: float, corrected_p: float) -> Record:
+    """A record where a way answered right when it gave the activity more than half."""
+    p = (global_p, aligned_p, corrected_p)
+    return Record(p, (p[0] > 0.5, p[1] > 0.5, p[2] > 0.5))
+
+
+def test_the_guard_serves_a_learned_way_only_once_it_earned_it() -> None:
+    policy = LearningPolicy()
+    assert choose([], policy) == "global"
+    same = [("Sitting", record(0.9, 0.9, 0.9))] * 20
+    assert choose(same, policy) == "global"  # as good is not better
+    better = [("Sitting", record(0.2, 0.9, 0.95))] * 4
+    assert choose(better, policy) == "corrected"  # the larger gain
+    assert choose(better[:3], policy) == "global"  # under the margin: 1.9 answers' worth
+    lost_one = [*better, ("Standing", record(0.9, 0.9, 0.3))]
+    assert choose(lost_one, policy) == "aligned"  # corrected was wrong on a Standing answer
+    only_last = [("Sitting", record(0.2, 0.9, 0.9))] * 3 + [("Sitting", record(0.9, 0.9, 0.9))]
+    assert choose(only_last, LearningPolicy(guard_window=1)) == "global"
+    assert choose(same, LearningPolicy(guard=False)) == "corrected"
+    assert choose(better, LearningPolicy(ways=("aligned",))) == "aligned"
+
+
+scores = st.floats(0.0, 1.0, allow_nan=False)
+activities = st.sampled_from(["Walking", "Sitting", "Standing"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(activities, scores, scores, scores), max_size=60))
+def test_a_chosen_way_never_loses_an_activity_and_always_gains_the_margin(rows: Any) -> None:
+    policy = LearningPolicy()
+    evidence = [(activity, record(g, a, c)) for activity, g, a, c in rows]
+    way = choose(evidence, policy)
+    if way == "global":
+        return
+    index = WAYS.index(way)
+    recent = evidence[-policy.guard_window :]
+    for activity in {a for a, _ in recent}:
+        mine = [r for a, r in recent if a == activity]
+        assert sum(r.correct[index] and not r.correct[0] for r in mine) >= sum(
+            r.correct[0] and not r.correct[index] for r in mine
+        )
+    assert (gains(recent, way, policy) or 0.0) >= policy.guard_margin
+
+
+@given(st.tuples(scores, scores, scores), st.tuples(*[st.booleans()] * 3))
+def test_a_record_survives_its_storage(probability: Any, correct: Any) -> None:
+    kept = Record(probability, correct)
+    assert Record.from_json(kept.to_json()) == kept
 
 
 # ------------------------------------------------------------------------------ the learner
@@ -147,7 +221,7 @@ def test_a_confirmation_is_stored_learned_and_persisted_once(device: Device) -> 
     [entry] = device.store.replay_entries()
     assert entry.applied
     assert entry.label == LABELS[y[0]]
-    assert entry.global_correct is not None  # scored before it was learned
+    assert entry.record is not None  # scored before it was learned
     assert (device.root / "learned" / "v1.state").is_file()
     installed = device.model.installed()
     assert device.learner.confirm("p1", LABELS[y[0]], x[0], 1.0).stored == "duplicate"
@@ -158,14 +232,17 @@ def test_a_confirmation_is_stored_learned_and_persisted_once(device: Device) -> 
 def test_a_later_correction_replaces_the_label_and_is_learned_again(device: Device) -> None:
     x, _ = synthetic_windows(4, seed=7)
     device.learner.confirm("p1", "Walking", x[0], 1.0)
-    first = device.model.installed()
+    first = device.learner.ways()
+    assert first is not None
     assert device.learner.confirm("p1", "Laying", x[0], 0.5).stored == "duplicate"  # older
     assert device.learner.confirm("p1", "Laying", x[0], 2.0).stored == "corrected"
     [entry] = device.store.replay_entries()
     assert entry.label == "Laying"
     assert entry.applied
-    assert entry.personal_correct is None  # the state had seen this window: not held out
-    assert not np.allclose(device.model.installed().kernel_delta, first.kernel_delta)
+    assert entry.record is None  # the ways had learned this window: not held out
+    again = device.learner.ways()
+    assert again is not None
+    assert not np.allclose(again.corrected.kernel_delta, first.corrected.kernel_delta)
     assert device.counters.get("confirmations_corrected") == 1
 
 
@@ -176,7 +253,7 @@ def test_forget_drops_everything_and_serves_the_global_model(device: Device) -> 
     for i in range(12):
         device.learner.confirm(f"p{i}", LABELS[y[i]], turned[i], float(i))
     assert device.learner.serving  # learned to read the turned device (next test)
-    assert device.learner.forget() == 12
+    assert device.learner.forget(before=11.0) == 12
     assert device.store.replay_entries() == []
     assert not device.learner.serving
     installed = device.model.installed()
@@ -184,6 +261,9 @@ def test_forget_drops_everything_and_serves_the_global_model(device: Device) -> 
     np.testing.assert_array_equal(installed.align, np.eye(3))
     np.testing.assert_allclose(device.model.predict(turned).probabilities, global_answers)
     assert device.counters.get("confirmations_forgotten") == 12
+    # A late copy of an answer given before the forget is not kept again; a later one is.
+    assert device.learner.confirm("p3", LABELS[y[3]], turned[3], 3.0).stored == "forgotten"
+    assert device.learner.confirm("p99", LABELS[y[3]], turned[3], 12.0).stored == "new"
 
 
 def test_a_device_worn_turned_is_learned_and_served_once_it_is_better(device: Device) -> None:
@@ -197,8 +277,9 @@ def test_a_device_worn_turned_is_learned_and_served_once_it_is_better(device: De
         if served_at is None and device.learner.serving:
             served_at = i
     assert served_at is not None
-    records = [(e.personal_correct, e.global_correct) for e in device.store.replay_entries()]
-    assert sum(bool(p) for p, _ in records) > sum(bool(g) for _, g in records)
+    evidence = device.learner.evidence()
+    way = WAYS.index(device.learner.way)
+    assert sum(r.correct[way] for _, r in evidence) > sum(r.correct[0] for _, r in evidence)
     after = float(np.mean(device.model.predict(turned[20:]).class_index == y[20:]))
     assert after >= 0.95
     assert after > before + 0.15
@@ -275,10 +356,16 @@ def test_a_new_version_is_personalised_by_the_same_code(
         device.learner.confirm(f"p{i}", LABELS[y[i]], turned[i], float(i))
     fresh = ActivityModel.load(version)
     learned = personalise(fresh, device.store.replay_entries(), device.learner.policy)
-    np.testing.assert_allclose(
-        learned.state.kernel_delta, device.model.installed().kernel_delta, atol=1e-5
-    )
-    assert learned.served(device.learner.policy).serve == device.learner.serving
+    served = learned.ways.state(device.learner.way)
+    installed = device.model.installed()
+    np.testing.assert_allclose(served.kernel_delta, installed.kernel_delta, atol=1e-5)
+    np.testing.assert_allclose(served.align, installed.align, atol=1e-6)
+    # The replayed records are what the device recorded, answer by answer.
+    for (_, replayed), (_, kept) in zip(
+        learned.records.values(), device.learner.evidence(), strict=True
+    ):
+        assert replayed.correct == kept.correct
+        np.testing.assert_allclose(replayed.probability, kept.probability, atol=1e-4)
 
     device.learner.confirm("late", LABELS[y[0]], turned[0], 99.0)  # arrives while it waits
     device.learner.adopt("v2", fresh, learned)
@@ -312,10 +399,10 @@ def test_a_version_1_store_is_migrated_with_its_confirmations(tmp_path: Path) ->
     try:
         [entry] = store.replay_entries()
         assert (entry.prediction_id, entry.label, entry.applied) == ("old", "Walking", True)
-        assert entry.personal_correct is None
+        assert entry.record is None
         assert store.add_confirmation("old", "Laying", window, 5.0) == "corrected"
         assert store.add_confirmation("new", "Sitting", window, 6.0) == "new"
-        assert store.forget_confirmations() == 2
+        assert store.forget_confirmations(before=6.0) == 2
     finally:
         store.close()
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

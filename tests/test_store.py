@@ -64,8 +64,10 @@ def test_confirmation_joins_a_window_that_spans_batches_even_when_they_arrive_la
     with store.transaction() as writer:
         writer.add_batch(batch("d1", 5))
         writer.add_prediction(prediction("d1", "p1", 5, 15, 16))  # samples 15..19 + 0..10 of 6
-        assert writer.add_confirmation("d1", Confirmation("p1", "Sitting", "user", 2.0))
-        assert not writer.add_confirmation("d1", Confirmation("p1", "Walking", "user", 3.0))
+        assert writer.add_confirmation("d1", Confirmation("p1", "Sitting", "user", 2.0)) == "new"
+        assert writer.add_confirmation("d1", Confirmation("p1", "Sitting", "user", 2.0)) == (
+            "duplicate"
+        )
     assert store.confirmed_windows() == []  # batch 6 is still missing
     assert store.confirmation_count() == 1
     with store.transaction() as writer:
@@ -75,6 +77,59 @@ def test_confirmation_joins_a_window_that_spans_batches_even_when_they_arrive_la
     expected = np.concatenate([batch("d1", 5).samples, batch("d1", 6).samples])[15:31]
     np.testing.assert_array_equal(window.window, expected)
     assert (window.label, window.device_id) == ("Sitting", "d1")
+
+
+def test_a_later_answer_replaces_the_label_and_the_next_retrain_reads_it(
+    make_store: MakeStore,
+) -> None:
+    """As on the device: the answer with the larger ts wins; an older one changes nothing."""
+    store = make_store()
+    with store.transaction() as writer:
+        writer.add_batch(batch("d1", 0))
+        writer.add_prediction(prediction("d1", "p1", 0, 0, 10))
+        assert writer.add_confirmation("d1", Confirmation("p1", "Sitting", "user", 2.0)) == "new"
+        assert writer.add_confirmation("d1", Confirmation("p1", "Walking", "app", 5.0)) == (
+            "corrected"
+        )
+    [window] = store.confirmed_windows()  # what a retrain learns from
+    assert window.label == "Walking"
+    second = make_store()  # another replica
+    with second.transaction() as writer:
+        older = Confirmation("p1", "Laying", "user", 3.0)  # a late redelivery of an older answer
+        assert writer.add_confirmation("d1", older) == "duplicate"
+        assert writer.add_confirmation("d2", Confirmation("p1", "Laying", "user", 9.0)) == (
+            "duplicate"  # another device's word never relabels d1's window
+        )
+        assert writer.add_confirmation("d1", Confirmation("p1", "Standing", "user", 5.0)) == (
+            "corrected"  # as late as the stored one, and another label: the later word
+        )
+    assert [w.label for w in store.confirmed_windows()] == ["Standing"]
+    assert store.confirmation_count() == 1
+
+
+def test_forget_deletes_a_devices_answers_and_keeps_them_out(make_store: MakeStore) -> None:
+    store = make_store()
+    with store.transaction() as writer:
+        writer.add_batch(batch("d1", 0))
+        writer.add_batch(batch("d2", 0))
+        for device, pid, ts in (("d1", "a", 1.0), ("d1", "b", 2.0), ("d2", "c", 1.5)):
+            writer.add_prediction(prediction(device, pid, 0, 0, 10))
+            assert writer.add_confirmation(device, Confirmation(pid, "Sitting", "user", ts))
+    with store.transaction() as writer:
+        assert writer.forget_confirmations("d1", 2.0) == 2
+        assert writer.forget_confirmations("d1", 1.0) == 0  # an older forget: the horizon stays
+    assert [(w.device_id, w.prediction_id) for w in store.confirmed_windows()] == [("d2", "c")]
+    second = make_store()
+    with second.transaction() as writer:
+        # A relayed answer from before the forget, arriving late, is not stored again ...
+        assert writer.add_confirmation("d1", Confirmation("b", "Walking", "user", 2.0)) == (
+            "forgotten"
+        )
+        # ... one given after it is.
+        writer.add_prediction(prediction("d1", "e", 0, 0, 10))
+        assert writer.add_confirmation("d1", Confirmation("e", "Laying", "user", 2.5)) == "new"
+    assert sorted(w.prediction_id for w in store.confirmed_windows()) == ["c", "e"]
+    assert store.batch("d1", 0) is not None  # sensor batches stay, under the retention policy
 
 
 def test_confirmation_on_another_devices_topic_never_labels_the_window(
@@ -156,11 +211,32 @@ def test_every_store_read_raises_storage_error(make_store: MakeStore) -> None:
             read()
 
 
+def test_a_version_1_store_is_migrated_and_keeps_its_confirmations(tmp_path: Path) -> None:
+    from trainer_service.store import _MIGRATIONS
+
+    path = tmp_path / "trainer.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(_MIGRATIONS[0])
+        db.execute(
+            "INSERT INTO confirmations (prediction_id, device_id, label, source, ts, received)"
+            " VALUES ('p1', 'd1', 'Sitting', 'user', 2.0, 2.0)"
+        )
+        db.execute("PRAGMA user_version = 1")
+    store = SqliteStore(path)
+    try:
+        assert store.schema_version == SCHEMA_VERSION
+        assert store.confirmation_count() == 1
+        with store.transaction() as writer:
+            assert writer.forget_confirmations("d1", 5.0) == 1
+    finally:
+        store.close()
+
+
 def test_schema_is_versioned_and_a_newer_one_is_refused(
     make_store: MakeStore, store_url: str
 ) -> None:
     store = make_store()
-    assert store.schema_version == SCHEMA_VERSION == 1
+    assert store.schema_version == SCHEMA_VERSION == 2
     if isinstance(store, SqliteStore):
         store.close()
         with sqlite3.connect(store_url.removeprefix("sqlite://")) as db:

@@ -2,10 +2,10 @@
 
 The broker's PUBACK only says the broker took a message; a broker that crashes before the trainer
 got it, or that answers "no matching subscribers" while the trainer's session is gone, loses it.
-So after each commit the trainer tells every device which of its sensor batches, predictions and
-relayed confirmations are now stored (duplicates included: they are stored too), and the agent
-deletes a message from its outbox only then (``device_agent.sender``). A receipt lost on the way
-costs a resend, which storage deduplicates.
+So after each commit the trainer tells every device which of its sensor batches, predictions,
+relayed confirmations and forgets are now stored (duplicates included: they are stored too), and
+the agent deletes a message from its outbox only then (``device_agent.sender``). A receipt lost
+on the way costs a resend, which storage deduplicates.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ class _Stored:
     seqs: list[int] = field(default_factory=list)
     predictions: list[str] = field(default_factory=list)
     confirmations: list[str] = field(default_factory=list)
+    forgets: list[str] = field(default_factory=list)
 
 
 class ReceiptBook:
@@ -40,6 +41,9 @@ class ReceiptBook:
 
     def confirmation(self, device_id: str, prediction_id: str) -> None:
         self._stored[device_id].confirmations.append(prediction_id)
+
+    def forget(self, device_id: str, request_id: str) -> None:
+        self._stored[device_id].forgets.append(request_id)
 
     def clear(self) -> None:
         """The transaction failed: nothing of it is stored."""
@@ -61,8 +65,9 @@ def _receipts(device: str, stored: _Stored, now: float) -> list[Receipt]:
     ranges = Receipt.ranges_of(stored.seqs)
     predictions = sorted(set(stored.predictions))
     confirmations = sorted(set(stored.confirmations))
+    forgets = sorted(set(stored.forgets))
     receipts = []
-    while ranges or predictions or confirmations:
+    while ranges or predictions or confirmations or forgets:
         receipts.append(
             Receipt(
                 device,
@@ -70,9 +75,11 @@ def _receipts(device: str, stored: _Stored, now: float) -> list[Receipt]:
                 now,
                 tuple(predictions[:MAX_RECEIPT_IDS]),
                 tuple(confirmations[:MAX_RECEIPT_IDS]),
+                tuple(forgets[:MAX_RECEIPT_IDS]),
             )
         )
         ranges = ranges[MAX_RECEIPT_RANGES:]
         predictions = predictions[MAX_RECEIPT_IDS:]
         confirmations = confirmations[MAX_RECEIPT_IDS:]
+        forgets = forgets[MAX_RECEIPT_IDS:]
     return receipts

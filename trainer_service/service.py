@@ -64,6 +64,13 @@ log = logging.getLogger(__name__)
 
 PUBLISH_RETRY_S = 30.0  # after a failed publish of the current model on this connection
 LEADER_POLL_S = 1.0  # how often the retrain loop checks the leader lock and the triggers
+# The counter each outcome of storing a confirmation adds to.
+_CONFIRMATION_COUNTERS = {
+    "new": "confirmations",
+    "corrected": "confirmations_corrected",
+    "duplicate": "confirmations_duplicate",
+    "forgotten": "confirmations_after_forget",
+}
 
 
 class TrainerService:
@@ -108,6 +115,7 @@ class TrainerService:
                 (f"$share/{group}/{root.all_prediction()}", 1),
                 (f"$share/{group}/{root.all_confirmation()}", 1),
                 (f"$share/{group}/{root.all_confirmed()}", 1),
+                (f"$share/{group}/{root.all_forgotten()}", 1),
                 (f"$share/{group}/{root.all_status()}", 1),
                 (f"$share/{group}/{root.trainer_command()}", 1),
             ],
@@ -382,13 +390,26 @@ class TrainerService:
         elif kind in ("confirmation", "confirmed"):
             # "confirmed": one the device kept and relays, receipted so that it is sure to come.
             confirmation = codec.decode_confirmation(payload)
-            new = writer.add_confirmation(device, confirmation)
+            stored = writer.add_confirmation(device, confirmation)
             if kind == "confirmed":
                 self._receipts.confirmation(device, confirmation.prediction_id)
-            if new:
-                self.counters.add("confirmations")
-                return 1
-            self.counters.add("confirmations_duplicate")
+            self.counters.add(_CONFIRMATION_COUNTERS[stored])
+            return int(stored == "new")
+        elif kind == "forgotten":
+            # The device forgot its confirmations: so does the store, and no retrain uses them.
+            command = codec.decode_device_command(payload)
+            if command.command != "forget":
+                raise PayloadError(f"a {command.command} command on the forgotten topic")
+            removed = writer.forget_confirmations(device, command.ts)
+            self._receipts.forget(device, command.request_id)
+            self.counters.add("forgets")
+            self.counters.add("confirmations_forgotten", removed)
+            log.info(
+                "%s forgot its confirmations (request %s): %d deleted",
+                device,
+                command.request_id,
+                removed,
+            )
         elif kind == "status" and payload:  # an empty retained message clears a status
             status = codec.decode_status(payload)
             self._check_device(status.device_id, device)

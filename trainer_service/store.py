@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -95,6 +95,11 @@ _MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL
     );
     """,
+    # 2: a device's forget horizon: its confirmations up to this time were forgotten, and one
+    # that arrives late with an older ts is not stored again.
+    """
+    ALTER TABLE devices ADD COLUMN forgotten_before REAL;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -102,6 +107,8 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 # it), and the number of stored confirmations when the last retrain round started.
 META_RETRAIN_REQUEST = "retrain_request"
 META_RETRAIN_BASELINE = "retrain_baseline_confirmations"
+
+ConfirmationStored = Literal["new", "corrected", "duplicate", "forgotten"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,24 +525,77 @@ class Writer:
             ),
         )
 
-    def add_confirmation(self, device_id: str, confirmation: Confirmation) -> bool:
-        """Store a confirmation (the first one for a prediction wins) and try to join it."""
+    def add_confirmation(self, device_id: str, confirmation: Confirmation) -> ConfirmationStored:
+        """Store a confirmation and try to join it: "new"; "corrected" (a later answer of the
+        same device with another label replaces the label, as on the device); "duplicate" (a
+        redelivery, an older answer, or another device's); "forgotten" (its device forgot its
+        confirmations up to a time after this one's ``ts``: not stored)."""
         self._seen_devices.add(device_id)
-        new = self._insert(
-            "confirmations",
-            ("prediction_id", "device_id", "label", "source", "ts", "received"),
+        horizon = self._exec(
+            "SELECT forgotten_before FROM devices WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        if horizon is not None and horizon[0] is not None and confirmation.ts <= horizon[0]:
+            return "forgotten"
+        stored = self._exec(
+            "SELECT device_id, label, ts FROM confirmations WHERE prediction_id = ?",
+            (confirmation.prediction_id,),
+        ).fetchone()
+        if stored is None:
+            new = self._insert(
+                "confirmations",
+                ("prediction_id", "device_id", "label", "source", "ts", "received"),
+                (
+                    confirmation.prediction_id,
+                    device_id,
+                    confirmation.label,
+                    confirmation.source,
+                    float(confirmation.ts),
+                    self.now,
+                ),
+            )
+            if not new:
+                return "duplicate"
+            self.join(confirmation.prediction_id)
+            return "new"
+        stored_device, stored_label, stored_ts = stored
+        if (
+            stored_device != device_id
+            or stored_label == confirmation.label
+            or confirmation.ts < stored_ts
+        ):
+            return "duplicate"
+        corrected = self.execute(
+            "UPDATE confirmations SET label = ?, source = ?, ts = ?, received = ?"
+            " WHERE prediction_id = ? AND ts <= ?",
             (
-                confirmation.prediction_id,
-                device_id,
                 confirmation.label,
                 confirmation.source,
                 float(confirmation.ts),
                 self.now,
+                confirmation.prediction_id,
+                float(confirmation.ts),
             ),
         )
-        if new:
-            self.join(confirmation.prediction_id)
-        return new
+        return "corrected" if corrected else "duplicate"
+
+    def forget_confirmations(self, device_id: str, before: float) -> int:
+        """Delete ``device_id``'s confirmations with ``ts <= before`` (their windows with them)
+        and remember the horizon, so that none of them is stored again; how many went."""
+        self._seen_devices.add(device_id)
+        removed = self.execute(
+            "DELETE FROM confirmations WHERE device_id = ? AND ts <= ?", (device_id, before)
+        )
+        row = self._exec(
+            "SELECT forgotten_before FROM devices WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        horizon = before if row is None or row[0] is None else max(before, float(row[0]))
+        self._exec(
+            "INSERT INTO devices (device_id, first_seen, last_seen, forgotten_before)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET"
+            " forgotten_before = excluded.forgotten_before",
+            (device_id, self.now, self.now, horizon),
+        )
+        return removed
 
     def update_status(self, status: DeviceStatus) -> None:
         self._seen_devices.add(status.device_id)

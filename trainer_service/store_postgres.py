@@ -84,6 +84,9 @@ _MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL
     );
     """,
+    """
+    ALTER TABLE devices ADD COLUMN forgotten_before DOUBLE PRECISION;
+    """,
 )
 if len(_MIGRATIONS) != SCHEMA_VERSION:  # pragma: no cover - a developer's mistake, caught at import
     raise ImportError("store_postgres._MIGRATIONS must have one entry per SQLite migration")

@@ -134,6 +134,22 @@ def below_first_model(summary: Mapping[str, Any]) -> list[str]:
     return below
 
 
+KEPT_WITHIN_POINTS = 2.0  # what a device learned may cost this much across a new version
+
+
+def lost_learning(summary: Mapping[str, Any]) -> list[str]:
+    """Devices whose accuracy with the new version ("after") is more than
+    ``KEPT_WITHIN_POINTS`` below what they had learned on the first one ("learned")."""
+    lost = []
+    for name, row in summary["devices"].items():
+        learned, after = row["accuracy"]["learned"], row["accuracy"]["after"]
+        if learned["accuracy"] is None or after["accuracy"] is None:
+            continue
+        if 100 * (learned["accuracy"] - after["accuracy"]) > KEPT_WITHIN_POINTS:
+            lost.append(name)
+    return lost
+
+
 def render(summary: Mapping[str, Any]) -> str:
     """The summary as a person reads it."""
     lines = [
@@ -170,6 +186,15 @@ def render(summary: Mapping[str, Any]) -> str:
         if not below
         else f"ended below their first model's accuracy: {', '.join(below)}",
     ]
+    if summary["new_model"]:
+        lost = lost_learning(summary)
+        lines.append(
+            f"every device kept what it learned across the new model (within "
+            f"{KEPT_WITHIN_POINTS:g} points)"
+            if not lost
+            else f"lost more than {KEPT_WITHIN_POINTS:g} points of what they learned with the "
+            f"new model: {', '.join(lost)}"
+        )
     lines += ["", "phases: " + "; ".join(f"{k}: {v}" for k, v in PHASE_TITLES.items()), ""]
     lines.append("messages:")
     for kind, counts in summary["messages"].items():
