@@ -25,7 +25,9 @@ last ``guard_window`` records, a learned way may answer only if, for every activ
 confirmed, it was not wrong on more of its answers than the global model and did not lose more
 than ``activity_tolerance`` of score there, and if its total gain over the global model is at
 least ``guard_margin`` answers' worth (score ``1 - (1 - p)^2``). Of the ways that may, the one
-that gained most answers; otherwise the global model does, unchanged.
+that gained most answers; otherwise the global model does, unchanged. A record read with a tilt
+found from one activity, which the placement has since left by more than
+``placement_change_deg``, is left out: it judged a placement the device no longer has.
 
 The records stay with the answers (the agent's store), so a new model version is served the
 way the same evidence chose before it; the updater's gate compares that way on the new version
@@ -57,6 +59,7 @@ log = logging.getLogger(__name__)
 Way = Literal["global", "aligned", "corrected"]
 WAYS: tuple[Way, ...] = ("global", "aligned", "corrected")
 LEARNED_WAYS: tuple[Way, ...] = ("aligned", "corrected")
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,9 @@ class LearningPolicy:
     memory_tolerance: float = 0.05  # recall a memory class may lose before a fit is refused
     guard_window: int = 50  # the latest answers the guard weighs
     guard_margin: float = 2.0  # answers' worth a learned way must gain over the global model
+    # A record read with a one-activity tilt this far from the current placement says nothing
+    # about it.
+    placement_change_deg: float = 20.0
     activity_tolerance: float = 0.05  # mean score a confirmed activity may lose
     ways: tuple[Way, ...] = LEARNED_WAYS  # the learned ways the guard may choose
     # "quadratic": an answer scores 1 - (1 - p)^2, p the probability given the confirmed
@@ -81,8 +87,8 @@ class LearningPolicy:
     guard: bool = True
 
     def __post_init__(self) -> None:
-        if not 0 <= self.min_rotation_deg <= 180:
-            raise ValueError("min_rotation_deg must be within 0..180")
+        if not 0 <= self.min_rotation_deg <= 180 or not 0 <= self.placement_change_deg <= 180:
+            raise ValueError("min_rotation_deg and placement_change_deg must be within 0..180")
         if self.max_per_class < 1 or self.guard_window < 1:
             raise ValueError("max_per_class and guard_window must be >= 1")
         if not 0 <= self.memory_tolerance <= 1 or not 0 <= self.activity_tolerance <= 1:
@@ -217,6 +223,7 @@ class Ways:
     aligned: PersonalState
     corrected: PersonalState
     refusal: str | None = None
+    placed_by: int = 0  # activities the placement was found from (0: none applied)
 
     @classmethod
     def nothing_learned(cls, model: ActivityModel) -> Ways:
@@ -243,7 +250,13 @@ def fit(model: ActivityModel, entries: Sequence[ReplayEntry], policy: LearningPo
         windows, labels.astype(np.int32), np.ones(labels.size, np.float32), align
     )
     refusal = memory_refusal(model, corrected, {model.labels[int(c)] for c in labels}, policy)
-    return Ways(aligned, aligned if refusal else corrected, refusal)
+    placed_by = 0 if np.array_equal(align, np.eye(3)) else placing_activities(labels)
+    return Ways(aligned, aligned if refusal else corrected, refusal, placed_by)
+
+
+def placing_activities(labels: npt.NDArray[np.int64]) -> int:
+    """How many activities have the two answers :func:`placement` needs of each."""
+    return int((np.bincount(labels) >= 2).sum()) if labels.size else 0
 
 
 def memory_refusal(
@@ -268,22 +281,42 @@ def memory_refusal(
 @dataclass(frozen=True, slots=True)
 class Record:
     """How each way read one answer before it was learned: the probability it gave the
-    confirmed activity, and whether that activity was its answer (global, aligned, corrected)."""
+    confirmed activity, and whether that activity was its answer (global, aligned, corrected);
+    and the placement (the aligned way's rotation, row by row) the learned ways read it with,
+    found from ``placed_by`` activities (0: none applied)."""
 
     probability: tuple[float, float, float]
     correct: tuple[bool, bool, bool]
+    placement: tuple[float, ...] = IDENTITY
+    placed_by: int = 0
 
     def to_json(self) -> str:
-        return json.dumps([list(self.probability), list(self.correct)])
+        placement = [round(v, 5) for v in self.placement]
+        return json.dumps([list(self.probability), list(self.correct), placement, self.placed_by])
 
     @classmethod
     def from_json(cls, text: str) -> Record:
-        probability, correct = json.loads(text)
+        probability, correct, *rest = json.loads(text)
         p = tuple(float(v) for v in probability)
         c = tuple(bool(v) for v in correct)
-        if len(p) != len(WAYS) or len(c) != len(WAYS):
-            raise ValueError(f"a record has {len(WAYS)} ways")
-        return cls((p[0], p[1], p[2]), (c[0], c[1], c[2]))
+        placement = tuple(float(v) for v in rest[0]) if rest else IDENTITY
+        placed_by = int(rest[1]) if len(rest) > 1 else 0
+        if len(p) != len(WAYS) or len(c) != len(WAYS) or len(placement) != 9:
+            raise ValueError(f"a record has {len(WAYS)} ways and a 3x3 placement")
+        return cls((p[0], p[1], p[2]), (c[0], c[1], c[2]), placement, placed_by)
+
+    def read_with_a_tilt_since_moved(
+        self, placement: npt.NDArray[np.floating], degrees: float
+    ) -> bool:
+        """Whether this record was made with a placement found from one activity (a tilt, the
+        turn about gravity unknown) that the current ``placement`` has moved away from by more
+        than ``degrees``: then it says nothing about the current one."""
+        return self.placed_by == 1 and self.placement_moved(placement) > degrees
+
+    def placement_moved(self, placement: npt.NDArray[np.floating]) -> float:
+        """Degrees between the placement this record was made with and ``placement``."""
+        mine = np.asarray(self.placement, np.float64).reshape(3, 3)
+        return rotation_degrees(mine.T @ np.asarray(placement, np.float64))
 
     def score(self, way: Way, kind: str = "quadratic") -> float:
         """How well ``way`` read the answer: the quadratic score of the probability it gave
@@ -310,6 +343,8 @@ def score(model: ActivityModel, ways: Ways, entry: ReplayEntry) -> Record | None
             bool(rows[1].argmax() == label),
             bool(rows[2].argmax() == label),
         ),
+        tuple(float(v) for v in ways.aligned.align.ravel()),
+        ways.placed_by,
     )
 
 
@@ -336,11 +371,21 @@ def gains(evidence: Evidence, way: Way, policy: LearningPolicy) -> float | None:
     return total
 
 
-def choose(evidence: Evidence, policy: LearningPolicy) -> Way:
-    """The way that answers, from the records of the last ``guard_window`` answers."""
+def choose(
+    evidence: Evidence, policy: LearningPolicy, placement: npt.NDArray[np.floating] | None = None
+) -> Way:
+    """The way that answers, from the records of the last ``guard_window`` answers; with the
+    current ``placement``, leaving out those read with a tilt found from one activity that the
+    placement has since moved away from by more than ``placement_change_deg``."""
     if not policy.guard:
         return "corrected"
     recent = list(evidence)[-policy.guard_window :]
+    if placement is not None:
+        recent = [
+            (activity, record)
+            for activity, record in recent
+            if not record.read_with_a_tilt_since_moved(placement, policy.placement_change_deg)
+        ]
     best: Way = "global"
     best_gain = 0.0
     for way in policy.ways:
@@ -362,7 +407,7 @@ class Learned:
     covered: dict[str, str] = field(default_factory=dict)
 
     def way(self, policy: LearningPolicy) -> Way:
-        return choose(list(self.records.values()), policy)
+        return choose(list(self.records.values()), policy, self.ways.aligned.align)
 
     def keep_recent_records(self, window: int) -> None:
         for key in list(self.records)[: max(0, len(self.records) - 4 * window)]:
@@ -424,7 +469,7 @@ def gate(
     stored ``evidence`` of the version in use: both answering the way the evidence chooses,
     on the same latest answers. Refused when worse by more than ``accept_margin`` over at least
     ``min_scored`` answers."""
-    way = choose(list(evidence.values()), policy)
+    way = choose(list(evidence.values()), policy, learned.ways.aligned.align)
     index = WAYS.index(way)
     common = [pid for pid in learned.records if pid in evidence][-policy.guard_window :]
     if not common:

@@ -142,6 +142,49 @@ def test_the_guard_serves_a_learned_way_only_once_it_earned_it() -> None:
     assert choose(better, LearningPolicy(ways=("aligned",))) == "aligned"
 
 
+def test_a_record_read_with_a_tilt_the_placement_left_behind_is_no_evidence() -> None:
+    """An answer scored while the placement was a one-activity tilt says nothing about the
+    placement two activities found later, once the two differ."""
+    turned = rotation((np.radians(90.0), 0.0, 0.0)).astype(np.float32)
+    tilt = tuple(float(v) for v in np.eye(3).ravel())
+    early = Record((0.9, 0.1, 0.1), (True, False, False), tilt, placed_by=1)
+    later = [("Standing", Record((0.1, 0.9, 0.95), (False, True, True), tuple(turned.ravel()), 2))]
+    evidence = [("Sitting", early), *later * 3]
+    policy = LearningPolicy()
+    assert choose(evidence, policy) == "global"  # without the placement: Sitting was lost
+    assert choose(evidence, policy, turned) == "corrected"  # the tilt's record is left out
+    assert choose(evidence, policy, np.eye(3)) == "global"  # the tilt still holds: it counts
+    full = Record((0.9, 0.1, 0.1), (True, False, False), tilt, placed_by=2)
+    assert choose([("Sitting", full), *later * 3], policy, turned) == "global"  # only tilts
+
+
+def test_the_gate_judges_a_new_version_by_the_way_the_device_answers() -> None:
+    """Both versions answer the way the stored records chose (here corrected), on the same
+    answers, each held out: the new one is refused only if worse that way by the margin."""
+    from device_agent.learning import Learned, Ways, gate
+    from shared.model.runtime import PersonalState
+
+    blank = PersonalState.nothing_learned(4, 3)
+    stored = {f"p{i}": ("Sitting", record(0.2, 0.3, 0.95)) for i in range(12)}
+    policy = LearningPolicy()
+
+    def new_version(corrected_p: float, global_p: float) -> Learned:
+        records = {pid: ("Sitting", record(global_p, 0.3, corrected_p)) for pid in stored}
+        return Learned(Ways(blank, blank), records)
+
+    # Its global model reads these answers right (it may have learned them): that does not
+    # matter, the device would not answer with it.
+    verdict = gate(new_version(0.1, 0.99), stored, policy, accept_margin=0.05, min_scored=10)
+    assert verdict.way == "corrected"
+    assert (verdict.accuracy, verdict.current_accuracy, verdict.scored) == (0.0, 1.0, 12)
+    assert verdict.refusal is not None
+    assert "corrected way" in verdict.refusal
+    kept = gate(new_version(0.9, 0.1), stored, policy, accept_margin=0.05, min_scored=10)
+    assert kept.refusal is None
+    few = gate(new_version(0.1, 0.99), stored, policy, accept_margin=0.05, min_scored=13)
+    assert few.refusal is None  # too few answers to judge
+
+
 scores = st.floats(0.0, 1.0, allow_nan=False)
 activities = st.sampled_from(["Walking", "Sitting", "Standing"])
 
