@@ -491,6 +491,19 @@ def test_a_wearer_can_make_the_device_forget_every_confirmation(
     assert forget(settings) == 0
     assert "forgot 1 confirmations" in capsys.readouterr().out
     assert not list((tmp_path / "device" / "learned").glob("*.state"))
+    # The trainer is told when the agent next runs: the forget waits in the outbox.
+    from device_agent.store import AgentStore
+
+    store = AgentStore(settings.store_path)
+    try:
+        waiting = [
+            e for e in store.outbox_after(0, 10_000) if (e.receipt_key or "").startswith("f:")
+        ]
+    finally:
+        store.close()
+    assert [e.message.topic for e in waiting] == [
+        Topics(broker_settings.topic_root).forgotten(DEVICE)
+    ]
 
 
 def test_a_correction_and_a_forget_reach_the_trainers_store(
