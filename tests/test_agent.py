@@ -507,15 +507,24 @@ def test_a_wearer_can_make_the_device_forget_every_confirmation(
 
 
 def test_a_correction_and_a_forget_reach_the_trainers_store(
-    broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, start_agent: AgentFactory
+    broker_settings: BrokerSettings,
+    releases: Releases,
+    tmp_path: Path,
+    start_agent: AgentFactory,
+    store_url: str,
 ) -> None:
-    """The later answer wins in the trainer's store too; a forget empties it of the device's
-    answers, is receipted (so it leaves the agent's outbox), and keeps late relays out."""
+    """The later answer wins in the trainer's store too (SQLite and PostgreSQL); a forget
+    empties it of the device's answers, is receipted (so it leaves the agent's outbox), and
+    keeps late relays out."""
     from tests.trainer_helpers import trainer_settings_for
     from trainer_service.service import TrainerService
+    from trainer_service.settings import StoreSettings
 
     publish_release(broker_settings, releases.first)
-    trainer = TrainerService(trainer_settings_for(broker_settings, tmp_path / "trainer"))
+    settings = trainer_settings_for(
+        broker_settings, tmp_path / "trainer", store=StoreSettings(url=store_url)
+    )
+    trainer = TrainerService(settings)
     trainer.start()
     watcher = Watcher(broker_settings)
     agent = start_agent(agent_settings(broker_settings, tmp_path / "device", releases))
