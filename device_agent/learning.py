@@ -1,8 +1,8 @@
 """On-device learning: what a wearer's answers teach the device, and the guard on it.
 
-No MQTT here. The agent's worker thread calls :class:`DeviceLearner`; the updater gates and
-personalises a new version with :func:`personalise` and :func:`choose`; ``bench/personalize.py``
-and the tests drive both directly, through the same code.
+No MQTT here. The agent's worker thread calls :class:`DeviceLearner`; the updater personalises
+and gates a new version with :func:`personalise` and :func:`gate`; ``bench/personalize.py`` and
+the tests drive them directly, through the same code.
 
 Three ways of answering, each a function of the global model and the answers (docs/model.md):
 
