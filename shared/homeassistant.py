@@ -112,12 +112,22 @@ def _shared_fields(device_id: str, status_topic: str) -> dict[str, Any]:
 
 def _command_template(command: str, label_field: str = "") -> str:
     """A Home Assistant template that renders a ``device_command`` (docs/protocol.md); ``now()``
-    is Home Assistant's clock, and the ``ts`` orders a correction after an earlier one."""
+    is Home Assistant's clock, and the ``ts`` orders a correction after an earlier one. The
+    request id is the press's time in microseconds: one per press, two presses a second apart
+    or not (the agent's handling of a command once relies on it)."""
     return (
         f'{{"type":"device_command","v":1,"command":"{command}",{label_field}'
-        '"request_id":"homeassistant-{{ now().timestamp() | int }}",'
+        '"request_id":"homeassistant-{{ (now().timestamp() * 1000000) | int }}",'
         '"ts":{{ now().timestamp() }}}'
     )
+
+
+# The Model version sensor's attributes: every field of the status but ``state``, a name Home
+# Assistant reserves for the entity's own state (it refuses such an attribute).
+_STATUS_ATTRIBUTES = (
+    "{{ {'device_id': value_json.device_id, 'model_version': value_json.model_version,"
+    " 'counters': value_json.counters, 'ts': value_json.ts} | tojson }}"
+)
 
 
 def discovery_configs(
@@ -173,6 +183,7 @@ def discovery_configs(
             # rendered text "None" as its state (home-assistant/core PR 127032).
             "value_template": "{{ value_json.model_version or 'unknown' }}",
             "json_attributes_topic": status,  # the counters, for diagnostics
+            "json_attributes_template": _STATUS_ATTRIBUTES,
             **_shared_fields(device_id, status),
         },
     }

@@ -487,7 +487,7 @@ def test_the_select_sends_a_correction_the_agent_decodes(label: str) -> None:
     payload = render(template, value=label, now=lambda: FixedClock(1763769810.5))
     command = codec.decode_device_command(payload.encode())
     assert command == DeviceCommand(
-        "correct_latest", "homeassistant-1763769810", 1763769810.5, label=label
+        "correct_latest", "homeassistant-1763769810500000", 1763769810.5, label=label
     )
 
 
@@ -496,7 +496,31 @@ def test_the_button_sends_a_confirmation_the_agent_decodes() -> None:
     # Home Assistant passes the button's payload_press as `value`: the template ignores it.
     payload = render(template, value="PRESS", now=lambda: FixedClock(1763769805.25))
     command = codec.decode_device_command(payload.encode())
-    assert command == DeviceCommand("confirm_latest", "homeassistant-1763769805", 1763769805.25)
+    assert command == DeviceCommand(
+        "confirm_latest", "homeassistant-1763769805250000", 1763769805.25
+    )
+
+
+@pytest.mark.parametrize("control", ["correct", "confirm"])
+def test_two_presses_in_one_second_carry_two_request_ids(control: str) -> None:
+    template = by_object_id(configs_by_topic())[control]["command_template"]
+    ids = {
+        codec.decode_device_command(
+            render(template, value="Jogging", now=lambda t=t: FixedClock(t)).encode()
+        ).request_id
+        for t in (1763769810.1, 1763769810.7)
+    }
+    assert len(ids) == 2
+
+
+def test_the_model_sensors_attributes_are_the_status_but_its_reserved_state() -> None:
+    """Home Assistant refuses an attribute named ``state``: every other field of the status
+    is an attribute of the Model version sensor."""
+    model = by_object_id(configs_by_topic())["model"]
+    for payload in sample_messages()["status"]:
+        attributes = json.loads(render(model["json_attributes_template"], payload))
+        status = json.loads(payload)
+        assert attributes == {k: v for k, v in status.items() if k not in ("type", "v", "state")}
 
 
 def recorded_state_changes(config: dict[str, Any], payloads: list[bytes]) -> int:
@@ -799,6 +823,16 @@ def test_home_assistant_controls_confirm_and_correct_the_latest_prediction(
         corrected, correction = relayed_at(1763769810.5)
         assert correction.label == "Laying"
         assert corrected.model_version == releases.first.manifest.version
+
+        # Choosing the label the select shows is a confirmation of the latest prediction,
+        # kept and relayed like the button's (docs/dashboards.md), not a no-op.
+        shown = watcher.prediction()
+        predictions[shown.prediction_id] = shown
+        press(broker_settings, select, 1763769812.5, shown.label)
+        same, kept = relayed_at(1763769812.5)
+        assert kept.label == shown.label
+        assert kept.source == "user"
+        assert same.model_version == releases.first.manifest.version
 
         # A label the model does not know: reported, nothing kept, the agent carries on.
         press(broker_settings, select, 1763769815.0, "Flying")
