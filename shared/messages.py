@@ -32,6 +32,8 @@ MAX_ERROR_TOPIC = 512
 
 # "failed": a service one of whose loops died, published just before it exits to be restarted.
 DeviceState = Literal["online", "offline", "failed"]
+# What a device's (or trainer's) status can say, and "unknown" for one that has sent none yet.
+DEVICE_STATES: tuple[str, ...] = ("online", "offline", "failed", "unknown")
 ConfirmationSource = Literal["user", "app", "import", "auto"]
 
 Float32Samples = npt.NDArray[np.float32]

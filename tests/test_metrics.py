@@ -112,6 +112,8 @@ def test_the_endpoint_serves_counters_and_live_accuracy_per_version(
     assert samples["har_trainer_devices_by_state"] == {
         (("state", "online"),): 1,
         (("state", "unknown"),): 1,  # d1 has sent no status
+        (("state", "offline"),): 0,  # every state, 0 included: "0 online" is not "No data"
+        (("state", "failed"),): 0,
     }
     assert samples["har_trainer_live_accuracy"] == {(("model_version", "v7"),): 0.5}
     assert samples["har_trainer_confirmed_predictions"] == {(("model_version", "v7"),): 2}
@@ -123,6 +125,27 @@ def test_metrics_are_off_by_default_and_on_loopback_when_on() -> None:
 
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "har-trainer.json"
+
+
+def test_an_idle_trainer_exports_every_device_state_as_0() -> None:
+    idle = TrainerCollector(lambda: dict.fromkeys(GAUGES, 0), dict, dict)
+    [family] = [f for f in idle.collect() if f.name == "har_trainer_devices_by_state"]
+    assert {s.labels["state"]: s.value for s in family.samples} == {
+        "online": 0,
+        "offline": 0,
+        "failed": 0,
+        "unknown": 0,
+    }
+
+
+def test_the_grafana_stat_panels_show_0_rather_than_no_data() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    stats = [panel for panel in dashboard["panels"] if panel["type"] == "stat"]
+    assert stats
+    for panel in stats:
+        assert panel["fieldConfig"]["defaults"]["noValue"] == "0", panel["title"]
+        for target in panel["targets"]:
+            assert target["expr"].endswith(" or vector(0)"), panel["title"]
 
 
 def test_the_grafana_dashboard_only_queries_metrics_the_endpoint_exposes() -> None:

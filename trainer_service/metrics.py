@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from shared.messages import DEVICE_STATES
 from trainer_service.store import VersionAccuracy
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,11 @@ class TrainerCollector(Collector):
             "Devices per last reported status (unknown: none yet; online: its last word)",
             labels=["state"],
         )
-        for state, count in self._devices().items():
-            devices.add_metric([state], count)
+        by_state = self._devices()
+        # Every state a device can report, 0 included: "online 0" is a value, a missing series
+        # is "No data" on a dashboard.
+        for state in sorted(set(DEVICE_STATES) | set(by_state)):
+            devices.add_metric([state], by_state.get(state, 0))
         yield devices
 
 
