@@ -7,6 +7,7 @@
 #  - installs this project editable with every extra (agent, agent-lite, trainer, postgres, dev),
 #    again only when pyproject.toml changed since (a hash of it is kept in .venv)
 #  - does the same in .venv-lite with the light agent's extra only (agent-lite: no TensorFlow)
+#  - unpacks promtool from Debian's prometheus package into .venv/prometheus (not installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,4 +82,21 @@ install_into .venv agent,agent-lite,trainer,postgres,dev
 # The light agent's environment, without TensorFlow: what a wearable installs (deploy/README.md).
 # The tests run the agent from it, which proves the light agent never needs TensorFlow.
 install_into .venv-lite agent-lite
+
+# promtool, from Debian's prometheus package: tests/test_grafana_prometheus.py has Prometheus
+# evaluate the Grafana dashboard's expressions with it. Only the binary is unpacked into .venv:
+# installing the package would also start a Prometheus server listening on every interface.
+PROMTOOL=.venv/prometheus/bin/promtool
+if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$PROMTOOL" ]; then
+  echo ">> unpacking promtool from Debian's prometheus package into $(dirname "$PROMTOOL")" >&2
+  scratch=$(mktemp -d)
+  if (cd "$scratch" && apt-get download prometheus >/dev/null 2>&1) \
+    && dpkg-deb -x "$scratch"/prometheus_*.deb "$scratch/unpacked"; then
+    install -D -m 0755 "$scratch/unpacked/usr/bin/promtool" "$PROMTOOL"
+  else
+    echo ">> note: could not download the prometheus package (apt-get download prometheus);" \
+      "the dashboard expression tests will be skipped, saying so" >&2
+  fi
+  rm -rf "$scratch"
+fi
 echo ">> ready: .venv/bin/har --help" >&2

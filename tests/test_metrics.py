@@ -164,3 +164,24 @@ def test_the_grafana_dashboard_only_queries_metrics_the_endpoint_exposes() -> No
     assert queried <= exposed, f"not exposed: {sorted(queried - exposed)}"
     assert "har_trainer_live_accuracy" in queried
     assert "har_trainer_messages_ingested_total" in queried
+
+
+def test_every_grafana_panel_says_what_an_empty_result_means() -> None:
+    """Not Grafana's bare "No data": a panel whose series a running trainer always exports says
+    the trainer is not reporting; the accuracy panel, that nothing was confirmed yet."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    idle = TrainerCollector(lambda: dict.fromkeys(GAUGES, 0), dict, dict)
+    exported_when_idle = {sample.name for family in idle.collect() for sample in family.samples}
+    for panel in dashboard["panels"]:
+        no_value = panel["fieldConfig"]["defaults"]["noValue"]
+        names = {
+            name
+            for target in panel["targets"]
+            for name in re.findall(r"\bhar_trainer_\w+", target["expr"])
+        }
+        if panel["type"] == "stat":
+            assert no_value == "0", panel["title"]
+        elif names <= exported_when_idle:
+            assert no_value.startswith("no data from the trainer"), panel["title"]
+        else:
+            assert no_value == "no confirmed predictions yet", panel["title"]
