@@ -20,8 +20,8 @@ The ACL needs no line for a new device: its patterns (%u = the username) let eve
 only under har/v1/devices/<its username>/ and homeassistant/{sensor,select,button}/<its
 username>/, so the username must be the device id. That is why this script refuses an id
 outside the device-id alphabet (1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit) and
-the reserved user names trainer, trainer-2, dashboard, operator, healthcheck (in any letter
-case), whose users would then also get a device's rights or lend theirs to it.
+the broker's own logins in deploy/mosquitto/logins (in any letter case; listed below), whose
+users would then also get a device's rights or lend theirs to it.
 
 Options:
   --passwd FILE         the broker's password file; must exist (default: $HAR_MOSQUITTO_PASSWD,
@@ -40,6 +40,8 @@ Without --reload-pid, reload the broker yourself (nobody is disconnected):
   docker compose -f deploy/docker-compose.yml kill -s HUP mosquitto   # the compose broker
   sudo systemctl reload mosquitto                                     # Debian's mosquitto
 EOF
+    echo
+    echo "The broker's own logins, refused as device ids: $(login_names)"
 }
 
 die() {
@@ -48,6 +50,11 @@ die() {
 }
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+login_names() {
+    awk '!/^#/ && NF { printf "%s%s", sep, $1; sep = ", " }' "$here/mosquitto/logins"
+}
+
 passwd_file="${HAR_MOSQUITTO_PASSWD:-/etc/har/mosquitto/passwd}"
 out_dir=""
 broker_host=""
@@ -91,10 +98,11 @@ done
 # The alphabet of shared.topics.is_valid_id: one topic level, no wildcards, no '/'.
 [[ "$device_id" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ ]] \
     || die "invalid device id '$device_id': use 1-64 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit"
-case "${device_id,,}" in
-    trainer | trainer-2 | dashboard | operator | healthcheck)
-        die "'$device_id' is a reserved user name (trainer, trainer-2, dashboard, operator, healthcheck): the ACL gives that user other rights; choose another device id" ;;
-esac
+# The broker's own logins (deploy/mosquitto/logins), in any letter case: the ACL gives those
+# users other rights, which a device would then share.
+if awk -v id="${device_id,,}" '!/^#/ && tolower($1) == id { found = 1 } END { exit !found }' "$here/mosquitto/logins"; then
+    die "'$device_id' is a reserved user name ($(login_names)): the ACL gives that user other rights; choose another device id"
+fi
 [[ "$broker_host" =~ ^[A-Za-z0-9.:-]*$ ]] || die "--broker-host '$broker_host' is not a host name or address"
 [[ -z "$reload_pid" || "$reload_pid" =~ ^[1-9][0-9]*$ ]] || die "--reload-pid '$reload_pid' is not a process id"
 for file in "$ca_file" "$public_key" "$password_file"; do

@@ -25,9 +25,22 @@ LOOPBACK = "127.0.0.1"
 DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy"
 SHIPPED_CONF = DEPLOY_DIR / "mosquitto" / "mosquitto.conf"
 SHIPPED_ACL = DEPLOY_DIR / "mosquitto" / "acl"
+SHIPPED_LOGINS = DEPLOY_DIR / "mosquitto" / "logins"
+
 MAKE_CERTS = DEPLOY_DIR / "make-certs.sh"
 # Where mosquitto.conf expects the TLS files (the compose file mounts them there).
 CONTAINER_CERTS = "/mosquitto/config/certs/"
+
+
+def shipped_logins() -> dict[str, str]:
+    """The broker's own logins (not devices) and who logs in with each, in the order of
+    ``deploy/mosquitto/logins``: one per integration, since one login is one connection."""
+    logins = {}
+    for line in SHIPPED_LOGINS.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            user, _, purpose = line.strip().partition(" ")
+            logins[user] = purpose.strip()
+    return logins
 
 
 def find_mosquitto() -> str | None:

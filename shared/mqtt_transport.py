@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 # CONNACK reason codes after which retrying cannot help: stop and say so (bad credentials,
 # not authorised, banned, bad client id).
 _FATAL_CONNACK = frozenset({133, 134, 135, 138, 140})
+SESSION_TAKEN_OVER = 142  # DISCONNECT reason 0x8E: another client connected with our client id
 _SESSION_EXPIRY_S = 7 * 24 * 3600  # how long the broker keeps a persistent session of ours
 _INBOX_WAIT_S = 0.5  # how often a network thread waiting for inbox room checks for a stop
 # Failed attempts to reach a broker never reached before, after which one hint says what to check.
@@ -251,6 +252,45 @@ def apply_tls(client: paho.Client, settings: BrokerSettings) -> None:
         )
 
 
+class TakingTurns:
+    """Notices a connection that keeps being closed soon after it was made, the sign of another
+    client on the same login where the broker takes the client id from the login (Mosquitto's
+    ``use_username_as_clientid`` closes the older connection without saying why).
+
+    ``dropped`` is True once ``times`` connections in ``within_s`` each lasted under
+    ``short_s``; then not again for ``within_s``. Called on paho's network thread only."""
+
+    def __init__(
+        self,
+        *,
+        short_s: float = 10.0,
+        within_s: float = 60.0,
+        times: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._short_s, self._within_s, self._times = short_s, within_s, times
+        self._clock = clock
+        self._since: float | None = None
+        self._short: list[float] = []
+        self._said_at: float | None = None
+
+    def connected(self) -> None:
+        self._since = self._clock()
+
+    def dropped(self) -> bool:
+        now = self._clock()
+        since, self._since = self._since, None
+        if since is None or now - since >= self._short_s:
+            return False
+        self._short = [t for t in self._short if now - t < self._within_s] + [now]
+        if len(self._short) < self._times:
+            return False
+        if self._said_at is not None and now - self._said_at < self._within_s:
+            return False
+        self._said_at = now
+        return True
+
+
 class MqttConnection:
     """A long-lived MQTT 5 connection for one role (device agent, trainer, tool)."""
 
@@ -294,6 +334,7 @@ class MqttConnection:
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
         self._attempt = 0
+        self._taking_turns = TakingTurns()  # another client on this login?
 
         # Handles of sent publishes by packet id until on_publish brings the broker's answer, and
         # the answers that came before publish() could file their handle (paho's network thread
@@ -505,6 +546,7 @@ class MqttConnection:
         self._generation += 1
         self._attempt = 0
         self.connect_count += 1
+        self._taking_turns.connected()
         log.info(
             "connected to %s:%d as %s (session present: %s)",
             self._settings.host,
@@ -538,6 +580,16 @@ class MqttConnection:
         if was_connected:
             if self._stop_requested.is_set():
                 log.info("disconnected from broker as asked: %s", reason_code)
+            elif self._taking_turns.dropped() or reason_code == SESSION_TAKEN_OVER:
+                log.error(
+                    "disconnected from broker (%s), again soon after connecting: another client "
+                    "logged in as %r takes this connection's place, and this one takes it back "
+                    "(the broker uses the login as the client id): give each a login of its "
+                    "own (deploy/mosquitto/logins, deploy/add-login.sh)",
+                    reason_code,
+                    self._settings.username,
+                )
+                self._schedule_retry()
             else:
                 log.warning("disconnected from broker: %s", reason_code)
                 self._schedule_retry()

@@ -6,7 +6,8 @@ status, and downloads, verifies and installs signed model versions on its own co
 makes a device lightweight is shared: one model runtime per version for the whole process (the
 windows of every device are predicted together, on a worker thread), and one verified copy of
 each release on disk. The simulated people confirm predictions through one separate "app"
-connection, because with the shipped ACL only people (the dashboard user) may confirm.
+connection, because with the shipped ACL devices may not confirm (the people's app's login is
+"dashboard").
 
 Failures follow ``shared.supervision``: a device's job that fails (a tick, a message, a model
 check or load) is logged, counted (``internal_errors``), published on that device's error topic

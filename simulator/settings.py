@@ -40,7 +40,7 @@ class SimSettings:
     # Verified model releases, shared by every simulated device of this process.
     state_dir: Path = Path("var/sim")
     # The people's app: a separate connection that publishes confirmations. With the shipped
-    # broker ACL only the "dashboard" (or "operator") user may confirm.
+    # broker ACL devices may not confirm; the people's app logs in as "dashboard".
     app_username: str = ""
     app_password_file: Path | None = None
     # Retained Home Assistant discovery configs for every simulated device (docs/dashboards.md).

@@ -463,8 +463,8 @@ def test_settings_example_in_docs_loads(tmp_path: Path) -> None:
     )
     assert loaded.ack_timeout_s == 4.0
     assert (loaded.broker.host, loaded.broker.port) == ("127.0.0.1", 1884)
-    assert (loaded.broker.username, loaded.broker.tls) == ("dashboard", True)
-    assert loaded.broker.password_file == Path("/etc/har/dashboard.password")
+    assert (loaded.broker.username, loaded.broker.tls) == ("watch", True)
+    assert loaded.broker.password_file == Path("/etc/har/secrets/watch.password")
     config.write_text('colour = "blue"\n')
     with pytest.raises(ConfigError, match="unknown setting 'colour'"):
         load_settings(DashboardSettings, config_file=config)

@@ -43,7 +43,7 @@ DOC = (REPO / "docs" / "dashboards.md").read_text(encoding="utf-8")
 ROOT = "har/v1"
 DEVICE = "wrist-0001"
 # The page's broker: the shipped one, over TLS (its plain port answers on its own host only).
-DOC_BROKER = '-h broker.lan -p 8883 --cafile ca.crt -u dashboard -P "$DASHBOARD_PASSWORD"'
+DOC_BROKER = '-h broker.lan -p 8883 --cafile ca.crt -u operator -P "$OPERATOR_PASSWORD"'
 DOC_DEVICE_BROKER = '-h broker.lan -p 8883 --cafile ca.crt -u wrist-0001 -P "$DEVICE_PASSWORD"'
 
 _BLOCK = re.compile(r"^```(\w+)(?: ([\w-]+))?\n(.*?)\n```$", re.MULTILINE | re.DOTALL)
@@ -103,7 +103,7 @@ def is_contract_topic(topic: str) -> bool:
 def test_every_har_topic_on_the_page_is_one_of_the_contract() -> None:
     named = set(re.findall(r"har/v1/[^\s'\"`)\]]+", DOC))
     assert len(named) >= 5
-    # The ACL line that lets Home Assistant (the dashboard user) command every device.
+    # The ACL line that lets Home Assistant (its own login) command every device.
     acl_filter = f"{Topics(ROOT).device('DEVICE').rsplit('/', 1)[0]}/+/command"
     assert acl_filter in named
     assert {t for t in named - {acl_filter} if not is_contract_topic(t)} == set()
@@ -115,7 +115,7 @@ def test_every_discovery_topic_on_the_page_is_one_the_agent_publishes() -> None:
     }
     acl_filters = {f"homeassistant/{c}/%u/#" for c in ("sensor", "select", "button")}
     acl_filters.add("homeassistant/#")
-    birth = "homeassistant/status"  # Home Assistant's own, named as one the ACL refuses
+    birth = "homeassistant/status"  # Home Assistant's own, which its login may publish
     named = set(re.findall(r"homeassistant/[^\s'\"`)\]]+", DOC))
     # The removal recipe's loop: "homeassistant/$entity/config" for each <component>/<id>/<entity>.
     loop = re.search(r"^for entity in (.*); do$", block("remove-discovery"), re.MULTILINE)

@@ -8,6 +8,7 @@ import os
 import queue
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from har.demo.data import DOWNLOADED, WISDM_ENV, find_data_file, prepare
 from har.demo.people import PeopleApp
 from har.demo.processes import Interrupted, StopSignals
 from har.demo.summary import PHASES, build, lost_learning, render
+from har.local_broker import shipped_logins
 from har.synthetic_data import write_dataset
 from shared import codec
 from shared.errors import HarError
@@ -354,6 +356,13 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path) -> None:
             except queue.Empty:
                 continue
         assert any("agents started" in line for line in output)
+        # A login per integration, each said whose it is, its password in a file only.
+        for user, purpose in shipped_logins().items():
+            said = f"] {user:<14} {purpose}\n"  # "[demo 12:00:00]   watch   har watch, ..."
+            assert any(line.replace("]   ", "] ", 1).endswith(said) for line in output), user
+            password_file = workdir / "secrets" / f"{user}.password"
+            assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+            assert password_file.read_text() not in "".join(output)
         pids = json.loads((workdir / "pids.json").read_text())
         assert set(pids) == {"mosquitto", "trainer", "demo-wrist-1", "demo-wrist-2", "demo-wrist-3"}
         assert all(_alive(pid) for pid in pids.values()), "every child runs before Ctrl-C"
@@ -383,31 +392,30 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path) -> None:
 
 
 @pytest.mark.broker
-def test_printed_watch_command_logs_in_read_only_beside_the_peoples_app(
+def test_printed_watch_command_logs_in_with_its_own_login_beside_the_peoples_app(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The demo's broker (shipped config, demo ACL) with the app logged in as dashboard: the
-    printed `har watch` command, as typed, sees the fleet, may publish nothing, and leaves the
+    """The demo's broker (shipped config and ACL) with the app logged in as dashboard: the
+    printed `har watch` command, as typed, logs in as watch, sees the fleet, and leaves the
     app's session alone (client id = username would end it for a second dashboard login)."""
     from har.cli import main
-    from har.demo.run import WATCH_USER, watch_command, write_demo_acl
+    from har.demo.run import WATCH_USER, watch_command
     from har.local_broker import ShippedMosquitto
     from shared.config import BrokerSettings
-    from shared.messages import Confirmation
-    from shared.mqtt_transport import MqttConnection, Outbound, PublishRefusedError
+    from shared.mqtt_transport import MqttConnection, Outbound
 
     for name in [name for name in os.environ if name.startswith("HAR_")]:
         monkeypatch.delenv(name)
     passwords = {"dashboard": "app-secret", WATCH_USER: "watch-secret", "demo-wrist-1": "dev"}
     (tmp_path / "broker").mkdir()
-    acl = write_demo_acl(tmp_path / "acl")
-    broker = ShippedMosquitto(tmp_path / "broker", passwords=passwords, acl_file=acl)
+    broker = ShippedMosquitto(tmp_path / "broker", passwords=passwords)
     password_file = tmp_path / "watch.password"
     password_file.write_text(passwords[WATCH_USER])
     command = watch_command(["har"], broker.port, password_file)
     assert passwords[WATCH_USER] not in command
     har, *argv = shlex.split(command)
     assert har == "har"
+    assert argv[argv.index("--username") + 1] == WATCH_USER
 
     topics = Topics()  # the shipped ACL's root
 
@@ -442,18 +450,6 @@ def test_printed_watch_command_logs_in_read_only_beside_the_peoples_app(
             ("demo-wrist-1", "online")
         ]
 
-        watcher = login(WATCH_USER, "any-id", persistent_session=False)
-        try:
-            refused = watcher.publish(
-                Outbound(
-                    topics.confirmation("demo-wrist-1"),
-                    codec.encode_confirmation(Confirmation("p1", "Walking", "user", 1.0)),
-                )
-            )
-            with pytest.raises(PublishRefusedError):
-                refused.wait_accepted(10.0)
-        finally:
-            watcher.stop()
         # The app was never disconnected: connected once, still connected, and the broker did
         # not close an older connection of the same client id.
         assert changes == [True]

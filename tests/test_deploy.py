@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import logging
 import os
 import queue
 import re
@@ -39,11 +41,13 @@ from har.local_broker import (
     LOOPBACK,
     SHIPPED_ACL,
     SHIPPED_CONF,
+    SHIPPED_LOGINS,
     MosquittoProcess,
     ShippedMosquitto,
     accepts_connections,
     find_mosquitto,
     make_certs,
+    shipped_logins,
 )
 from shared import codec, homeassistant
 from shared.config import BrokerSettings, load_settings, read_toml
@@ -70,6 +74,10 @@ PASSWORDS = {
     "dashboard": "pw-dashboard",
     "operator": "pw-operator",
     "healthcheck": "pw-health",
+    "homeassistant": "pw-homeassistant",
+    "nodered": "pw-nodered",
+    "watch": "pw-watch",
+    "scripts": "pw-scripts",
 }
 WAIT_S = 10.0
 
@@ -493,7 +501,7 @@ def test_dashboard_reads_every_confirmation_and_the_manifest(clients: Clients) -
 def test_device_publishes_home_assistant_discovery_under_its_own_id_only(
     clients: Clients,
 ) -> None:
-    dashboard = clients.join("dashboard", ["homeassistant/#"])  # as Home Assistant logs in
+    dashboard = clients.join("homeassistant", ["homeassistant/#"])
     operator = clients.join("operator", ["homeassistant/#"])
     device = clients.join("wrist-0001")
     forbidden = [
@@ -520,10 +528,12 @@ def test_device_publishes_home_assistant_discovery_under_its_own_id_only(
     assert own[-1] in operator.until(*own[-1])
 
 
-def test_home_assistant_controls_reach_the_device_as_the_dashboard_user(clients: Clients) -> None:
+def test_home_assistant_controls_reach_the_device_with_home_assistants_login(
+    clients: Clients,
+) -> None:
     """The select and the button publish device commands, with Home Assistant's login."""
     device = clients.join("wrist-0001", [TOPICS.command("wrist-0001")])
-    dashboard = clients.join("dashboard")
+    dashboard = clients.join("homeassistant")
     configs = homeassistant.discovery_configs(TOPICS, "wrist-0001", ("Walking", "Sitting"))
     sent = []
     for control in homeassistant.CONTROLS:
@@ -532,6 +542,140 @@ def test_home_assistant_controls_reach_the_device_as_the_dashboard_user(clients:
         sent.append(message)
     seen = device.until(*sent[-1])
     assert all(message in seen for message in sent)
+
+
+# ------------------------------------------------------------- one login per integration
+
+# The messages an integration might read or write, by name: who publishes each in the read
+# tests, and its topic.
+DEVICE_1 = "wrist-0001"
+MESSAGES = {
+    "sensor": ("wrist-0001", TOPICS.sensor(DEVICE_1)),
+    "prediction": ("wrist-0001", TOPICS.prediction(DEVICE_1)),
+    "status": ("wrist-0001", TOPICS.status(DEVICE_1)),
+    "error": ("wrist-0001", TOPICS.error(DEVICE_1)),
+    "discovery": ("wrist-0001", f"homeassistant/sensor/{DEVICE_1}/activity/config"),
+    "confirmation": ("operator", TOPICS.confirmation(DEVICE_1)),
+    "command": ("operator", TOPICS.command(DEVICE_1)),
+    "trainer_command": ("operator", TOPICS.trainer_command()),
+    "manifest": ("trainer", TOPICS.model_manifest()),
+    "birth": ("homeassistant", "homeassistant/status"),
+}
+# What each integration's login may read and write: exactly what its client needs, and the
+# released model, which the ACL lets everyone read (it is signed).
+RIGHTS = {
+    "dashboard": (
+        {"prediction", "status", "error", "confirmation", "manifest"},
+        {"confirmation", "command"},
+    ),
+    "homeassistant": (
+        {"prediction", "status", "discovery", "birth", "manifest"},
+        {"command", "birth"},
+    ),
+    "nodered": ({"prediction", "status", "error", "manifest"}, {"confirmation"}),
+    "watch": ({"prediction", "status", "error", "confirmation", "manifest"}, {"confirmation"}),
+    "scripts": ({"manifest"}, {"confirmation", "command"}),
+}
+
+
+def test_every_login_is_in_the_acl_and_add_device_refuses_it() -> None:
+    acl_users = re.findall(r"^user (\S+)$", SHIPPED_ACL.read_text(), re.MULTILINE)
+    logins = shipped_logins()
+    assert list(logins) == acl_users, f"{SHIPPED_LOGINS} and the ACL's users differ"
+    assert set(RIGHTS) < set(logins)
+    assert all(purpose for purpose in logins.values()), "every login says who uses it"
+
+
+def test_the_clients_subscribe_to_what_their_login_may_read() -> None:
+    """``har watch`` and ``har confirm`` ask for nothing their login's ACL block drops."""
+    from dashboard.feed import subscriptions
+
+    filters = {topic for topic, _ in subscriptions(TOPICS)}
+    names = {
+        name
+        for name, (_, topic) in MESSAGES.items()
+        if any(paho.topic_matches_sub(f, topic) for f in filters)
+    }
+    assert names == RIGHTS["watch"][0]
+
+
+@pytest.mark.parametrize("login", sorted(RIGHTS))
+def test_an_integrations_login_receives_exactly_what_it_needs(clients: Clients, login: str) -> None:
+    reads, _ = RIGHTS[login]
+    reader = clients.join(login, [f"{ROOT}/#", "homeassistant/#"])
+    observer = clients.join("operator", [f"{ROOT}/#", "homeassistant/#"])
+    publishers = {login: reader, "operator": observer}  # one connection per login
+    sent = {}
+    for name, (user, topic) in MESSAGES.items():
+        if user not in publishers:
+            publishers[user] = clients.join(user)
+        message = (topic, unique(name))
+        publishers[user].publish(*message)
+        # Mosquitto routes a publish to every subscriber at once: once the operator has it, the
+        # reader's copy (if any) is queued before whatever is published next.
+        observer.until(*message)
+        sent[name] = message
+    control = (TOPICS.model_manifest(), unique("control"))
+    publishers["trainer"].publish(*control)
+    seen = set(reader.until(*control))
+    assert {name for name, message in sent.items() if message in seen} == reads
+
+
+@pytest.mark.parametrize("login", sorted(RIGHTS))
+def test_an_integrations_login_publishes_exactly_what_it_needs(
+    clients: Clients, login: str
+) -> None:
+    _, writes = RIGHTS[login]
+    observer = clients.join("operator", [f"{ROOT}/#", "homeassistant/#"])
+    writer = clients.join(login)
+    sent = {}
+    for name, (_, topic) in MESSAGES.items():
+        sent[name] = (topic, unique(f"{login}-{name}"))
+        writer.publish(*sent[name])
+    # The broker handles one client's publishes in order: once the control arrived, every
+    # message before it that the ACL let through has arrived too.
+    control = sent[sorted(writes)[0]]
+    writer.publish(control[0], control[1] + b"-control")
+    seen = set(observer.until(control[0], control[1] + b"-control"))
+    assert {name for name, message in sent.items() if message in seen} == writes
+
+
+def test_a_client_kicked_off_by_another_on_its_login_says_so(shipped: ShippedMosquitto) -> None:
+    """Two clients on one login take turns (the broker takes the client id from the login):
+    the one that keeps being kicked off logs an error that names the login."""
+    said = Said("another client logged in as 'watch' takes this connection's place")
+    transport_log = logging.getLogger("shared.mqtt_transport")
+    transport_log.addHandler(said)
+    settings = dataclasses.replace(
+        settings_for(shipped, "watch"), reconnect_min_s=0.01, reconnect_max_s=0.05
+    )
+    first = MqttConnection(settings, client_id="first", persistent_session=False)
+    second = MqttConnection(settings, client_id="second", persistent_session=False)
+    try:
+        first.start()
+        second.start()
+        assert said.event.wait(30.0), "neither client said why it keeps being disconnected"
+    finally:
+        first.stop()
+        second.stop()
+        transport_log.removeHandler(said)
+    assert said.records[0].levelno == logging.ERROR
+    assert "deploy/mosquitto/logins" in said.records[0].getMessage()
+
+
+class Said(logging.Handler):
+    """Sets ``event`` when a log record's message contains ``words`` (from any thread)."""
+
+    def __init__(self, words: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.words = words
+        self.event = threading.Event()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.words in record.getMessage():
+            self.records.append(record)
+            self.event.set()
 
 
 def test_tls_client_with_the_ca_logs_in_and_the_acl_applies_there_too(clients: Clients) -> None:

@@ -24,6 +24,7 @@ from shared.mqtt_transport import (
     Outbound,
     PublishOutcome,
     PublishRefusedError,
+    TakingTurns,
     backoff_delay,
 )
 from shared.topics import Topics
@@ -385,3 +386,45 @@ def test_losing_the_broker_is_a_warning(
     finally:
         connection.stop()
     assert warnings == [logging.WARNING]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_taking_turns_speaks_after_three_short_connections_in_a_minute_then_rests() -> None:
+    clock = FakeClock()
+    turns = TakingTurns(short_s=10.0, within_s=60.0, times=3, clock=clock)
+    said = []
+    for _ in range(6):  # kicked off 1 s after each connect
+        turns.connected()
+        clock.now += 1.0
+        said.append(turns.dropped())
+    assert said == [False, False, True, False, False, False]  # once, not on every drop
+    clock.now += 61.0
+    for _ in range(3):
+        turns.connected()
+        clock.now += 1.0
+        said.append(turns.dropped())
+    assert said[-3:] == [False, False, True]  # a minute later, still taking turns: again
+
+
+def test_taking_turns_stays_quiet_over_long_connections_and_drops_without_a_connect() -> None:
+    clock = FakeClock()
+    turns = TakingTurns(short_s=10.0, within_s=60.0, times=3, clock=clock)
+    for _ in range(10):  # a flaky link: each connection lasted 30 s
+        turns.connected()
+        clock.now += 30.0
+        assert not turns.dropped()
+    for _ in range(10):  # no connection came up in between (a failed attempt)
+        clock.now += 1.0
+        assert not turns.dropped()
+    for _ in range(3):  # three short ones, spread over more than a minute
+        turns.connected()
+        clock.now += 5.0
+        assert not turns.dropped()
+        clock.now += 30.0

@@ -14,9 +14,10 @@ Run the whole loop on this machine, with nothing but this repository.
 
 1. Mosquitto runs the production config (deploy/mosquitto/mosquitto.conf and acl: passwords,
    ACL, persistence, a TLS listener) on free loopback ports, with certificates for 127.0.0.1 from
-   deploy/make-certs.sh, users "trainer" and "dashboard", and three devices added by
-   deploy/add-device.sh. The demo's ACL adds a read-only "watch" user, and the demo prints a
-   ready "har watch" command for it (the password in a file, not printed).
+   deploy/make-certs.sh, a login per integration (deploy/mosquitto/logins: "trainer",
+   "dashboard" for the people's app it plays, "homeassistant", "nodered", "watch", ...; each
+   password in a file under secrets/, never printed), and three devices added by
+   deploy/add-device.sh. It prints which login is whose, and a ready "har watch" command.
 2. Data: --data FILE, else $HAR_WISDM_FILE, else ./WISDM_ar_latest.tar.gz (where "har data
    download" puts it), else synthetic people (the embedded default). Each device replays a user
    held out of the base data; synthetic wearers wear their device turned by 75, 90 or 105

@@ -21,7 +21,7 @@ from har.demo.data import DemoData, Wearer, find_data_file, prepare
 from har.demo.people import PeopleApp
 from har.demo.processes import Children, Interrupted, StopSignals, say
 from har.demo.summary import build, render
-from har.local_broker import DEPLOY_DIR, ShippedMosquitto
+from har.local_broker import DEPLOY_DIR, ShippedMosquitto, shipped_logins
 from shared import codec
 from shared.config import BrokerSettings
 from shared.errors import HarError
@@ -38,21 +38,7 @@ WINDOW_HOP = 40  # a prediction every 2 s of sensor time (80-sample windows at 2
 STATUS_INTERVAL_S = 5.0
 FINAL_STATUS_WAIT_S = 15.0
 PROGRESS_EVERY_S = 10.0  # the longest the demo stays silent while it waits
-WATCH_USER = "watch"
-# The demo's broker adds a read-only login for `har watch` to the shipped ACL: with client id =
-# username (mosquitto.conf), a `har watch` logged in as dashboard would end the people's app's
-# session, and the app's own on every reconnect.
-WATCH_ACL_BLOCK = f"""
-# ------------------------------------------------------------------- watch (the demo only)
-# `har watch` beside the demo: reads what it shows, publishes nothing (its confirm keys are
-# refused), and does not take the dashboard user's session.
-user {WATCH_USER}
-topic read har/v1/devices/+/prediction
-topic read har/v1/devices/+/status
-topic read har/v1/devices/+/confirmation
-topic read har/v1/devices/+/error
-topic read har/v1/model/manifest
-"""
+WATCH_USER = "watch"  # the login of `har watch` (deploy/mosquitto/logins)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,27 +142,29 @@ class Demo:
 
     def _start_broker(self, public_key: Path) -> str:
         """The production broker config, its users and the devices' provisioning folders."""
-        passwords = {
-            user: secrets.token_urlsafe(18) for user in ("trainer", "dashboard", WATCH_USER)
-        }
+        # Every login of deploy/mosquitto/logins, one per integration (one login is one
+        # connection: a second client on it would take the first one's place).
+        logins = shipped_logins()
+        passwords = {user: secrets.token_urlsafe(18) for user in logins}
         secrets_dir = self.workdir / "secrets"
         secrets_dir.mkdir(mode=0o700)
-        for user in ("trainer", WATCH_USER):
+        for user, password in passwords.items():
             password_file = secrets_dir / f"{user}.password"
-            password_file.write_text(passwords[user])
+            password_file.write_text(password)
             password_file.chmod(0o600)
         (self.workdir / "broker").mkdir()
-        acl = write_demo_acl(self.workdir / "broker" / "acl-with-watch")
-        broker = ShippedMosquitto(self.workdir / "broker", passwords=passwords, acl_file=acl)
+        broker = ShippedMosquitto(self.workdir / "broker", passwords=passwords)
         self.broker = broker
         for device_id in DEVICE_IDS:
             self._add_device(broker, device_id, public_key)
         self.children.started("mosquitto", lambda: _started_pid(broker))
         say(
             f"mosquitto (deploy/mosquitto/mosquitto.conf and acl, pid {broker.pid}): plain "
-            f"127.0.0.1:{broker.port}, TLS 127.0.0.1:{broker.tls_port}; users trainer, "
-            f"dashboard, {WATCH_USER} (read-only), {', '.join(DEVICE_IDS)}"
+            f"127.0.0.1:{broker.port}, TLS 127.0.0.1:{broker.tls_port}; devices "
+            f"{', '.join(DEVICE_IDS)}; a login per integration, passwords in {secrets_dir}:"
         )
+        for user, purpose in logins.items():
+            say(f"  {user:<14} {purpose}")
         command = watch_command(har_command(), broker.port, secrets_dir / f"{WATCH_USER}.password")
         say(f"to watch the fleet live while the demo runs, in another terminal: {command}")
         return passwords["dashboard"]
@@ -419,12 +407,6 @@ class Demo:
             exit_codes=self.children.exit_codes,
             outcome=outcome,
         )
-
-
-def write_demo_acl(path: Path) -> Path:
-    """The shipped ACL plus the demo's read-only ``watch`` user, written to ``path``."""
-    path.write_text((DEPLOY_DIR / "mosquitto" / "acl").read_text() + WATCH_ACL_BLOCK)
-    return path
 
 
 def har_command() -> list[str]:
