@@ -416,6 +416,7 @@ def run_kill(args: argparse.Namespace, broker: Any, pg: Any) -> dict[str, Any]:
         time.sleep(args.kill_seconds / 2)
         victim = trainers.leader()
         survivor = next(n for n in trainers.names if n != victim)
+        result["killed"] = victim
         trainers.processes[victim].kill()
         killed = time.monotonic()
         trainers.processes[victim].wait(10)
@@ -541,11 +542,30 @@ def main() -> int:
         "kill": kill,
         "runs": runs,
     }
+    failures = unaccounted(runs, kill)
+    doc["failures"] = failures
     text = json.dumps(doc, indent=2)
     print(text)
     if args.evidence:
         args.evidence.write_text(text + "\n")
-    return 0
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def unaccounted(runs: list[dict[str, Any]], kill: dict[str, Any] | None) -> list[str]:
+    """What makes the run a failure: a trainer that did not exit 0 when asked to stop (the
+    replica the kill run killed excepted), or a batch sent and never stored."""
+    failures = []
+    for run in [*runs, *([kill] if kill else [])]:
+        name = f"{run['store']}:{run['replicas']} {run.get('mode', 'kill')} {run['devices']}"
+        killed = run.get("killed")
+        for replica, code in run["exit_codes"].items():
+            if code != 0 and replica != killed:
+                failures.append(f"{name}: trainer {replica} exited with {code}")
+        if run["lost"]:
+            failures.append(f"{name}: {run['lost']} of {run['batches_sent']} batches never stored")
+    return failures
 
 
 if __name__ == "__main__":

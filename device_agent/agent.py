@@ -147,7 +147,7 @@ class DeviceAgent:
             # reading the store there.
             birth=lambda: [self._status_message("online", self._last_counters)],
             persistent_session=True,
-            counters=self.counters,  # inbox_waits, transport_callback_errors in the status
+            counters=self.counters,  # inbox_overflow, publish_waits, ... in the status
         )
         self._store = AgentStore(
             settings.store_path,

@@ -18,6 +18,13 @@ class Counters:
             self._counts[name] += amount
             self._changed.notify_all()
 
+    def raise_to(self, name: str, value: int) -> None:
+        """Keep the highest ``value`` seen under ``name`` (a high-water mark)."""
+        with self._changed:
+            if value > self._counts[name]:
+                self._counts[name] = value
+                self._changed.notify_all()
+
     def get(self, name: str) -> int:
         with self._changed:
             return self._counts[name]

@@ -24,9 +24,11 @@ publish its ACL forbids too (0x87 Not authorized), so "answered" is not "accepte
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
+import os
 import queue
 import random
 import threading
@@ -47,6 +49,7 @@ from shared.codec import CONTENT_TYPE_JSON
 from shared.config import BrokerSettings
 from shared.counters import Counters
 from shared.errors import BrokerError
+from shared.supervision import EXIT_THREAD_DIED
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,12 @@ log = logging.getLogger(__name__)
 _FATAL_CONNACK = frozenset({133, 134, 135, 138, 140})
 SESSION_TAKEN_OVER = 142  # DISCONNECT reason 0x8E: another client connected with our client id
 _SESSION_EXPIRY_S = 7 * 24 * 3600  # how long the broker keeps a persistent session of ours
-_INBOX_WAIT_S = 0.5  # how often a network thread waiting for inbox room checks for a stop
+_INBOX_WAIT_S = 0.5  # how often the intake thread waiting for inbox room checks for a stop
+# Publishes sent but not answered yet, beyond which publish() waits for answers: below paho's
+# 65,535 packet ids (a reused id is refused as "Message queue full"), and a bound on memory.
+MAX_UNANSWERED = 20_000
+_ROOM_WAIT_S = 0.5  # how often a publish waiting for room checks for a stop
+_PACKET_ID_TRIES = 100  # packet ids tried for one publish before giving up (ids in use)
 # Failed attempts to reach a broker never reached before, after which one hint says what to check.
 _HINT_AFTER_FAILED_ATTEMPTS = 3
 
@@ -65,6 +73,7 @@ def _guarded(callback: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(callback)
     def guarded(self: MqttConnection, *args: Any) -> None:
+        self._network_thread = threading.get_ident()  # paho's: publish() must not wait on it
         try:
             callback(self, *args)
         except Exception:
@@ -291,6 +300,77 @@ class TakingTurns:
         return True
 
 
+class Intake:
+    """Hands received QoS 1 messages to the application's inbox without ever blocking paho's
+    network thread, which also writes PUBACKs and PINGREQs: a full inbox must slow the
+    application down, not end the connection (Mosquitto 2.0.11 overruns Receive Maximum once
+    acknowledgements flow, so the inbox can fill).
+
+    ``put`` (paho's thread) queues into the inbox at once, or, while it is full or older
+    messages wait, into an unbounded overflow in arrival order; the intake thread moves the
+    overflow into the inbox as room frees. Nothing is acknowledged before the application takes
+    it, so what waits here at a stop is delivered again by the broker."""
+
+    def __init__(self, inbox: queue.Queue[InboundMessage], counters: Counters, name: str) -> None:
+        self._inbox = inbox
+        self._counters = counters
+        self._overflow: collections.deque[InboundMessage] = collections.deque()
+        self._lock = threading.Lock()
+        self._waiting = threading.Event()  # set while the overflow holds messages
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._waiting.set()
+        if self._thread.ident is not None:
+            self._thread.join(5.0)
+
+    @property
+    def overflow(self) -> int:
+        return len(self._overflow)
+
+    def put(self, inbound: InboundMessage) -> None:
+        with self._lock:
+            if not self._overflow:
+                with contextlib.suppress(queue.Full):
+                    self._inbox.put_nowait(inbound)
+                    return
+            self._overflow.append(inbound)
+            depth = len(self._overflow)
+            self._waiting.set()
+        self._counters.add("inbox_overflow")
+        self._counters.raise_to("inbox_overflow_max", depth)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._waiting.wait(_INBOX_WAIT_S)
+                self._drain()
+        except BaseException:
+            # Received messages would pile up unseen: a process that looks alive and reads
+            # nothing. Stop it loudly, so that it is restarted (the broker redelivers).
+            log.critical("MQTT intake thread died: the process exits", exc_info=True)
+            os._exit(EXIT_THREAD_DIED)
+
+    def _drain(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if not self._overflow:
+                    self._waiting.clear()
+                    return
+                inbound = self._overflow[0]
+            try:
+                self._inbox.put(inbound, timeout=_INBOX_WAIT_S)
+            except queue.Full:
+                continue
+            with self._lock:
+                self._overflow.popleft()
+
+
 class MqttConnection:
     """A long-lived MQTT 5 connection for one role (device agent, trainer, tool)."""
 
@@ -307,6 +387,7 @@ class MqttConnection:
         session_expiry_s: int = 0,  # of a persistent session; 0: _SESSION_EXPIRY_S
         on_connection_change: Callable[[bool], None] | None = None,
         counters: Counters | None = None,
+        max_unanswered: int = MAX_UNANSWERED,
     ) -> None:
         if subscriptions and inbox is None:
             raise ValueError("subscriptions need an inbox queue")
@@ -322,8 +403,14 @@ class MqttConnection:
         self._session_expiry_s = session_expiry_s or _SESSION_EXPIRY_S
         self._on_connection_change = on_connection_change
         self._rng = random.Random()
-        # inbox_waits: times paho's thread waited for room; inbox_dropped_qos0: QoS 0 dropped.
+        # inbox_overflow: messages that waited for inbox room (inbox_overflow_max: most at
+        # once); inbox_dropped_qos0: QoS 0 dropped; publish_waits: publishes that waited for room.
         self.counters = counters if counters is not None else Counters()
+        self._intake = (
+            Intake(inbox, self.counters, f"mqtt-intake-{client_id}") if inbox is not None else None
+        )
+        self._network_thread: int | None = None  # paho's, once a callback ran on it
+        self._max_unanswered = max_unanswered
 
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -340,6 +427,7 @@ class MqttConnection:
         # the answers that came before publish() could file their handle (paho's network thread
         # can be that quick).
         self._answers_lock = threading.Lock()
+        self._room = threading.Condition(self._answers_lock)  # an answer came: room to publish
         self._awaiting_answer: dict[int, PublishHandle] = {}
         self._early_answers: dict[int, PublishOutcome] = {}
 
@@ -349,6 +437,8 @@ class MqttConnection:
     def start(self) -> None:
         """Connect in the background; paho's thread retries until it gets through."""
         settings = self._settings
+        if self._intake is not None:
+            self._intake.start()
         self._schedule_retry()
         self._client.connect_async(
             settings.host,
@@ -401,6 +491,8 @@ class MqttConnection:
         Handles of publishes the broker has not answered yet never complete.
         """
         self._stop_requested.set()  # so that our own disconnect is not reported as a problem
+        with self._room:
+            self._room.notify_all()  # a publish waiting for room gives up
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
@@ -409,6 +501,8 @@ class MqttConnection:
         # paho's loop_stop() leaves its wake-up socket pair open until garbage collection;
         # reinitialise() is its public way to close every socket. This client is not used again.
         self._client.reinitialise()
+        if self._intake is not None:
+            self._intake.stop()
         with self._answers_lock:
             self._awaiting_answer.clear()
             self._early_answers.clear()
@@ -429,22 +523,38 @@ class MqttConnection:
             self._client.unsubscribe(topic)
 
     # ---------------------------------------------------------------- publishing
-    def publish(self, message: Outbound) -> PublishHandle:
+    def publish(self, message: Outbound, *, wait_s: float | None = None) -> PublishHandle:
         """Queue ``message`` for sending; the handle gives the broker's answer when it comes.
 
         While disconnected, paho keeps the message (its rc is NO_CONN) and sends it after
         reconnecting; the handle completes when the broker answers it then.
+
+        Back-pressure: while ``max_unanswered`` publishes wait for the broker's answer, this
+        waits for room (up to ``wait_s`` seconds; None: as long as the connection runs) instead
+        of queueing without bound, so a loop that publishes faster than the broker answers slows
+        down rather than dies. BrokerError if no room comes (stopped, or ``wait_s`` passed).
+        On paho's network thread (birth messages) it never waits: that thread brings the answers.
         """
         if message.qos < 1:
             # The protocol is QoS 1 throughout, and a QoS 0 publish is never answered.
             raise ValueError(f"cannot publish {message.topic} at QoS {message.qos}: use 1 or 2")
-        info = self._client.publish(
-            message.topic,
-            message.payload,
-            qos=message.qos,
-            retain=message.retain,
-            properties=self._properties.get(message.content_type),
-        )
+        on_network_thread = threading.get_ident() == self._network_thread
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        for _ in range(_PACKET_ID_TRIES):
+            if not on_network_thread:
+                self._wait_for_room(message.topic, deadline)
+            info = self._client.publish(
+                message.topic,
+                message.payload,
+                qos=message.qos,
+                retain=message.retain,
+                properties=self._properties.get(message.content_type),
+            )
+            if info.rc != MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+                break
+            # The packet id paho chose still belongs to an unanswered older publish (ids wrap at
+            # 65,535): the next try takes the next id.
+            self.counters.add("publish_id_retries")
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise BrokerError(f"publish to {message.topic} failed: {paho.error_string(info.rc)}")
         handle = PublishHandle(message.topic)
@@ -455,6 +565,30 @@ class MqttConnection:
         if early is not None:
             handle._complete(early)
         return handle
+
+    @property
+    def unanswered(self) -> int:
+        """Publishes sent (or kept for the next connection) that the broker has not answered."""
+        with self._answers_lock:
+            return len(self._awaiting_answer)
+
+    def _wait_for_room(self, topic: str, deadline: float | None) -> None:
+        with self._room:
+            if len(self._awaiting_answer) < self._max_unanswered:
+                return
+            self.counters.add("publish_waits")
+            while len(self._awaiting_answer) >= self._max_unanswered:
+                if self._stop_requested.is_set():
+                    raise BrokerError(f"publish to {topic}: the connection stopped")
+                wait = _ROOM_WAIT_S
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise BrokerError(
+                            f"publish to {topic}: {self._max_unanswered} publishes still wait "
+                            "for the broker's answer"
+                        )
+                self._room.wait(wait)
 
     # ---------------------------------------------------------------- paho plumbing
     def _make_client(self) -> paho.Client:
@@ -622,10 +756,11 @@ class MqttConnection:
         # paho calls this once per QoS >= 1 message, when the broker answered it: after the
         # reconnect, too, for a message published while disconnected.
         outcome = PublishOutcome.of(reason_code)
-        with self._answers_lock:
+        with self._room:
             handle = self._awaiting_answer.pop(mid, None)
             if handle is None:
                 self._early_answers[mid] = outcome
+            self._room.notify()
         if handle is not None:
             handle._complete(outcome)
 
@@ -654,23 +789,8 @@ class MqttConnection:
                 self.counters.add("inbox_dropped_qos0")
                 log.warning("inbox full, dropped a QoS 0 message on %s", message.topic)
             return
-        self._enqueue_waiting(inbound)
-
-    def _enqueue_waiting(self, inbound: InboundMessage) -> None:
-        """Put a QoS 1 message into the inbox, waiting for room as long as it takes.
-
-        Not acknowledged while it waits, so if we stop first the broker delivers it again.
-        """
-        assert self._inbox is not None
-        with contextlib.suppress(queue.Full):
-            self._inbox.put_nowait(inbound)
-            return
-        self.counters.add("inbox_waits")
-        log.debug("inbox full: waiting for room before reading more from the broker")
-        while not self._stop_requested.is_set():
-            with contextlib.suppress(queue.Full):
-                self._inbox.put(inbound, timeout=_INBOX_WAIT_S)
-                return
+        assert self._intake is not None
+        self._intake.put(inbound)  # never waits: this thread also keeps the connection alive
 
     def _make_ack(self, mid: int, qos: int, generation: int) -> Callable[[], None]:
         def ack() -> None:

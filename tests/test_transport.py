@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import queue
 import random
 import subprocess
+import threading
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from shared import codec
 from shared.config import BrokerSettings
+from shared.errors import BrokerError
 from shared.messages import Prediction, SensorBatch, WindowRef
 from shared.mqtt_transport import (
     InboundMessage,
@@ -191,7 +194,7 @@ def test_a_qos_1_burst_bigger_than_the_inbox_loses_nothing(broker_settings: Brok
         assert all(handle.wait(30) for handle in handles)
         assert sorted(received) == list(range(sent))
         assert subscriber.counters.get("inbox_dropped_qos0") == 0
-        assert subscriber.counters.get("inbox_waits") > 0  # the inbox really was full
+        assert subscriber.counters.get("inbox_overflow") > 0  # the inbox really was full
     finally:
         publisher.stop()
         subscriber.stop()
@@ -428,3 +431,53 @@ def test_taking_turns_stays_quiet_over_long_connections_and_drops_without_a_conn
         clock.now += 5.0
         assert not turns.dropped()
         clock.now += 30.0
+
+
+def test_a_consumer_stalled_for_three_keepalives_stays_connected_and_gets_each_message_once(
+    broker: MosquittoProcess, broker_settings: BrokerSettings
+) -> None:
+    """The inbox is full and the application reads nothing for more than three keepalives:
+    paho's thread must keep sending PINGREQs (the broker drops a silent client at 1.5 x)."""
+    settings = dataclasses.replace(broker_settings, keepalive_s=5)  # the shortest allowed
+    topics = Topics(settings.topic_root)
+    subscriber, inbox = connect(settings, [(topics.all_sensor(), 1)], inbox_size=10)
+    publisher, _ = connect(settings)
+    sent = 500
+    try:
+        handles = [
+            publisher.publish(Outbound(topics.sensor("d1"), str(i).encode())) for i in range(sent)
+        ]
+        assert all(handle.wait(30) for handle in handles)
+        threading.Event().wait(3.2 * settings.keepalive_s)  # the stall under test, not a sync
+        received = []
+        while len(received) < sent:
+            message = inbox.get(timeout=30)
+            received.append(int(message.payload))
+            message.ack()
+        assert sorted(received) == list(range(sent))  # each once: no redelivery
+        assert subscriber.connect_count == 1
+        assert subscriber.counters.get("inbox_overflow") > 0
+    finally:
+        publisher.stop()
+        subscriber.stop()
+    assert "exceeded timeout" not in broker.log_text()
+
+
+def test_publish_waits_for_room_while_the_broker_has_not_answered_and_says_so(
+    broker_settings: BrokerSettings,
+) -> None:
+    """Back-pressure, not an ever-growing queue: with max_unanswered publishes unanswered (here
+    kept for a connection not made yet), the next waits, and gives up after wait_s."""
+    topics = Topics(broker_settings.topic_root)
+    connection = MqttConnection(broker_settings, client_id="room", max_unanswered=5)
+    try:
+        early = [connection.publish(Outbound(topics.sensor("d1"), b"x")) for _ in range(5)]
+        with pytest.raises(BrokerError, match="5 publishes still wait for the broker's answer"):
+            connection.publish(Outbound(topics.sensor("d1"), b"y"), wait_s=0.2)
+        assert connection.counters.get("publish_waits") == 1
+        connection.start()  # the kept publishes go out, their answers make room
+        late = connection.publish(Outbound(topics.sensor("d1"), b"z"), wait_s=30)
+        assert all(handle.wait(30) for handle in [*early, late])
+        assert connection.unanswered == 0
+    finally:
+        connection.stop()

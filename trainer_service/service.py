@@ -35,7 +35,7 @@ from typing import Any
 
 from shared import codec
 from shared.counters import Counters
-from shared.errors import ConfigError, HarError, PayloadError, StorageError
+from shared.errors import BrokerError, ConfigError, HarError, PayloadError, StorageError
 from shared.messages import DeviceState, DeviceStatus, ErrorEvent
 from shared.mqtt_transport import (
     InboundMessage,
@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 PUBLISH_RETRY_S = 30.0  # after a failed publish of the current model on this connection
 LEADER_POLL_S = 1.0  # how often the retrain loop checks the leader lock and the triggers
 # The counter each outcome of storing a confirmation adds to.
+_REPORT_WAIT_S = 5.0  # the longest an error event waits for room to be published
 _CONFIRMATION_COUNTERS = {
     "new": "confirmations",
     "corrected": "confirmations_corrected",
@@ -126,7 +127,7 @@ class TrainerService:
             birth=lambda: [self._status("online", self._last_counters)],
             persistent_session=True,
             session_expiry_s=settings.ingest.session_expiry_s,
-            counters=self.counters,  # inbox_waits, transport_callback_errors in the status
+            counters=self.counters,  # inbox_overflow, publish_waits, ... in the status
         )
         self.metrics: MetricsServer | None = None  # started by start() when metrics.port > 0
         self._supervisor = Supervisor()
@@ -200,7 +201,10 @@ class TrainerService:
                 thread.join(60)
         if self._connection.connected:
             counters = self._counters_or_last()  # the goodbye goes out even if the store fails
-            self._connection.publish(self._status(final_state, counters)).wait(2.0)
+            try:
+                self._connection.publish(self._status(final_state, counters), wait_s=2.0).wait(2.0)
+            except BrokerError as exc:  # the will says offline instead
+                log.warning("final status not published: %s", exc)
         self._connection.stop()
         if self.metrics is not None:
             self.metrics.close()  # before the store closes under a scrape
@@ -287,7 +291,8 @@ class TrainerService:
             # Bad input quoted in a report may be unencodable or huge: escaped and cut to size.
             event = ErrorEvent.quoting(self._settings.instance, code, message, self._clock(), topic)
             return self._connection.publish(
-                Outbound(self._topics.trainer_error(), codec.encode_error(event))
+                Outbound(self._topics.trainer_error(), codec.encode_error(event)),
+                wait_s=_REPORT_WAIT_S,
             )
         except Exception as exc:  # whatever it is, the report must not kill a loop
             self.counters.add("error_events_lost")
@@ -334,9 +339,15 @@ class TrainerService:
         for message in group:
             message.ack()  # committed: now, and only now, accepted
         self.counters.add("messages_ingested", len(group))
-        self.counters.add(
-            "receipts_sent", self._receipts.send(self._connection, self._topics, self._clock())
-        )
+        try:
+            # Waits while the broker has not answered many earlier publishes: back-pressure that
+            # slows ingest down to what the broker takes, rather than queueing without bound.
+            sent = self._receipts.send(self._connection, self._topics, self._clock())
+            self.counters.add("receipts_sent", sent)
+        except BrokerError as exc:
+            # Stopping: the devices resend what was not receipted, and storage deduplicates it.
+            self.counters.add("receipts_unsent")
+            log.warning("receipts of a stored group not sent: %s", exc)
         for code, text, topic in problems:
             self._report(code, text, topic)
         if new_confirmations and self.is_leader:
