@@ -5,6 +5,7 @@ Against a real Mosquitto, a real trainer service and a real agent (synthetic sen
 
 from __future__ import annotations
 
+import queue
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from device_agent.settings import AgentSettings, AgentTuning
 from shared import codec
 from shared.config import BrokerSettings
 from shared.messages import Confirmation, Prediction, Receipt, ReceiptKey, SensorBatch, WindowRef
-from shared.mqtt_transport import Outbound
+from shared.mqtt_transport import InboundMessage, Outbound
 from shared.topics import Topics
 from tests.mosquitto import MosquittoProcess
 from tests.mqtt_helpers import connect, receive
@@ -180,3 +181,71 @@ def test_a_broker_that_crashes_and_forgets_everything_loses_no_batch(
     finally:
         device.shutdown()
         service.shutdown()
+
+
+def test_a_device_can_neither_shadow_nor_confirm_another_devices_prediction(
+    broker_settings: BrokerSettings, service: TrainerService
+) -> None:
+    """Prediction ids are unique per device: the trainer keys rows by (device, id). Another
+    device's prediction with the same id is stored beside it; its confirmation of this device's
+    prediction is refused, reported (foreign_prediction) and not receipted."""
+    topics = Topics(broker_settings.topic_root)
+    other = "wrist-2"
+    watcher, errors = connect(broker_settings, [(topics.trainer_error(), 1)])
+    mine, my_receipts = connect(broker_settings, [(topics.receipt(DEVICE), 1)])
+    theirs, their_receipts = connect(broker_settings, [(topics.receipt(other), 1)])
+
+    def predicted_by(device: str, prediction_id: str) -> bytes:
+        made = Prediction(
+            prediction_id, device, WindowRef(7, 0, 20), "Walking", 0, (0.9, 0.1), "v0001", 2.0
+        )
+        return codec.encode_prediction(made)
+
+    def receipted(inbox: queue.Queue[InboundMessage], key: str) -> set[str]:
+        """The outbox keys of every receipt until one names ``key``."""
+        named: set[str] = set()
+        while key not in named:
+            named |= set(codec.decode_receipt(receive(inbox).payload).outbox_keys())
+        return named
+
+    try:
+        # The other device uses the id first; this device's prediction is stored all the same.
+        for device, connection in ((other, theirs), (DEVICE, mine)):
+            message = Outbound(topics.prediction(device), predicted_by(device, "p-shared"))
+            assert connection.publish(message).wait(10)
+        assert ReceiptKey.prediction("p-shared") in receipted(
+            my_receipts, ReceiptKey.prediction("p-shared")
+        )
+        assert service.store.counts().predictions == 2
+        # The other device relays a confirmation of a prediction only this device made.
+        assert mine.publish(
+            Outbound(topics.prediction(DEVICE), predicted_by(DEVICE, "p-mine"))
+        ).wait(10)
+        receipted(my_receipts, ReceiptKey.prediction("p-mine"))
+        foreign = Confirmation("p-mine", "Laying", "user", 3.0)
+        assert theirs.publish(
+            Outbound(topics.confirmed(other), codec.encode_confirmation(foreign))
+        ).wait(10)
+        control = Outbound(
+            topics.sensor(other),
+            codec.encode_sensor_batch(
+                SensorBatch(other, 1, 20.0, 0, np.zeros((20, 3), np.float32))
+            ),
+            content_type=codec.CONTENT_TYPE_MSGPACK,
+        )
+        assert theirs.publish(control).wait(10)
+        named = receipted(their_receipts, ReceiptKey.batch(1))
+        assert ReceiptKey.confirmation("p-mine") not in named
+        event = codec.decode_error(receive(errors).payload)
+        assert (event.code, event.topic) == ("foreign_prediction", topics.confirmed(other))
+        # This device's own answer is the first one stored for its prediction.
+        own = Confirmation("p-mine", "Walking", "user", 4.0)
+        assert mine.publish(
+            Outbound(topics.confirmed(DEVICE), codec.encode_confirmation(own))
+        ).wait(10)
+        receipted(my_receipts, ReceiptKey.confirmation("p-mine"))
+        assert service.counters.get("confirmations") == 1
+        assert service.counters.get("confirmations_foreign") == 1
+    finally:
+        for connection in (watcher, mine, theirs):
+            connection.stop()

@@ -98,7 +98,7 @@ def test_a_later_answer_replaces_the_label_and_the_next_retrain_reads_it(
         older = Confirmation("p1", "Laying", "user", 3.0)  # a late redelivery of an older answer
         assert writer.add_confirmation("d1", older) == "duplicate"
         assert writer.add_confirmation("d2", Confirmation("p1", "Laying", "user", 9.0)) == (
-            "duplicate"  # another device's word never relabels d1's window
+            "foreign"  # another device's word never relabels d1's window
         )
         assert writer.add_confirmation("d1", Confirmation("p1", "Standing", "user", 5.0)) == (
             "corrected"  # as late as the stored one, and another label: the later word
@@ -139,9 +139,33 @@ def test_confirmation_on_another_devices_topic_never_labels_the_window(
     with store.transaction() as writer:
         writer.add_batch(batch("d1", 0))
         writer.add_prediction(prediction("d1", "p1", 0, 0, 10))
-        writer.add_confirmation("d2", Confirmation("p1", "Sitting", "user", 2.0))
+        assert writer.add_confirmation("d2", Confirmation("p1", "Sitting", "user", 2.0)) == (
+            "foreign"
+        )
     assert store.join_pending() == 0
     assert store.counts().joined == 0
+    assert store.confirmation_count() == 0  # refused, not stored
+
+
+def test_two_devices_using_one_prediction_id_each_keep_their_own(make_store: MakeStore) -> None:
+    """Prediction ids are unique per device only: rows are keyed by (device, id), so one device
+    can neither shadow another's prediction nor take its confirmation."""
+    store = make_store()
+    with store.transaction() as writer:
+        for device in ("d1", "d2"):
+            writer.add_batch(batch(device, 0))
+        assert writer.add_prediction(prediction("d1", "same", 0, 0, 10))
+        assert writer.add_prediction(prediction("d2", "same", 0, 5, 10))  # stored, not shadowed
+        assert writer.add_confirmation("d2", Confirmation("same", "Walking", "user", 1.0)) == (
+            "new"
+        )
+        assert writer.add_confirmation("d1", Confirmation("same", "Sitting", "user", 2.0)) == (
+            "new"  # not a "duplicate" of d2's
+        )
+    windows = {w.device_id: w for w in store.confirmed_windows()}
+    assert {d: w.label for d, w in windows.items()} == {"d1": "Sitting", "d2": "Walking"}
+    np.testing.assert_array_equal(windows["d2"].window, batch("d2", 0).samples[5:15])
+    assert store.counts().predictions == 2
 
 
 def test_retention_deletes_old_batches_but_keeps_confirmed_windows(make_store: MakeStore) -> None:
@@ -232,11 +256,60 @@ def test_a_version_1_store_is_migrated_and_keeps_its_confirmations(tmp_path: Pat
         store.close()
 
 
+def test_a_version_2_store_is_rekeyed_by_device_and_keeps_every_row(
+    make_store: MakeStore, store_url: str
+) -> None:
+    """Migration 3 on both back ends: predictions and confirmations keyed by (device, id)."""
+    if store_url.startswith("sqlite://"):
+        from trainer_service.store import _MIGRATIONS
+
+        path = Path(store_url.removeprefix("sqlite://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(path) as db:
+            db.executescript(_MIGRATIONS[0] + _MIGRATIONS[1])
+            db.execute("PRAGMA user_version = 2")
+            version_2_rows(db.execute)
+    else:
+        import psycopg
+
+        from trainer_service.store_postgres import _MIGRATIONS as PG_MIGRATIONS
+
+        with psycopg.connect(store_url, autocommit=True) as pg:
+            pg.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            pg.execute(PG_MIGRATIONS[0] + PG_MIGRATIONS[1])
+            pg.execute("INSERT INTO schema_version (version) VALUES (2)")
+            version_2_rows(lambda sql, args: pg.execute(sql.replace("?", "%s"), args))
+    store = make_store()
+    assert store.schema_version == SCHEMA_VERSION
+    assert store.counts().predictions == 1
+    assert [(w.device_id, w.prediction_id, w.label) for w in store.confirmed_windows()] == [
+        ("d1", "p1", "Sitting")
+    ]
+    with store.transaction() as writer:  # the new key: another device's id is its own
+        assert writer.add_prediction(prediction("d2", "p1", 0, 0, 10))
+    assert store.counts().predictions == 2
+
+
+def version_2_rows(execute: Callable[[str, tuple[object, ...]], object]) -> None:
+    """A version 2 store's rows: one prediction, its confirmation joined to its window."""
+    execute(
+        'INSERT INTO predictions (prediction_id, device_id, batch_seq, "offset", length, label,'
+        " model_version, ts, received) VALUES (?, ?, 0, 0, 10, ?, 'v1', 1.0, 1.0)",
+        ("p1", "d1", "Sitting"),
+    )
+    window = batch("d1", 0).samples[:10].astype("<f4").tobytes()
+    execute(
+        "INSERT INTO confirmations (prediction_id, device_id, label, source, ts, received,"
+        ' "window", window_length, joined) VALUES (?, ?, ?, ?, 2.0, 2.0, ?, 10, 2.0)',
+        ("p1", "d1", "Sitting", "user", window),
+    )
+
+
 def test_schema_is_versioned_and_a_newer_one_is_refused(
     make_store: MakeStore, store_url: str
 ) -> None:
     store = make_store()
-    assert store.schema_version == SCHEMA_VERSION == 2
+    assert store.schema_version == SCHEMA_VERSION == 3
     if isinstance(store, SqliteStore):
         store.close()
         with sqlite3.connect(store_url.removeprefix("sqlite://")) as db:

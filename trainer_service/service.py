@@ -64,14 +64,19 @@ log = logging.getLogger(__name__)
 
 PUBLISH_RETRY_S = 30.0  # after a failed publish of the current model on this connection
 LEADER_POLL_S = 1.0  # how often the retrain loop checks the leader lock and the triggers
-# The counter each outcome of storing a confirmation adds to.
 _REPORT_WAIT_S = 5.0  # the longest an error event waits for room to be published
+# The counter each outcome of storing a confirmation adds to.
 _CONFIRMATION_COUNTERS = {
     "new": "confirmations",
     "corrected": "confirmations_corrected",
     "duplicate": "confirmations_duplicate",
     "forgotten": "confirmations_after_forget",
+    "foreign": "confirmations_foreign",
 }
+
+
+class ForeignPredictionError(PayloadError):
+    """A confirmation on one device's topic names a prediction another device made."""
 
 
 class TrainerService:
@@ -375,6 +380,8 @@ class TrainerService:
             return 0
         try:
             return self._store_message(writer, kind, device, message.payload)
+        except ForeignPredictionError as exc:
+            problems.append(("foreign_prediction", str(exc), topic))
         except PayloadError as exc:
             self.counters.add("payload_errors")
             problems.append(("malformed_payload", str(exc), topic))
@@ -402,6 +409,12 @@ class TrainerService:
             # "confirmed": one the device kept and relays, receipted so that it is sure to come.
             confirmation = codec.decode_confirmation(payload)
             stored = writer.add_confirmation(device, confirmation)
+            if stored == "foreign":
+                self.counters.add(_CONFIRMATION_COUNTERS[stored])
+                raise ForeignPredictionError(
+                    f"prediction {confirmation.prediction_id!r} is another device's, not "
+                    f"{device!r}'s: the confirmation is not stored"
+                )
             if kind == "confirmed":
                 self._receipts.confirmation(device, confirmation.prediction_id)
             self.counters.add(_CONFIRMATION_COUNTERS[stored])

@@ -100,6 +100,45 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE devices ADD COLUMN forgotten_before REAL;
     """,
+    # 3: predictions and confirmations keyed by (device, prediction id): one device's ids can
+    # neither shadow nor label another's. SQLite changes a primary key by copying the table.
+    """
+    CREATE TABLE predictions_3 (
+        device_id TEXT NOT NULL,
+        prediction_id TEXT NOT NULL,
+        batch_seq INTEGER NOT NULL,
+        offset INTEGER NOT NULL,
+        length INTEGER NOT NULL,
+        label TEXT NOT NULL,
+        model_version TEXT NOT NULL,
+        ts REAL NOT NULL,
+        received REAL NOT NULL,
+        PRIMARY KEY (device_id, prediction_id)
+    );
+    INSERT INTO predictions_3 SELECT device_id, prediction_id, batch_seq, offset, length, label,
+        model_version, ts, received FROM predictions;
+    DROP TABLE predictions;
+    ALTER TABLE predictions_3 RENAME TO predictions;
+    CREATE INDEX predictions_by_received ON predictions (received);
+    CREATE INDEX predictions_by_id ON predictions (prediction_id);
+    CREATE TABLE confirmations_3 (
+        device_id TEXT NOT NULL,
+        prediction_id TEXT NOT NULL,
+        label TEXT NOT NULL,
+        source TEXT NOT NULL,
+        ts REAL NOT NULL,
+        received REAL NOT NULL,
+        window BLOB,
+        window_length INTEGER,
+        joined REAL,
+        PRIMARY KEY (device_id, prediction_id)
+    );
+    INSERT INTO confirmations_3 SELECT device_id, prediction_id, label, source, ts, received,
+        window, window_length, joined FROM confirmations;
+    DROP TABLE confirmations;
+    ALTER TABLE confirmations_3 RENAME TO confirmations;
+    CREATE INDEX confirmations_unjoined ON confirmations (joined) WHERE joined IS NULL;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -108,7 +147,7 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 META_RETRAIN_REQUEST = "retrain_request"
 META_RETRAIN_BASELINE = "retrain_baseline_confirmations"
 
-ConfirmationStored = Literal["new", "corrected", "duplicate", "forgotten"]
+ConfirmationStored = Literal["new", "corrected", "duplicate", "forgotten", "foreign"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,14 +401,14 @@ class Store(ABC):
         """Join unjoined confirmations whose prediction and batches have arrived since."""
         with self._reading():
             pending = self._execute(
-                "SELECT prediction_id FROM confirmations WHERE joined IS NULL"
+                "SELECT device_id, prediction_id FROM confirmations WHERE joined IS NULL"
                 " ORDER BY received LIMIT ?",
                 (limit,),
             ).fetchall()
             if not pending:
                 return 0
             with self.transaction() as writer:
-                return sum(writer.join(row[0]) for row in pending)
+                return sum(writer.join(row[0], row[1]) for row in pending)
 
     # ---------------------------------------------------------------------- retention
     def apply_retention(self, *, max_age_s: float, max_batches_per_device: int) -> int:
@@ -383,8 +422,9 @@ class Store(ABC):
         with self.transaction() as writer:
             removed = writer.execute("DELETE FROM batches WHERE received < ?", (cutoff,))
             writer.execute(
-                "DELETE FROM predictions WHERE received < ? AND prediction_id NOT IN"
-                " (SELECT prediction_id FROM confirmations WHERE joined IS NULL)",
+                "DELETE FROM predictions WHERE received < ? AND NOT EXISTS (SELECT 1 FROM"
+                " confirmations c WHERE c.joined IS NULL AND c.device_id = predictions.device_id"
+                " AND c.prediction_id = predictions.prediction_id)",
                 (cutoff,),
             )
             removed += writer.trim_batches(max_batches_per_device)
@@ -528,8 +568,9 @@ class Writer:
     def add_confirmation(self, device_id: str, confirmation: Confirmation) -> ConfirmationStored:
         """Store a confirmation and try to join it: "new"; "corrected" (a later answer of the
         same device with another label replaces the label, as on the device); "duplicate" (a
-        redelivery, an older answer, or another device's); "forgotten" (its device forgot its
-        confirmations up to a time after this one's ``ts``: not stored)."""
+        redelivery, or an older answer); "forgotten" (its device forgot its confirmations up to
+        a time after this one's ``ts``: not stored); "foreign" (the prediction it names is
+        another device's, not this one's: not stored)."""
         self._seen_devices.add(device_id)
         horizon = self._exec(
             "SELECT forgotten_before FROM devices WHERE device_id = ?", (device_id,)
@@ -537,9 +578,11 @@ class Writer:
         if horizon is not None and horizon[0] is not None and confirmation.ts <= horizon[0]:
             return "forgotten"
         stored = self._exec(
-            "SELECT device_id, label, ts FROM confirmations WHERE prediction_id = ?",
-            (confirmation.prediction_id,),
+            "SELECT label, ts FROM confirmations WHERE device_id = ? AND prediction_id = ?",
+            (device_id, confirmation.prediction_id),
         ).fetchone()
+        if stored is None and self._predicted_elsewhere(device_id, confirmation.prediction_id):
+            return "foreign"
         if stored is None:
             new = self._insert(
                 "confirmations",
@@ -555,28 +598,32 @@ class Writer:
             )
             if not new:
                 return "duplicate"
-            self.join(confirmation.prediction_id)
+            self.join(device_id, confirmation.prediction_id)
             return "new"
-        stored_device, stored_label, stored_ts = stored
-        if (
-            stored_device != device_id
-            or stored_label == confirmation.label
-            or confirmation.ts < stored_ts
-        ):
+        stored_label, stored_ts = stored
+        if stored_label == confirmation.label or confirmation.ts < stored_ts:
             return "duplicate"
         corrected = self.execute(
             "UPDATE confirmations SET label = ?, source = ?, ts = ?, received = ?"
-            " WHERE prediction_id = ? AND ts <= ?",
+            " WHERE device_id = ? AND prediction_id = ? AND ts <= ?",
             (
                 confirmation.label,
                 confirmation.source,
                 float(confirmation.ts),
                 self.now,
+                device_id,
                 confirmation.prediction_id,
                 float(confirmation.ts),
             ),
         )
         return "corrected" if corrected else "duplicate"
+
+    def _predicted_elsewhere(self, device_id: str, prediction_id: str) -> bool:
+        """True when only other devices made a prediction with this id."""
+        rows = self._exec(
+            "SELECT device_id FROM predictions WHERE prediction_id = ?", (prediction_id,)
+        ).fetchall()
+        return bool(rows) and all(row[0] != device_id for row in rows)
 
     def forget_confirmations(self, device_id: str, before: float) -> int:
         """Delete ``device_id``'s confirmations with ``ts <= before`` (their windows with them)
@@ -621,19 +668,18 @@ class Writer:
             (name, value),
         )
 
-    def join(self, prediction_id: str) -> bool:
+    def join(self, device_id: str, prediction_id: str) -> bool:
         """Copy the confirmed window's samples out of the stored batches, if all are here."""
         row = self._exec(
-            'SELECT c.device_id, p.device_id, p.batch_seq, p."offset", p.length'
-            " FROM confirmations c JOIN predictions p USING (prediction_id)"
-            " WHERE c.prediction_id = ? AND c.joined IS NULL",
-            (prediction_id,),
+            'SELECT p.batch_seq, p."offset", p.length'
+            " FROM confirmations c JOIN predictions p USING (device_id, prediction_id)"
+            " WHERE c.device_id = ? AND c.prediction_id = ? AND c.joined IS NULL",
+            (device_id, prediction_id),
         ).fetchone()
         if row is None:
             return False
-        confirmed_on, predicted_on, seq, offset, length = row
-        if confirmed_on != predicted_on:
-            return False  # a confirmation on another device's topic never labels this window
+        seq, offset, length = row
+        predicted_on = device_id
         pieces: list[npt.NDArray[np.float32]] = []
         have = -offset
         while have < length:
@@ -650,8 +696,8 @@ class Writer:
         window = np.concatenate(pieces)[offset : offset + length]
         self._exec(
             'UPDATE confirmations SET "window" = ?, window_length = ?, joined = ?'
-            " WHERE prediction_id = ?",
-            (samples_to_bytes(window), length, self.now, prediction_id),
+            " WHERE device_id = ? AND prediction_id = ?",
+            (samples_to_bytes(window), length, self.now, device_id, prediction_id),
         )
         return True
 

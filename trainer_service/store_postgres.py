@@ -87,6 +87,13 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE devices ADD COLUMN forgotten_before DOUBLE PRECISION;
     """,
+    """
+    ALTER TABLE predictions DROP CONSTRAINT predictions_pkey,
+        ADD PRIMARY KEY (device_id, prediction_id);
+    CREATE INDEX predictions_by_id ON predictions (prediction_id);
+    ALTER TABLE confirmations DROP CONSTRAINT confirmations_pkey,
+        ADD PRIMARY KEY (device_id, prediction_id);
+    """,
 )
 if len(_MIGRATIONS) != SCHEMA_VERSION:  # pragma: no cover - a developer's mistake, caught at import
     raise ImportError("store_postgres._MIGRATIONS must have one entry per SQLite migration")
