@@ -123,6 +123,15 @@ class SensorPump:
             dropped = self._unstored.popleft()
             self._counters.add("samples_unstored_dropped", len(dropped))
             self._windower.reset()  # the next window must not join samples across the loss
+            # Logged, counted and published: a loss nobody hears of is the worst kind.
+            self._report(
+                "samples_dropped",
+                f"dropped {len(dropped)} sensor samples "
+                f"({dropped[0].t_ns / 1e9:.3f}-{dropped[-1].t_ns / 1e9:.3f} s sensor time): the "
+                f"store has refused them for longer than agent.hold_unstored_s "
+                f"({self._hold_unstored_s:g} s); "
+                f"{self._counters.get('samples_unstored_dropped')} dropped since start",
+            )
 
     def _commit(self, readings: list[SensorReading], rate: float) -> None:
         seq = self._next_seq  # this thread alone advances it, with each batch's commit

@@ -259,6 +259,27 @@ def test_a_full_disk_is_reported_survived_and_recovered_from(
         watcher.stop()
 
 
+def test_samples_held_past_hold_unstored_s_are_dropped_with_an_event(
+    broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, start_agent: AgentFactory
+) -> None:
+    """The disk stays full past agent.hold_unstored_s: the oldest held samples go, and each
+    drop is logged, counted and published (samples_dropped), not only counted."""
+    watcher = Watcher(broker_settings)
+    settings = agent_settings(broker_settings, tmp_path / "device", releases, hold_unstored_s=2.0)
+    agent = start_agent(settings)
+    try:
+        assert agent.counters.wait_until("batches_queued", 1, WAIT)
+        store = agent._store
+        store.limit_pages(store.page_count())  # SQLite now answers "database or disk is full"
+        event = watcher.error_with("samples_dropped")
+        assert "agent.hold_unstored_s (2 s)" in str(event["message"])
+        assert agent.counters.get("samples_unstored_dropped") > 0
+        assert agent.counters.get("error_samples_dropped") >= 1
+        assert agent._supervisor.death is None
+    finally:
+        watcher.stop()
+
+
 def test_every_store_error_is_a_storage_error_reads_included(tmp_path: Path) -> None:
     store = AgentStore(tmp_path / "agent.sqlite3")
     store.close()  # any sqlite3.Error will do: this one is "Cannot operate on a closed database"
