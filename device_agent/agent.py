@@ -22,6 +22,7 @@ acknowledged). A loop that dies anyway ends ``run`` with ``EXIT_THREAD_DIED`` af
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -515,6 +516,16 @@ class DeviceAgent:
             self._report("malformed_command", str(exc), message.topic)
             message.ack()
             return
+        try:
+            if self._store.command_handled(command.request_id):
+                # Delivered again (our acknowledgement was lost): carried out once already.
+                self.counters.add("commands_duplicate")
+                message.ack()
+                return
+        except StorageError as exc:
+            self._report("storage_error", f"command not carried out: {exc}", message.topic)
+            return  # not acknowledged: delivered again
+        message = _marking_handled(message, self._store, command.request_id)
         if command.command in ("confirm_latest", "correct_latest"):
             self._confirm_latest(command, message)
             return
@@ -734,3 +745,17 @@ class DeviceAgent:
 
 
 __all__ = ["ActiveModel", "DeviceAgent", "LearningPolicy"]
+
+
+def _marking_handled(message: InboundMessage, store: AgentStore, request_id: str) -> InboundMessage:
+    """``message``, whose acknowledgement first records its command as carried out: a command
+    is acknowledged once done (or once it can never be), and is then never done again."""
+
+    def ack() -> None:
+        try:
+            store.mark_command_handled(request_id)
+        except StorageError as exc:  # acknowledged all the same: it is done
+            log.warning("command %s done, but not recorded as done: %s", request_id, exc)
+        message.ack()
+
+    return dataclasses.replace(message, _ack=ack)

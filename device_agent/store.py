@@ -32,7 +32,7 @@ from shared.codec import samples_from_bytes, samples_to_bytes
 from shared.errors import StorageError
 from shared.mqtt_transport import Outbound
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -98,6 +98,17 @@ CREATE TABLE IF NOT EXISTS facts (
 """
 # facts: ``forgotten_before``, the ts up to which the wearer had the device forget its
 # confirmations; a late copy of one of them is not kept again (the trainer keeps the same rule).
+
+# Version 5: the request ids of the device commands carried out, so that a command delivered
+# again (its acknowledgement was lost) is not carried out twice: a second ``confirm_latest``
+# would confirm whatever prediction is the latest by then.
+_MIGRATE_TO_5 = """
+CREATE TABLE IF NOT EXISTS handled_commands (
+    request_id TEXT PRIMARY KEY,
+    handled REAL NOT NULL
+);
+"""
+HANDLED_COMMANDS_KEPT = 1000  # the most recent request ids kept (redeliveries come soon)
 
 Window = npt.NDArray[np.float32]
 Stored = Literal["new", "corrected", "duplicate", "forgotten"]
@@ -179,6 +190,8 @@ class AgentStore:
             self._db.executescript(_MIGRATE_TO_3)
         if version < 4:
             self._db.executescript(_MIGRATE_TO_4)
+        if version < 5:
+            self._db.executescript(_MIGRATE_TO_5)
         if version < SCHEMA_VERSION:
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -470,6 +483,27 @@ class AgentStore:
                 self._insert_outbox(tell[0], Priority.NORMAL, tell[1])
                 self._evict_if_full()
             return forgotten
+
+    def command_handled(self, request_id: str) -> bool:
+        """True if a device command with this request id was carried out already."""
+        with self._lock, self._reading():
+            row = self._db.execute(
+                "SELECT 1 FROM handled_commands WHERE request_id = ?", (request_id,)
+            ).fetchone()
+            return row is not None
+
+    def mark_command_handled(self, request_id: str) -> None:
+        """Remember that the command ``request_id`` was carried out (the newest few only)."""
+        with self._lock, self._transaction():
+            self._db.execute(
+                "INSERT OR IGNORE INTO handled_commands (request_id, handled) VALUES (?, ?)",
+                (request_id, time.time()),
+            )
+            self._db.execute(
+                "DELETE FROM handled_commands WHERE rowid <= (SELECT MAX(rowid) FROM"
+                " handled_commands) - ?",
+                (HANDLED_COMMANDS_KEPT,),
+            )
 
     def replay_entries(self) -> list[ReplayEntry]:
         """Confirmed windows, oldest first."""

@@ -23,7 +23,7 @@ from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound
 from shared.topics import Topics
 from tests.model_helpers import LABELS, probe_windows
 from tests.mosquitto import MosquittoProcess
-from tests.mqtt_helpers import connect
+from tests.mqtt_helpers import connect, receive
 from tests.release_helpers import (
     CHUNK_SIZE,
     Release,
@@ -605,3 +605,46 @@ def test_a_forged_manifest_does_not_block_the_real_release_it_imitates(
         if connection is not None:
             connection.stop()
         watcher.stop()
+
+
+def test_a_device_command_delivered_again_is_carried_out_once(
+    broker_settings: BrokerSettings, releases: Releases, tmp_path: Path, start_agent: AgentFactory
+) -> None:
+    """A confirm_latest whose acknowledgement was lost comes again, when the latest prediction
+    is another one: by its request id, the agent sees it did it already and does nothing."""
+    topics = Topics(broker_settings.topic_root)
+    publish_release(broker_settings, releases.first)
+    watcher = Watcher(broker_settings)
+    relay, relayed = connect(broker_settings, [(topics.confirmed(DEVICE), 1)])
+    settings = agent_settings(broker_settings, tmp_path / "device", releases, memory_tolerance=1.0)
+    agent = start_agent(settings)
+    commander, _ = connect(broker_settings)
+    seen: list[Confirmation] = []
+
+    def send(request_id: str, ts: float) -> None:
+        command = DeviceCommand("confirm_latest", request_id, ts)
+        message = Outbound(topics.command(DEVICE), codec.encode_device_command(command))
+        assert commander.publish(message).wait(10)
+
+    def relayed_until(ts: float) -> list[Confirmation]:
+        """Every confirmation the agent relayed (resends included) until one of ``ts``."""
+        while not seen or seen[-1].ts != ts:
+            seen.append(codec.decode_confirmation(receive(relayed, WAIT).payload))
+        return seen
+
+    try:
+        first = watcher.prediction()
+        send("app-1", 1000.0)
+        assert relayed_until(1000.0)[-1].prediction_id == first.prediction_id
+        later = watcher.prediction()  # the latest is another prediction now
+        assert later.prediction_id != first.prediction_id
+        send("app-1", 1000.0)  # the same command again, byte for byte
+        send("app-2", 2000.0)
+        relayed_until(2000.0)
+    finally:
+        commander.stop()
+        relay.stop()
+        watcher.stop()
+    # Had app-1 run again, it would have confirmed a later prediction with ts 1000.
+    assert {c.prediction_id for c in seen if c.ts == 1000.0} == {first.prediction_id}
+    assert agent.counters.get("commands_duplicate") == 1

@@ -18,6 +18,7 @@ from shared.errors import PayloadError, StorageError
 from shared.messages import Confirmation, DeviceStatus, Prediction, SensorBatch, WindowRef
 from trainer_service.settings import StoreSettings
 from trainer_service.store import (
+    HANDLED_KEEP_S,
     SCHEMA_VERSION,
     SqliteStore,
     Store,
@@ -256,6 +257,23 @@ def test_a_version_1_store_is_migrated_and_keeps_its_confirmations(tmp_path: Pat
         store.close()
 
 
+def test_a_key_is_handled_once_across_replicas_and_forgotten_after_a_week(
+    make_store: MakeStore,
+) -> None:
+    now = [1000.0]
+    store = make_store(clock=lambda: now[0])
+    with store.transaction() as writer:
+        assert writer.first_time("command:a")
+        assert not writer.first_time("command:a")
+    with make_store().transaction() as writer:  # another replica
+        assert not writer.first_time("command:a")
+        assert writer.first_time("command:b")
+    now[0] += HANDLED_KEEP_S + 1
+    store.apply_retention(max_age_s=1e9, max_batches_per_device=10)
+    with store.transaction() as writer:
+        assert writer.first_time("command:a")  # redeliveries stop long before this
+
+
 def test_a_version_2_store_is_rekeyed_by_device_and_keeps_every_row(
     make_store: MakeStore, store_url: str
 ) -> None:
@@ -309,7 +327,7 @@ def test_schema_is_versioned_and_a_newer_one_is_refused(
     make_store: MakeStore, store_url: str
 ) -> None:
     store = make_store()
-    assert store.schema_version == SCHEMA_VERSION == 3
+    assert store.schema_version == SCHEMA_VERSION == 4
     if isinstance(store, SqliteStore):
         store.close()
         with sqlite3.connect(store_url.removeprefix("sqlite://")) as db:

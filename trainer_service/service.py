@@ -26,6 +26,7 @@ restarts the service.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -73,6 +74,13 @@ _CONFIRMATION_COUNTERS = {
     "forgotten": "confirmations_after_forget",
     "foreign": "confirmations_foreign",
 }
+
+
+def _report_key(message: InboundMessage) -> str:
+    """What a message's reports are remembered by: its topic and bytes."""
+    digest = hashlib.sha256(message.topic.encode("utf-8", "surrogatepass"))
+    digest.update(b"\0" + message.payload)
+    return "report:" + digest.hexdigest()
 
 
 class ForeignPredictionError(PayloadError):
@@ -329,7 +337,7 @@ class TrainerService:
             try:
                 with self.store.transaction() as writer:
                     new_confirmations = sum(
-                        self._ingest_one(writer, message, problems) for message in group
+                        self._ingest_reported_once(writer, message, problems) for message in group
                     )
                 break
             except StorageError as exc:
@@ -344,6 +352,7 @@ class TrainerService:
         for message in group:
             message.ack()  # committed: now, and only now, accepted
         self.counters.add("messages_ingested", len(group))
+        self.counters.add("payload_errors", sum(p[0] == "malformed_payload" for p in problems))
         try:
             # Waits while the broker has not answered many earlier publishes: back-pressure that
             # slows ingest down to what the broker takes, rather than queueing without bound.
@@ -357,6 +366,19 @@ class TrainerService:
             self._report(code, text, topic)
         if new_confirmations and self.is_leader:
             self._retrain_wake.set()  # count them now (a follower's are counted within a second)
+
+    def _ingest_reported_once(
+        self, writer: Writer, message: InboundMessage, problems: list[tuple[str, str, str]]
+    ) -> int:
+        """``_ingest_one``, reporting a message's problems once: a redelivery of a message
+        already reported (the broker did not get our acknowledgement) changes nothing in the
+        store and reports nothing again. The key is committed with the group."""
+        before = len(problems)
+        new = self._ingest_one(writer, message, problems)
+        if len(problems) > before and not writer.first_time(_report_key(message)):
+            del problems[before:]
+            self.counters.add("reports_not_repeated")
+        return new
 
     def _ingest_one(
         self, writer: Writer, message: InboundMessage, problems: list[tuple[str, str, str]]
@@ -383,7 +405,6 @@ class TrainerService:
         except ForeignPredictionError as exc:
             problems.append(("foreign_prediction", str(exc), topic))
         except PayloadError as exc:
-            self.counters.add("payload_errors")
             problems.append(("malformed_payload", str(exc), topic))
         except StorageError:
             raise  # the whole group is retried
@@ -424,8 +445,11 @@ class TrainerService:
             command = codec.decode_device_command(payload)
             if command.command != "forget":
                 raise PayloadError(f"a {command.command} command on the forgotten topic")
-            removed = writer.forget_confirmations(device, command.ts)
             self._receipts.forget(device, command.request_id)
+            if not writer.first_time(f"forget:{device}:{command.request_id}"):
+                self.counters.add("forgets_duplicate")  # a redelivery: done, receipted again
+                return 0
+            removed = writer.forget_confirmations(device, command.ts)
             self.counters.add("forgets")
             self.counters.add("confirmations_forgotten", removed)
             log.info(
@@ -454,6 +478,10 @@ class TrainerService:
             command = codec.decode_command(message.payload)
         except PayloadError as exc:
             problems.append(("malformed_command", str(exc), message.topic))
+            return
+        if not writer.first_time(f"command:{command.request_id}"):
+            # The same request again (a redelivery, or a client that sent it twice): run once.
+            self.counters.add("commands_duplicate")
             return
         self.counters.add("commands")
         # For the leader, whichever replica this is; committed with the group, like any message.

@@ -139,7 +139,19 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE confirmations_3 RENAME TO confirmations;
     CREATE INDEX confirmations_unjoined ON confirmations (joined) WHERE joined IS NULL;
     """,
+    # 4: effects done once: the request ids of commands run, and the messages already reported
+    # (a redelivery whose acknowledgement was lost is neither run nor reported again).
+    """
+    CREATE TABLE handled (
+        key TEXT PRIMARY KEY,
+        received REAL NOT NULL
+    );
+    CREATE INDEX handled_by_received ON handled (received);
+    """,
 )
+# How long a handled key is kept: longer than the broker keeps a session's unacknowledged
+# messages (ingest.session_expiry_s, 7 days by default), which are what comes again.
+HANDLED_KEEP_S = 8 * 86400.0
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 # meta rows: a retrain asked for by a command, whichever replica received it (the leader takes
@@ -428,6 +440,9 @@ class Store(ABC):
                 (cutoff,),
             )
             removed += writer.trim_batches(max_batches_per_device)
+            writer.execute(
+                "DELETE FROM handled WHERE received < ?", (self._clock() - HANDLED_KEEP_S,)
+            )
         return removed
 
 
@@ -509,6 +524,10 @@ class Writer:
             args,
         )
         return cursor.rowcount == 1
+
+    def first_time(self, key: str) -> bool:
+        """Remember ``key`` (with this transaction); False if it was remembered already."""
+        return self._insert("handled", ("key", "received"), (key, self.now))
 
     def add_batch(self, batch: SensorBatch) -> bool:
         """Store a batch; False if (device, seq) is stored already (a redelivery)."""

@@ -94,6 +94,13 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE confirmations DROP CONSTRAINT confirmations_pkey,
         ADD PRIMARY KEY (device_id, prediction_id);
     """,
+    """
+    CREATE TABLE handled (
+        key TEXT PRIMARY KEY,
+        received DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX handled_by_received ON handled (received);
+    """,
 )
 if len(_MIGRATIONS) != SCHEMA_VERSION:  # pragma: no cover - a developer's mistake, caught at import
     raise ImportError("store_postgres._MIGRATIONS must have one entry per SQLite migration")
