@@ -1,18 +1,24 @@
 """Home Assistant discovery: the configs (pure), their templates against real messages, the
-agent option against a real broker."""
+agent option against a real broker, and Home Assistant itself with a real agent on the shipped
+broker config."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import http.client
 import json
 import os
+import queue
 import random
 import re
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import numpy as np
 import pytest
@@ -22,6 +28,7 @@ from hypothesis import strategies as st
 from device_agent.agent import DeviceAgent
 from device_agent.sensors import open_sensor
 from device_agent.settings import AgentSettings, AgentTuning
+from har.local_broker import LOOPBACK, ShippedMosquitto, free_port, shipped_logins
 from shared import codec, homeassistant
 from shared.config import BrokerSettings, load_settings
 from shared.errors import ConfigError
@@ -300,15 +307,30 @@ print(json.dumps({"version": __version__, "results": asyncio.run(check())}))
 """
 
 
-def test_home_assistant_itself_accepts_the_configs_and_renders_their_templates(
-    tmp_path: Path,
-) -> None:
-    """With ``HAR_TEST_HOMEASSISTANT_PYTHON`` set to a Python with Home Assistant installed
-    (``python3 -m venv ha && ha/bin/pip install homeassistant``; 2024.3.3 is the newest for
-    Python 3.11): its schemas and template engine, not our copy of their rules."""
+@pytest.fixture(scope="module")
+def home_assistant_python() -> str:
+    """``HAR_TEST_HOMEASSISTANT_PYTHON``: a Python with Home Assistant installed, in a virtual
+    environment of its own (it pins its own dependencies; 2024.3.3 is the newest for Python 3.11):
+
+        python3.11 -m venv ha && ha/bin/pip install uv
+        ha/bin/uv pip install --python ha/bin/python homeassistant==2024.3.3 paho-mqtt==1.6.1 \\
+            SQLAlchemy==2.0.27 fnv-hash-fast psutil-home-assistant janus Pillow securetar \\
+            home-assistant-frontend==20240307.0 josepy==1.14.0 numpy==1.26.0 PyTurboJPEG==1.7.1
+
+    (the MQTT integration's needs: Home Assistant runs with ``--skip-pip`` here). Module-scoped
+    and listed first, so a test without it skips before the models are exported for it."""
     python = os.environ.get("HAR_TEST_HOMEASSISTANT_PYTHON")
     if not python:
-        pytest.skip("HAR_TEST_HOMEASSISTANT_PYTHON is not set")
+        pytest.skip(
+            "HAR_TEST_HOMEASSISTANT_PYTHON is not set (a Python with Home Assistant installed)"
+        )
+    return python
+
+
+def test_home_assistant_itself_accepts_the_configs_and_renders_their_templates(
+    home_assistant_python: str, tmp_path: Path
+) -> None:
+    """Home Assistant's schemas and template engine, not our copy of their rules."""
     configs = by_object_id(configs_by_topic())
     samples = {kind: [p.decode() for p in payloads] for kind, payloads in sample_messages().items()}
     state_kind = {Topics(ROOT).prediction("wrist-0001"): "prediction"}
@@ -326,7 +348,7 @@ def test_home_assistant_itself_accepts_the_configs_and_renders_their_templates(
         },
     }
     result = subprocess.run(
-        [python, "-c", HOME_ASSISTANT_CHECK],
+        [home_assistant_python, "-c", HOME_ASSISTANT_CHECK],
         input=json.dumps(request),
         capture_output=True,
         text=True,
@@ -837,7 +859,7 @@ def test_home_assistant_controls_confirm_and_correct_the_latest_prediction(
         # A label the model does not know: reported, nothing kept, the agent carries on.
         press(broker_settings, select, 1763769815.0, "Flying")
         error = watcher.error_with("unknown_label")
-        assert "'Flying'" in error["message"]
+        assert "'Flying'" in str(error["message"])
         assert agent.counters.get("error_unknown_label") == 1
         press(broker_settings, button, 1763769820.0, "PRESS")
         relayed_at(1763769820.0)
@@ -855,3 +877,329 @@ def test_agent_without_the_option_publishes_nothing_for_home_assistant(
     agent = start(agent_settings(broker_settings, tmp_path / "device", releases), agents)
     assert agent.counters.wait_until("messages_sent", 3, WAIT)  # sensor batches got through
     assert retained_under(broker_settings, homeassistant.DEFAULT_PREFIX) == []
+
+
+# ------------------------------------------------------------------------- Home Assistant itself
+
+HA_USER = "homeassistant"  # its own login and ACL block (deploy/mosquitto/logins and acl)
+# One connection per login on the shipped broker (use_username_as_clientid): the device, Home
+# Assistant, the trainer that releases the model, an operator who watches what the agent relays.
+LOGINS = {
+    DEVICE: "pw-device",
+    HA_USER: "pw-homeassistant",
+    "trainer": "pw-trainer",
+    "operator": "pw-operator",
+}
+HA_WAIT = 120.0  # its start: about 2 s here, 6 s the first time (imports)
+# Only what the test drives: the REST API, the config flow API and onboarding, on loopback,
+# with a fixed core config (location, units, time zone).
+HA_CONFIGURATION = """\
+homeassistant:
+  name: HAR test
+  latitude: 52.52
+  longitude: 13.40
+  elevation: 34
+  unit_system: metric
+  time_zone: UTC
+  country: DE
+  currency: EUR
+http:
+  server_host: {host}
+  server_port: {port}
+api:
+config:
+onboarding:
+"""
+
+T = TypeVar("T")
+
+
+class HomeAssistant:
+    """``hass -c DIR --skip-pip`` from the virtual environment of ``python`` (``--skip-pip``:
+    nothing may be installed at run time), driven through its REST API like its frontend."""
+
+    def __init__(self, python: str, config_dir: Path) -> None:
+        self.config_dir = config_dir
+        self.port = free_port()
+        self.token = ""
+        config_dir.mkdir()
+        (config_dir / "configuration.yaml").write_text(
+            HA_CONFIGURATION.format(host=LOOPBACK, port=self.port)
+        )
+        bin_dir = Path(python).parent
+        with (config_dir / "hass.out").open("wb") as out:  # what it prints before its log starts
+            self.process = subprocess.Popen(
+                [str(bin_dir / "hass"), "-c", str(config_dir), "--skip-pip"],
+                cwd=config_dir,
+                env={"PATH": f"{bin_dir}{os.pathsep}{os.defpath}", "HOME": str(config_dir)},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def problems_logged(self) -> list[str]:
+        """The warnings and errors in its log, but for its start-up notes (homeassistant.bootstrap:
+        pip skipped, the Python version): a config it refuses or a template that fails is
+        logged, not answered."""
+        log = (self.config_dir / "home-assistant.log").read_text(errors="replace")
+        return [
+            line
+            for line in log.splitlines()
+            if re.match(r"\S+ \S+ (WARNING|ERROR|CRITICAL) ", line)
+            and "[homeassistant.bootstrap]" not in line
+        ]
+
+    def log_tail(self) -> str:
+        """The end of its log; what it printed, if it died before it opened its log."""
+        log = self.config_dir / "home-assistant.log"
+        return (log if log.exists() else self.config_dir / "hass.out").read_text()[-4000:]
+
+    def until(self, what: str, probe: Callable[[], T | None], timeout: float = HA_WAIT) -> T:
+        """What ``probe`` returns once it returns something: polled, since an HTTP API has no
+        event to wait on. Waiting on the process paces the polls and notices one that died."""
+        deadline = time.monotonic() + timeout
+        while (found := probe()) is None:
+            try:
+                code = self.process.wait(timeout=0.25)
+            except subprocess.TimeoutExpired:
+                code = None
+            assert code is None, f"Home Assistant exited ({code}) before {what}\n{self.log_tail()}"
+            assert time.monotonic() < deadline, f"no {what} in {timeout} s\n{self.log_tail()}"
+        return found
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        """(HTTP status, decoded answer); a body is JSON, or a form for ``/auth/token``."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        data = None
+        if body is not None and path == "/auth/token":
+            data, headers["Content-Type"] = urlencode(body), "application/x-www-form-urlencoded"
+        elif body is not None:
+            data, headers["Content-Type"] = json.dumps(body), "application/json"
+        connection = http.client.HTTPConnection(LOOPBACK, self.port, timeout=30)
+        try:
+            connection.request(method, path, data, headers)
+            response = connection.getresponse()
+            text = response.read().decode()
+        finally:
+            connection.close()
+        try:
+            return response.status, json.loads(text)
+        except json.JSONDecodeError:
+            return response.status, text
+
+    def up(self) -> bool | None:
+        try:
+            return self.call("GET", "/api/onboarding")[0] == 200 or None
+        except OSError:  # not listening yet
+            return None
+
+    def onboard(self) -> None:
+        """Its owner user, then an access token for that user, as the onboarding page does."""
+        self.until("its HTTP API", self.up)
+        client_id = f"http://{LOOPBACK}:{self.port}/"
+        status, user = self.call(
+            "POST",
+            "/api/onboarding/users",
+            {
+                "client_id": client_id,
+                "name": "Owner",
+                "username": "owner",
+                "password": "owner-password",
+                "language": "en",
+            },
+        )
+        assert status == 200, user
+        status, token = self.call(
+            "POST",
+            "/auth/token",
+            {"grant_type": "authorization_code", "code": user["auth_code"], "client_id": client_id},
+        )
+        assert status == 200, token
+        self.token = token["access_token"]
+
+    def add_mqtt(self, broker: ShippedMosquitto, username: str, password: str) -> None:
+        """The MQTT integration, through its config flow (Settings > Add integration > MQTT):
+        the broker step tries the login before it creates the entry."""
+        status, form = self.call("POST", "/api/config/config_entries/flow", {"handler": "mqtt"})
+        assert (status, form.get("step_id")) == (200, "broker"), form
+        status, entry = self.call(
+            "POST",
+            f"/api/config/config_entries/flow/{form['flow_id']}",
+            {
+                "broker": broker.host,
+                "port": broker.port,
+                "username": username,
+                "password": password,
+            },
+        )
+        assert (status, entry.get("type")) == (200, "create_entry"), entry.get("errors", entry)
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        """Every entity's state, by its friendly name (its device's name, then its own)."""
+        status, states = self.call("GET", "/api/states")
+        assert status == 200, states
+        return {state["attributes"].get("friendly_name"): state for state in states}
+
+    def use(self, domain: str, service: str, data: dict[str, Any]) -> None:
+        status, answer = self.call("POST", f"/api/services/{domain}/{service}", data)
+        assert status == 200, answer
+
+    def stop(self) -> None:
+        """SIGTERM, as a supervisor would stop it; killed if it takes too long."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def shipped_broker(tmp_path: Path) -> Iterator[ShippedMosquitto]:
+    """Mosquitto with the shipped config and ACL (requested first: stopped last)."""
+    (tmp_path / "broker").mkdir()
+    broker = ShippedMosquitto(tmp_path / "broker", passwords=LOGINS)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def home_assistant(home_assistant_python: str, tmp_path: Path) -> Iterator[HomeAssistant]:
+    """A fresh Home Assistant, onboarded: an owner and a token, no integration yet."""
+    started = HomeAssistant(home_assistant_python, tmp_path / "homeassistant")
+    try:
+        started.onboard()
+        yield started
+    finally:
+        started.stop()
+
+
+def login(broker: ShippedMosquitto, user: str) -> BrokerSettings:
+    return BrokerSettings(
+        host=broker.host,
+        port=broker.port,
+        topic_root=ROOT,  # the shipped ACL names the root literally
+        username=user,
+        password=LOGINS[user],
+        keepalive_s=5,
+        reconnect_min_s=0.05,
+        reconnect_max_s=0.5,
+    )
+
+
+def entities_showing_the_model(
+    home_assistant: HomeAssistant, names: dict[str, str]
+) -> dict[str, dict[str, Any]] | None:
+    """The device's entities by object id, once all exist, the select shows a prediction (so
+    its options came, the device is available, its predictions reach Home Assistant) and the
+    Model version sensor a version (the status sent after the model was installed came too)."""
+    states = home_assistant.states()
+    found = {object_id: states.get(f"{DEVICE} {name}") for object_id, name in names.items()}
+    entities = {object_id: state for object_id, state in found.items() if state is not None}
+    if len(entities) < len(names):
+        return None
+    shows_a_prediction = entities[homeassistant.CORRECT]["state"] in LABELS
+    shows_a_version = entities[homeassistant.MODEL]["state"] not in ("unknown", "unavailable")
+    return entities if shows_a_prediction and shows_a_version else None
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_home_assistant_itself_shows_a_real_agent_and_its_controls_reach_it(
+    home_assistant_python: str,
+    releases: Releases,
+    shipped_broker: ShippedMosquitto,
+    agents: list[DeviceAgent],
+    home_assistant: HomeAssistant,
+    tmp_path: Path,
+) -> None:
+    """A real Home Assistant, set up as a person would (onboarding, the MQTT integration's
+    config flow) on the shipped broker config and ACL with its own login, shows the entities a
+    real agent announces; its Confirm button and its "What am I doing?" select reach the agent,
+    which keeps the confirmation and the correction and relays them to the trainer."""
+    assert HA_USER in shipped_logins()
+    topics = Topics(ROOT)
+    agent = start(
+        agent_settings(
+            login(shipped_broker, DEVICE),
+            tmp_path / "device",
+            releases,
+            homeassistant_discovery=True,
+            memory_tolerance=1.0,  # what is learned is tested elsewhere: here, that it is kept
+        ),
+        agents,
+    )
+    publish_release(login(shipped_broker, "trainer"), releases.first)
+    assert agent.model_changed.wait(WAIT)  # the configs with the model's labels are queued
+    # What the agent relays to the trainer is the proof that it applied a command: it relays a
+    # confirmation only once it has kept it. Its predictions tell what a confirmation confirms.
+    relay, inbox = connect(
+        login(shipped_broker, "operator"),
+        [(topics.confirmed(DEVICE), 1), (topics.prediction(DEVICE), 1)],
+    )
+    predictions: dict[str, Prediction] = {}
+
+    def relayed_since(ts: float) -> tuple[Confirmation, Prediction]:
+        """The first confirmation relayed for a command Home Assistant stamped at ``ts`` or later
+        (its clock is this machine's), and the prediction it confirms."""
+        confirmation = None
+        deadline = time.monotonic() + WAIT  # predictions keep coming: a deadline of its own
+        while confirmation is None or confirmation.prediction_id not in predictions:
+            remaining, message = deadline - time.monotonic(), None
+            with contextlib.suppress(queue.Empty):
+                message = receive(inbox, remaining) if remaining > 0 else None
+            assert message is not None, (
+                f"the agent relayed no confirmation of a command stamped from {ts} on "
+                f"(relayed: {confirmation}) in {WAIT} s; Home Assistant's log:\n"
+                f"{home_assistant.log_tail()}"
+            )
+            if message.topic == topics.prediction(DEVICE):
+                prediction = codec.decode_prediction(message.payload)
+                predictions[prediction.prediction_id] = prediction
+            elif confirmation is None:
+                relayed = codec.decode_confirmation(message.payload)
+                confirmation = relayed if relayed.ts >= ts else None  # else an earlier one, again
+        return confirmation, predictions[confirmation.prediction_id]
+
+    try:
+        home_assistant.add_mqtt(shipped_broker, HA_USER, LOGINS[HA_USER])
+        names = {
+            object_id: config["name"]
+            for object_id, config in homeassistant.discovery_configs(topics, DEVICE, LABELS).items()
+        }
+        entities = home_assistant.until(
+            "the agent's entities showing its model and a prediction",
+            lambda: entities_showing_the_model(home_assistant, names),
+        )
+        assert entities[homeassistant.CORRECT]["attributes"]["options"] == list(LABELS)
+        assert entities[homeassistant.ACTIVITY]["state"] in LABELS
+        assert 0.0 < float(entities[homeassistant.CONFIDENCE]["state"]) <= 100.0
+        assert entities[homeassistant.MODEL]["state"] == releases.first.manifest.version
+
+        pressed = time.time()
+        home_assistant.use(
+            "button", "press", {"entity_id": entities[homeassistant.CONFIRM]["entity_id"]}
+        )
+        confirmation, confirmed = relayed_since(pressed)
+        assert (confirmation.label, confirmation.source) == (confirmed.label, "user")
+
+        # A label other than the one the select shows: a correction.
+        shown = entities[homeassistant.CORRECT]["state"]
+        chosen = next(label for label in LABELS if label != shown)
+        chosen_at = time.time()
+        home_assistant.use(
+            "select",
+            "select_option",
+            {"entity_id": entities[homeassistant.CORRECT]["entity_id"], "option": chosen},
+        )
+        correction, corrected = relayed_since(chosen_at)
+        assert (correction.label, correction.source) == (chosen, "user")
+        assert correction.ts > confirmation.ts
+        assert corrected.model_version == releases.first.manifest.version
+        assert agent.counters.get("commands_received") == 2  # one command per use, nothing else
+        assert home_assistant.problems_logged() == []
+    finally:
+        relay.stop()
