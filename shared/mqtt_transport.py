@@ -680,6 +680,7 @@ class MqttConnection:
         self._generation += 1
         self._attempt = 0
         self.connect_count += 1
+        self.counters.add("broker_connects")  # in the status: 1 plus every reconnect
         self._taking_turns.connected()
         log.info(
             "connected to %s:%d as %s (session present: %s)",
