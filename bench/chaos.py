@@ -21,7 +21,16 @@ harness's own users appended to the shipped ACL), ``har trainer serve`` and ``--
    ``messages_ingested`` counter can be compared exactly with what was delivered; then the agents'
    topics (confirmation, command, model manifest, chunks of an announced version), compared with
    their counters. Then every process must be alive, and a valid batch and confirmation must still
-   go end to end.
+   go end to end. Each trainer payload must be handled once: ingested exactly as often as the
+   broker delivered it, no report repeated, no reconnect of the trainer.
+
+Between bursts and fuzz, **stall**: the trainer's store refuses writes (another process holds
+SQLite's write lock) for ``--stall-s`` (more than three of the trainer's keepalives) while
+``--stall-batches`` batches come; all must be stored once the lock goes, without a reconnect.
+After the cluster stops, **backlog**: ``--backlog`` batches from 1,000 devices queued while the
+trainers are paused, drained by one replica on SQLite and by two on PostgreSQL
+(bench/trainer_ingest.py's burst, run as it is): stored whole, no process dies, the rates.
+``--phases`` chooses; the exit code is 1 when any target of the phases run is not met.
 
 Prints one JSON document (``payloads``, ``lost``, ``duplicates``, ``dead_threads``, per-phase
 detail, durations, targets met or not) and writes it to ``--evidence``.
@@ -679,6 +688,99 @@ def phase_bursts(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# ============================================================================ phase: stall
+def phase_stall(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
+    """The trainer's store stops taking writes (another process holds SQLite's write lock) for
+    ``--stall-s`` (longer than three of its keepalives) while batches keep coming: its ingest
+    waits and retries, its network thread keeps the connection alive; then everything is stored,
+    with no reconnect."""
+    import numpy as np
+
+    observer = cluster.observer
+    device = f"stall-{args.seed}"
+    since = now()
+    wait_for(lambda: observer.fresh_status(TRAINER, since), 30)
+    before = observer.counters(TRAINER)
+    connection = publisher(cluster, "chaos-burst", 1000)
+    path = cluster.workdir / "trainer-data" / "trainer.sqlite3"
+    blocker = sqlite3.connect(path, timeout=60, isolation_level=None)
+    result: dict[str, Any] = {"stall_s": args.stall_s, "batches": args.stall_batches}
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # the write lock: the trainer's commits wait
+        stalled = now()
+        pipe = Pipeline(connection, 1000, args.stall_batches / (args.stall_s / 2))
+        for seq in range(args.stall_batches):
+            batch = SensorBatch(device, seq, 20.0, seq * 10**9, np.full((20, 3), 1, np.float32))
+            pipe.publish("sensor", Outbound(cluster.topics.sensor(device),
+                                            codec.encode_sensor_batch(batch),
+                                            content_type=codec.CONTENT_TYPE_MSGPACK))  # fmt: skip
+        pipe.flush()
+        threading.Event().wait(max(0.0, args.stall_s - (now() - stalled)))  # the stall itself
+        blocker.execute("ROLLBACK")
+        released = now()
+
+        def stored() -> int:
+            with cluster.trainer_db() as db:
+                return int(db.execute("SELECT COUNT(DISTINCT seq) FROM batches WHERE device_id=?",
+                                      (device,)).fetchone()[0])  # fmt: skip
+
+        result["stored_after_release_s"] = wait_for(
+            lambda: stored() >= args.stall_batches, args.drain_timeout
+        )
+        result["puback"] = dict(pipe.outcomes)
+        result["stored"] = stored()
+        result["lost"] = args.stall_batches - stored()
+        since = now()
+        wait_for(lambda: observer.fresh_status(TRAINER, since), 30)
+        after = observer.counters(TRAINER)
+        result["trainer_reconnects"] = after.get("broker_connects", 0) - before.get(
+            "broker_connects", 0
+        )
+        result["trainer_storage_errors"] = after.get("storage_errors", 0) - before.get(
+            "storage_errors", 0
+        )
+        result["drained_s"] = round(now() - released, 1)
+    finally:
+        blocker.close()
+        connection.stop()
+    return result
+
+
+# ============================================================================ phase: backlog
+def phase_backlog(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
+    """A ``--backlog``-batch backlog (1,000 devices, queued while the trainers are paused), on
+    one replica on SQLite and two on PostgreSQL: bench/trainer_ingest.py's burst, whose own
+    harness (a PostgreSQL server, replicas on one $share group) this runs as it is."""
+    devices = 1000
+    done = subprocess.run(
+        [
+            sys.executable, str(REPO / "bench" / "trainer_ingest.py"),
+            "--devices", "10", "--seconds", "3", "--configs", "sqlite:1", "postgresql:2",
+            "--burst-devices", str(devices), "--burst-batches", str(args.backlog // devices),
+            "--no-kill",
+        ],
+        capture_output=True, text=True, check=False, timeout=3600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )  # fmt: skip
+    try:
+        report = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return {"exit_code": done.returncode, "failures": [done.stderr[-2000:]]}
+    bursts = [row for row in report["table"] if row["mode"] == "burst"]
+    return {
+        "exit_code": done.returncode,
+        "batches": devices * (args.backlog // devices),
+        "drained_per_s": {row["config"]: row["stored_per_s"] for row in bursts},
+        "lost": sum(row["lost"] for row in bursts),
+        "trainer_exit_codes": {
+            f"{run['store']}:{run['replicas']}": run["exit_codes"]
+            for run in report["runs"]
+            if run["mode"] == "burst"
+        },
+        "failures": report.get("failures", []),
+    }
+
+
 # ============================================================================ phase 3: fuzz
 TRAINER_KINDS = ("sensor", "prediction", "confirmation", "confirmed", "status", "command")
 AGENT_KINDS = ("confirmation", "device_command", "manifest", "chunk")
@@ -727,6 +829,9 @@ def phase_fuzz(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
         settled = wait_for(lambda: ingested() >= delivered, args.drain_timeout)
         after = observer.counters(TRAINER)
         result["trainer"] = {
+            "reconnects": after.get("broker_connects", 0) - before.get("broker_connects", 0),
+            "reports_not_repeated": after.get("reports_not_repeated", 0)
+            - before.get("reports_not_repeated", 0),
             "quiet_before_s": quiet,
             "sent": n_trainer,
             "delivered": delivered,
@@ -923,7 +1028,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mark = now()
         cluster.start()
         durations["start"] = round(now() - mark, 1)
-        for name, phase in (("kills", phase_kills), ("bursts", phase_bursts), ("fuzz", phase_fuzz)):
+        chosen = [
+            (name, phase)
+            for name, phase in (
+                ("kills", phase_kills),
+                ("bursts", phase_bursts),
+                ("stall", phase_stall),
+                ("fuzz", phase_fuzz),
+            )
+            if name in args.phases
+        ]
+        for name, phase in chosen:
             mark = now()
             phases[name] = phase(cluster, args)
             durations[name] = round(now() - mark, 1)
@@ -935,6 +1050,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         down = {n: c.unexpected_exits for n, c in cluster.children.items() if c.unexpected_exits}
         alive_before_stop = {n: c.alive for n, c in cluster.children.items()}
         exit_codes = cluster.close()
+    if "backlog" in args.phases:  # its own processes: after the cluster is gone
+        mark = now()
+        phases["backlog"] = phase_backlog(cluster, args)
+        durations["backlog"] = round(now() - mark, 1)
     durations["total"] = round(now() - began, 1)
     return summarise(
         args, cluster, phases, durations, exit_codes, down, alive_before_stop, failure, workdir
@@ -961,6 +1080,9 @@ def summarise(args, cluster, phases, durations, exit_codes, down, alive, failure
         fuzz.get("trainer", {}).get("unaccounted"),
         fuzz.get("agents", {}).get("unaccounted"),
     )
+    stall = phases.get("stall", {})
+    backlog = phases.get("backlog", {})
+    trainer_fuzz = fuzz.get("trainer", {})
     targets = {
         "kill_cycles_lost_batches_0": lost.get("batches") == 0,
         "kill_cycles_lost_confirmations_0": (
@@ -975,6 +1097,35 @@ def summarise(args, cluster, phases, durations, exit_codes, down, alive, failure
         "fuzz_valid_message_end_to_end_after": fuzz.get("end_to_end_after", {}).get("ok") is True,
         "burst_agent_drops_nothing": bursts.get("agent_confirmations", {}).get("dropped") == 0,
         "burst_trainer_drops_nothing": bursts.get("trainer_batches", {}).get("dropped") == 0,
+        # Each payload handled (stored or reported) once: no redelivery, no reconnect.
+        "fuzz_each_trainer_payload_handled_once": trainer_fuzz.get("ingested") is not None
+        and trainer_fuzz.get("ingested") == trainer_fuzz.get("delivered")
+        and trainer_fuzz.get("reports_not_repeated") == 0,
+        "fuzz_0_trainer_reconnects": trainer_fuzz.get("reconnects") == 0,
+        "stall_0_lost_0_reconnects": stall.get("lost") == 0
+        and stall.get("trainer_reconnects") == 0,
+        "backlog_stored_whole_no_process_died": backlog.get("exit_code") == 0
+        and backlog.get("lost") == 0,
+        "backlog_sqlite_at_least_2000_per_s": (backlog.get("drained_per_s") or {}).get(
+            "sqlite:1", 0
+        )
+        >= 2000,
+        "backlog_two_postgresql_replicas_faster": (backlog.get("drained_per_s") or {}).get(
+            "postgresql:2", 0
+        )
+        > (backlog.get("drained_per_s") or {}).get("sqlite:1", float("inf")),
+    }
+    if args.quick:  # the sizes of the targets are the full run's
+        del targets["fuzz_payloads_at_least_100000"]
+    # A phase not run has nothing to say: only the targets of the phases that ran count.
+    ran = {
+        "kill_cycles": "kills", "fuzz": "fuzz", "burst": "bursts", "stall": "stall",
+        "backlog": "backlog",
+    }  # fmt: skip
+    targets = {
+        name: met
+        for name, met in targets.items()
+        if ran[next(p for p in ran if name.startswith(p))] in args.phases
     }
     return {
         "bench": "chaos",
@@ -1019,13 +1170,23 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fuzz-rate", type=float, default=3000.0, help="payloads a second at most")
     parser.add_argument("--fuzz-window", type=int, default=500, help="unanswered publishes at most")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument(
+        "--phases",
+        nargs="+",
+        default=["kills", "bursts", "stall", "fuzz", "backlog"],
+        choices=["kills", "bursts", "stall", "fuzz", "backlog"],
+    )
+    parser.add_argument("--stall-s", type=float, default=35.0, help="> 3 trainer keepalives")
+    parser.add_argument("--stall-batches", type=int, default=2000)
+    parser.add_argument("--backlog", type=int, default=100_000, help="batches (1,000 devices)")
     parser.add_argument("--evidence", type=Path, default=REPO / "docs" / "evidence" / "chaos.json")
     args = parser.parse_args(argv)
     if args.quick:
         given = set(argv if argv is not None else sys.argv[1:])
         quick = {"--broker-kills": 2, "--trainer-kills": 2, "--agent-kills": 1,
                  "--fuzz-payloads": 3000, "--burst": 1000, "--drain-timeout": 60.0,
-                 "--kill-max-s": 3.0}  # fmt: skip
+                 "--kill-max-s": 3.0, "--backlog": 10_000, "--stall-s": 35.0,
+                 "--stall-batches": 500}  # fmt: skip
         for flag, value in quick.items():
             if not any(g.startswith(flag) for g in given):
                 setattr(args, flag[2:].replace("-", "_"), value)
@@ -1044,7 +1205,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.evidence:
         args.evidence.parent.mkdir(parents=True, exist_ok=True)
         args.evidence.write_text(text + "\n")
-    return 0 if result["failure"] is None else 1
+    unmet = [name for name, met in result["targets_met"].items() if not met]
+    for name in unmet:
+        print(f"FAILED: target {name} not met", file=sys.stderr)
+    if result["failure"] is not None:
+        print(f"FAILED: {result['failure']}", file=sys.stderr)
+    return 0 if result["failure"] is None and not unmet else 1
 
 
 if __name__ == "__main__":

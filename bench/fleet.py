@@ -76,6 +76,7 @@ class Observer:
     )
     latencies: list[float] = field(default_factory=list)
     versions: dict[str, str | None] = field(default_factory=dict)
+    online_at: dict[str, float] = field(default_factory=dict)  # ts of the last "online" status
     predictions: int = 0
     measuring: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -102,7 +103,18 @@ class Observer:
             status = codec.decode_status(payload)
             with self.changed:
                 self.versions[device] = status.model_version
+                if status.state == "online":  # its own clock: a retained one is older
+                    self.online_at[device] = status.ts
                 self.changed.notify_all()
+
+    def wait_online_since(self, devices: list[str], since: float, timeout: float) -> float | None:
+        """Seconds from ``since`` (wall clock) until every device published an "online" status
+        stamped after it, not the retained one from before (None: timeout)."""
+        with self.changed:
+            done = self.changed.wait_for(
+                lambda: all(self.online_at.get(d, 0.0) > since for d in devices), timeout
+            )
+        return round(time.time() - since, 2) if done else None
 
     def _completing_batch(self, device: str, window: Any) -> float | None:
         """Arrival time of the batch holding the window's last sample."""
@@ -134,8 +146,15 @@ def store_counts(db: Path, first_seqs: dict[str, tuple[int, int]]) -> dict[str, 
         stored = defaultdict(set)
         for device, seq in conn.execute("SELECT device_id, seq FROM batches"):
             stored[device].add(seq)
-        predictions = conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
-        confirmation_rows = conn.execute("SELECT ts, received FROM confirmations").fetchall()
+        # The fleet's devices only (a bench may run other devices beside it).
+        fleet = sorted(first_seqs)
+        marks = ", ".join("?" * len(fleet))
+        predictions = conn.execute(
+            f"SELECT COUNT(*) FROM predictions WHERE device_id IN ({marks})", fleet
+        ).fetchone()[0]
+        confirmation_rows = conn.execute(
+            f"SELECT ts, received FROM confirmations WHERE device_id IN ({marks})", fleet
+        ).fetchall()
     missing = 0
     for device, (first, after_last) in first_seqs.items():
         missing += sum(1 for seq in range(first, after_last) if seq not in stored[device])
@@ -269,6 +288,20 @@ def run_fleet(
         result["rss_mb"] = {name: round(rss_mb(pid), 1) for name, pid in pids.items()}
         result["sensor_to_prediction"] = percentiles(observer.latencies, 1)
         result["latency_measured_on_devices"] = len(sampled)
+        if args.broker_kill:
+            # A broker crash under load: SIGKILL, back on the same port after a second; every
+            # device reconnects (jittered backoff) and says "online" again.
+            broker.kill()
+            killed = time.time()  # the devices stamp their statuses with the wall clock
+            threading.Event().wait(1.0)  # the outage under test, not synchronisation
+            broker.start()
+            back = observer.wait_online_since(devices, killed, timeout=120)
+            result["broker_kill"] = {"all_online_again_s": back}
+            if back is None:
+                raise RuntimeError("not every device came back online after the broker kill")
+            # Long enough for every device to send again what the crash lost (no receipt).
+            threading.Event().wait(args.after_kill_s)  # the fleet running on, not a sync
+            pids["mosquitto"] = broker._process.pid  # type: ignore[union-attr]
 
         registry.promote(second, key, chunk_size=256 * 1024)
         messages = current_release_messages(topics, registry, 256 * 1024)
@@ -345,6 +378,15 @@ def main() -> int:
         help="the simulator's model runtime; several: side by side for each fleet size",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--broker-kill",
+        action="store_true",
+        help="SIGKILL the broker after the steady state and restart it: time until every "
+        "device is online again, and nothing lost",
+    )
+    parser.add_argument(
+        "--after-kill-s", type=float, default=30.0, help="the fleet runs on after the restart"
+    )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     root = Path(tempfile.mkdtemp(prefix="har-bench-fleet-"))
@@ -361,6 +403,19 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+    failures = [
+        f"{run['devices']} devices: {problem}"
+        for runs in by_size.values()
+        for run in runs
+        for problem in (
+            [f"{kind} lost: {count}" for kind, count in run["lost"].items() if count]
+            + [
+                f"{name} exited with {run[key]}"
+                for name, key in (("har sim", "sim_exit_code"), ("trainer", "trainer_exit_code"))
+                if run[key] != 0
+            ]
+        )
+    ]
     print(
         json.dumps(
             {
@@ -381,11 +436,14 @@ def main() -> int:
                     for runs in by_size.values()
                 ],
                 "runs": [run for runs in by_size.values() for run in runs],
+                "failures": failures,
             },
             indent=2,
         )
     )
-    return 0
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

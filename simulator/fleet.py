@@ -35,7 +35,7 @@ from device_agent.windowing import StreamWindow
 from shared import codec, homeassistant
 from shared.counters import LatencyRecorder
 from shared.errors import HarError, ModelError, PayloadError
-from shared.messages import Confirmation, ModelManifest
+from shared.messages import Confirmation, ModelManifest, ReceiptKey
 from shared.model.runtime import MAX_WINDOWS_PER_CALL, ActivityModel
 from shared.mqtt_transport import Outbound, PropertiesCache
 from shared.signing import verify_payload
@@ -160,6 +160,8 @@ class FleetSimulator:
                     self._status_ticker(device),
                 )
             self.loop.call_later(self._monitor_interval(), self._monitor)
+            if self._settings.await_receipts:
+                self.loop.call_later(self._settings.receipt_timeout_s / 2, self._resend_unreceipted)
             supervisor.add("sim-loop", lambda: self.loop.run(until=self._finished))
             supervisor.start()
             for thread in supervisor.threads:
@@ -237,6 +239,15 @@ class FleetSimulator:
             "per_device": per_device,
         }
 
+    def _resend_unreceipted(self) -> None:
+        """Every half receipt timeout: each device sends again what no receipt named in time."""
+        if self._stopping:
+            return
+        self.loop.call_later(self._settings.receipt_timeout_s / 2, self._resend_unreceipted)
+        for link in self._links.values():
+            if link.connected:
+                link.resend_unreceipted(self._settings.receipt_timeout_s)
+
     def _monitor_interval(self) -> float:
         return max(5.0, self._settings.status_interval_s / self._settings.speed)
 
@@ -301,6 +312,8 @@ class FleetSimulator:
             self._announce_to_home_assistant(device)
         link.publish(device.status_message("online"))
         link.subscribe(self._topics.model_manifest(), 1)
+        if self._settings.await_receipts:
+            link.subscribe(self._topics.receipt(device.device_id), 1)
         if device.download is not None:  # resume a download a reconnect cut short
             link.subscribe(device.download.topic, 1)
 
@@ -359,7 +372,7 @@ class FleetSimulator:
                 link = self._links.get(device.device_id)
                 batch, windows = device.next_batch()
                 if link is not None:
-                    link.publish(batch)
+                    link.publish(batch, self._receipt_key(ReceiptKey.batch(device.next_seq - 1)))
                 else:
                     device.counters["batches_before_start"] += 1
                 self._submit(device, windows)
@@ -368,10 +381,16 @@ class FleetSimulator:
 
         return tick
 
-    def _publish(self, device: SimDevice, message: Outbound) -> None:
+    def _publish(
+        self, device: SimDevice, message: Outbound, receipt_key: str | None = None
+    ) -> None:
         link = self._links.get(device.device_id)
         if link is not None:
-            link.publish(message)
+            link.publish(message, self._receipt_key(receipt_key))
+
+    def _receipt_key(self, key: str | None) -> str | None:
+        """``key``, when the devices keep what they send until a receipt names it."""
+        return key if self._settings.await_receipts else None
 
     # ================================================================== predictions
     def _submit(self, device: SimDevice, windows: list[StreamWindow]) -> None:
@@ -426,7 +445,7 @@ class FleetSimulator:
             return
         labels = job.runtime.manifest.labels
         prediction, message = device.prediction(job.window, probabilities, labels)
-        self._publish(device, message)
+        self._publish(device, message, ReceiptKey.prediction(prediction.prediction_id))
         self.latencies.record("window_to_prediction", self.loop.time() - job.made)
         answer = self._people[device.device_id].answer(prediction.truth, labels)
         if answer is not None and self._app is not None:
@@ -444,7 +463,11 @@ class FleetSimulator:
     # ================================================================== model updates
     def _on_message(self, device: SimDevice, topic: str, payload: bytes) -> None:
         try:
-            if topic == self._topics.model_manifest():
+            if topic == self._topics.receipt(device.device_id):
+                link = self._links.get(device.device_id)
+                if link is not None:
+                    link.receipted(codec.decode_receipt(payload).outbox_keys())
+            elif topic == self._topics.model_manifest():
                 self._on_manifest(device, payload)
             elif self._topics.chunk_of(topic) is not None:
                 self._on_chunk(device, payload)

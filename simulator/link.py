@@ -4,6 +4,11 @@ A message leaves the outbox when it is handed to paho and is forgotten only when
 acknowledges it; when the connection drops, what was in flight goes back to the front of the
 outbox and is sent again after the reconnect (receivers deduplicate: batches by sequence number,
 predictions by id). Every attempt uses a fresh paho client, so paho never resends on its own.
+
+A message published with a receipt key (a sensor batch, a prediction) is kept after the broker's
+acknowledgement until the trainer's receipt names it, as a real agent's outbox keeps it
+(docs/protocol.md, "End-to-end delivery"): ``resend_unreceipted`` sends again what no receipt
+named in time, so that a broker that crashes after acknowledging loses nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -23,6 +29,13 @@ from shared.mqtt_transport import Outbound, PropertiesCache, apply_tls, backoff_
 from simulator.event_loop import EventLoop, Timer
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    order: int
+    message: Outbound
+    receipt_key: str | None = None  # kept until a receipt names it
 
 
 class Link:
@@ -56,8 +69,10 @@ class Link:
         self._on_acked = on_acked
         self._inflight = inflight
         self._outbox_max = outbox_max
-        self.outbox: deque[tuple[int, Outbound]] = deque()
-        self._in_flight: dict[int, tuple[int, Outbound]] = {}
+        self.outbox: deque[Entry] = deque()
+        self._in_flight: dict[int, Entry] = {}
+        # Acknowledged by the broker, not yet named by a receipt: key -> (entry, when acked).
+        self._awaiting: dict[str, tuple[Entry, float]] = {}
         self._order = 0
         self._client: paho.Client | None = None
         self.connected = False
@@ -72,17 +87,40 @@ class Link:
     def start(self) -> None:
         self._connect()
 
-    def publish(self, message: Outbound) -> None:
+    def publish(self, message: Outbound, receipt_key: str | None = None) -> None:
         if len(self.outbox) >= self._outbox_max:
             self.outbox.popleft()  # offline too long: the oldest goes first
             self.counters["outbox_dropped"] += 1
         self._order += 1
-        self.outbox.append((self._order, message))
+        self.outbox.append(Entry(self._order, message, receipt_key))
         self.pump()
+
+    def receipted(self, keys: Iterable[str]) -> None:
+        """The trainer stored these: forget them."""
+        for key in keys:
+            if self._awaiting.pop(key, None) is not None:
+                self.counters["receipted"] += 1
+
+    def resend_unreceipted(self, older_than_s: float) -> int:
+        """Send again, in their order, what the broker took ``older_than_s`` ago or more and no
+        receipt named since; how many."""
+        cutoff = self._loop.time() - older_than_s
+        late = [key for key, (_, acked) in self._awaiting.items() if acked <= cutoff]
+        entries = sorted((self._awaiting.pop(key)[0] for key in late), key=lambda e: e.order)
+        for entry in reversed(entries):
+            self.outbox.appendleft(entry)
+        self.counters["resends"] += len(entries)
+        if entries:
+            self.pump()
+        return len(entries)
 
     @property
     def unsent(self) -> int:
         return len(self.outbox) + len(self._in_flight)
+
+    @property
+    def unreceipted(self) -> int:
+        return len(self._awaiting)
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         if self._client is not None and self.connected:
@@ -117,7 +155,8 @@ class Link:
         if client is None or not self.connected:
             return
         while self.outbox and len(self._in_flight) < self._inflight:
-            order, message = self.outbox.popleft()
+            entry = self.outbox.popleft()
+            message = entry.message
             info = client.publish(
                 message.topic,
                 message.payload,
@@ -126,12 +165,12 @@ class Link:
                 properties=self._properties.get(message.content_type),
             )
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                self.outbox.appendleft((order, message))
+                self.outbox.appendleft(entry)
                 return
             if message.qos == 0:
                 self._on_acked(message)
             else:
-                self._in_flight[info.mid] = (order, message)
+                self._in_flight[info.mid] = entry
 
     def _maybe_finish(self) -> None:
         if not self._closing or self.outbox or self._in_flight or self._client is None:
@@ -190,6 +229,7 @@ class Link:
     def _finish(self) -> None:
         self.closed = True
         self.counters["unsent_at_exit"] += self.unsent
+        self.counters["unreceipted_at_exit"] += self.unreceipted
 
     # ------------------------------------------------------------------ paho callbacks
     def _on_connect(
@@ -215,7 +255,7 @@ class Link:
         self._client = None
         was_connected, self.connected = self.connected, False
         # What the broker never acknowledged is sent again, in its original order.
-        for entry in sorted(self._in_flight.values(), key=lambda item: item[0], reverse=True):
+        for entry in sorted(self._in_flight.values(), key=lambda e: e.order, reverse=True):
             self.outbox.appendleft(entry)
         self._in_flight.clear()
         if self._closing:
@@ -234,9 +274,11 @@ class Link:
             if reason.is_failure:
                 # Refused (e.g. "not authorized"): sending it again would be refused again.
                 self.counters["publish_refused"] += 1
-                log.debug("%s: broker refused %s: %s", self._client_id, entry[1].topic, reason)
+                log.debug("%s: broker refused %s: %s", self._client_id, entry.message.topic, reason)
             else:
-                self._on_acked(entry[1])
+                if entry.receipt_key is not None:
+                    self._awaiting[entry.receipt_key] = (entry, self._loop.time())
+                self._on_acked(entry.message)
         self.pump()
         self._maybe_finish()
 

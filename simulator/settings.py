@@ -36,6 +36,11 @@ class SimSettings:
     # Each device's status with its counters, in real seconds (the log line's: simulated ones).
     status_interval_s: float = 30.0
     outbox_max_messages: int = 1000  # per device, while the broker is unreachable
+    # End-to-end delivery, as a real agent's (docs/protocol.md): a batch or prediction is kept
+    # until the trainer's receipt names it, and sent again when none did within
+    # receipt_timeout_s (real seconds). Without a trainer that sends receipts: false.
+    await_receipts: bool = True
+    receipt_timeout_s: float = 10.0
     seed: int = 0
     # Verified model releases, shared by every simulated device of this process.
     state_dir: Path = Path("var/sim")
@@ -77,6 +82,8 @@ class SimSettings:
         self._check_runtime_and_homeassistant()
 
     def _check_runtime_and_homeassistant(self) -> None:
+        if not 0.5 <= self.receipt_timeout_s <= 86_400:  # and delivery
+            raise ConfigError("receipt_timeout_s must be within 0.5..86400")
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}")
         if not self.homeassistant_discovery:

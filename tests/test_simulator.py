@@ -10,8 +10,10 @@ import random
 import subprocess
 import sys
 import threading
+import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +26,18 @@ from device_agent.releases import ReleaseStore
 from shared import codec, homeassistant
 from shared.config import BrokerSettings
 from shared.errors import ConfigError, ModelError
-from shared.mqtt_transport import InboundMessage
+from shared.messages import ReceiptKey
+from shared.mqtt_transport import InboundMessage, Outbound, PropertiesCache
 from shared.signing import generate_keypair, load_private_key, load_public_key, sign_manifest
 from shared.topics import Topics
 from simulator.device import SimDevice
+from simulator.event_loop import EventLoop
 from simulator.fleet import FleetSimulator
+from simulator.link import Link
 from simulator.people import SimulatedPerson
 from simulator.recordings import Cursor, Recording, cursor_for, synthetic_recordings
 from simulator.settings import SimSettings
-from tests.mqtt_helpers import connect
+from tests.mqtt_helpers import connect, receive
 from tests.release_helpers import CHUNK_SIZE, Release, Releases, make_releases
 from trainer_service.distribution import publish_all, release_messages
 
@@ -598,3 +603,55 @@ def test_a_dying_event_loop_makes_har_sim_report_it_and_exit_70(
     assert report["totals"]["batches_sent"] >= 4
     assert rounds[0] > 0
     assert [record.threadName for record in logged_exceptions] == ["sim-loop"]
+
+
+@pytest.mark.broker
+def test_a_simulated_device_sends_again_what_no_receipt_named(
+    broker_settings: BrokerSettings,
+) -> None:
+    """As a real agent's outbox: a batch the broker acknowledged is kept until the trainer's
+    receipt names it, and sent again when none did in time (a broker that crashed after its
+    acknowledgement lost it)."""
+    topics = Topics(broker_settings.topic_root)
+    watcher, inbox = connect(broker_settings, [(topics.sensor("sim-0000"), 1)])
+    loop = EventLoop()
+    counters: Counter[str] = Counter()
+    link = Link(
+        loop, broker_settings, PropertiesCache(), client_id="sim-0000", username="",
+        password="", counters=counters,
+    )  # fmt: skip
+    done = threading.Event()
+    runner = threading.Thread(target=lambda: loop.run(until=done.is_set), daemon=True)
+    runner.start()
+
+    def on_loop(action: Callable[[], object]) -> None:
+        finished = threading.Event()
+        loop.call_soon_threadsafe(lambda: (action(), finished.set()))
+        assert finished.wait(10)
+
+    def arrived(count: int) -> list[bytes]:
+        return [receive(inbox, 10).payload for _ in range(count)]
+
+    try:
+        on_loop(link.start)
+        for seq in range(5):
+            message = Outbound(topics.sensor("sim-0000"), b"batch-%d" % seq)
+            on_loop(lambda m=message, s=seq: link.publish(m, ReceiptKey.batch(s)))
+        assert arrived(5) == [b"batch-%d" % seq for seq in range(5)]
+        deadline = time.monotonic() + 10
+        while link.unreceipted < 5:  # the broker's acknowledgements come on the loop's thread
+            assert time.monotonic() < deadline, "the broker acknowledged not all five"
+            on_loop(lambda: None)
+        on_loop(lambda: link.receipted([ReceiptKey.batch(1), ReceiptKey.batch(3)]))
+        resent: list[int] = []
+        on_loop(lambda: resent.append(link.resend_unreceipted(0.0)))
+        assert resent == [3]
+        assert arrived(3) == [b"batch-0", b"batch-2", b"batch-4"]  # in their order
+        assert counters["receipted"] == 2
+        assert counters["resends"] == 3
+    finally:
+        loop.call_soon_threadsafe(link.abort)
+        loop.call_soon_threadsafe(done.set)
+        runner.join(10)
+        loop.close()
+        watcher.stop()

@@ -1,0 +1,274 @@
+"""Soak: the whole system for ``--minutes`` at fleet scale, and what its processes' memory does.
+
+Real processes on loopback: one Mosquitto, ``har trainer serve`` retraining every
+``--retrain-every-s`` (5 minutes by default) from what the fleet confirms and publishing each
+new version to the fleet, ``har sim`` with ``--devices`` simulated devices (1,000 by default,
+1 s batches, their people confirming ``--confirm-share`` of the predictions), and one real
+``har agent`` (the light agent, from .venv-lite when it exists) beside them. Every
+``--sample-s`` the bench reads each process's RSS from /proc; it counts the error events every
+device and the trainer publish.
+
+Reported: RSS of each process over time, and its growth from the end of the warm-up
+(``--warmup-minutes``: past the first two retrains; the first loads TensorFlow into the
+trainer) to the end (medians of the first and last three samples after warm-up); retrain rounds
+and versions published; error events by code; messages made by the fleet and not stored by the
+trainer (lost). Targets: growth at most 5 %, 0 lost, 0 error events.
+
+Exits 1 when a process dies, a message the fleet made is not stored, or a target is not met.
+
+    .venv/bin/python bench/soak.py [--minutes 30] [--devices 1000] [--evidence PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from _common import REPO, rss_mb  # also puts the repository on sys.path
+from fleet import store_counts, train_versions
+
+LITE_PYTHON = REPO / ".venv-lite" / "bin" / "python"
+GROWTH_TARGET = 0.05
+
+
+def growth(samples: list[tuple[float, float]], warmup_s: float) -> dict[str, float | None]:
+    """RSS after warm-up (median of the first three samples) and at the end (of the last
+    three), in MB, and the growth between them as a share."""
+    import numpy as np
+
+    after = [mb for t, mb in samples if t >= warmup_s]
+    if len(after) < 6:
+        return {"after_warmup_mb": None, "end_mb": None, "growth": None}
+    start, end = float(np.median(after[:3])), float(np.median(after[-3:]))
+    return {
+        "after_warmup_mb": round(start, 1),
+        "end_mb": round(end, 1),
+        "growth": round((end - start) / start, 4),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--retrain-every-s", type=float, default=300.0)
+    parser.add_argument("--confirm-share", type=float, default=0.05)
+    # Two retrain rounds: the first imports TensorFlow into the trainer (about 700 MB at once).
+    parser.add_argument("--warmup-minutes", type=float, default=11.0)
+    parser.add_argument("--sample-s", type=float, default=10.0)
+    parser.add_argument("--evidence", type=Path, help="also write the JSON here")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+    from har.local_broker import MosquittoProcess
+    from har.synthetic_data import write_dataset
+    from shared import codec
+    from shared.config import BrokerSettings
+    from shared.mqtt_transport import InboundMessage, MqttConnection
+    from shared.signing import generate_keypair, load_private_key
+    from shared.topics import Topics
+    from shared.wisdm import WISDM_ACTIVITIES
+    from trainer_service.registry import ModelRegistry
+
+    root = Path(tempfile.mkdtemp(prefix="har-bench-soak-"))
+    (root / "broker").mkdir()
+    first, _ = train_versions(root)
+    private, public = generate_keypair(root / "keys")
+    registry = ModelRegistry(root / "registry")
+    version = registry.add(shutil.copytree(first, root / "staging-copy"), parent=None).version
+    registry.promote(version, load_private_key(private), chunk_size=256 * 1024)
+    base = write_dataset(root / "retrain-base.txt", range(1, 5), WISDM_ACTIVITIES, 20.0)
+
+    broker = MosquittoProcess(root / "broker")
+    broker.start()
+    settings = BrokerSettings(host=broker.host, port=broker.port)
+    topics = Topics(settings.topic_root)
+    (root / "trainer.toml").write_text(
+        f'instance = "soak"\ndata_dir = "{root / "trainer-data"}"\n'
+        f'registry_dir = "{root / "registry"}"\nprivate_key = "{private}"\n'
+        f'base_data = "{base}"\nstatus_interval_s = 5.0\n'
+        f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n'
+        f"[retrain]\nmin_new_confirmations = 1000000000\ninterval_s = {args.retrain_every_s}\n"
+        "epochs = 2\n[ingest]\nqueue_size = 5000\ncommit_batch = 500\n"
+    )
+    (root / "agent.toml").write_text(
+        f'device_id = "soak-agent"\nstate_dir = "{root / "agent"}"\npublic_key = "{public}"\n'
+        f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n'
+        '[sensor]\nkind = "synthetic"\n'
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
+    logs = {name: (root / f"{name}.log").open("wb") for name in ("trainer", "sim", "agent")}
+    har = [sys.executable, "-m", "har"]
+    agent_python = str(LITE_PYTHON) if LITE_PYTHON.exists() else sys.executable
+    report_path = root / "sim-report.json"
+    processes = {
+        "trainer": subprocess.Popen(
+            [*har, "trainer", "serve", "--config", str(root / "trainer.toml")],
+            stdout=logs["trainer"], stderr=subprocess.STDOUT, env=env,
+        ),
+        "sim": subprocess.Popen(
+            [
+                *har, "sim", "--devices", str(args.devices), "--public-key", str(public),
+                "--broker-port", str(broker.port), "--state-dir", str(root / "sim"),
+                "--confirm-share", str(args.confirm_share), "--report", str(report_path),
+            ],
+            stdout=subprocess.DEVNULL, stderr=logs["sim"], env=env,
+        ),
+        "agent": subprocess.Popen(
+            [agent_python, "-m", "har", "agent", "--config", str(root / "agent.toml")],
+            stdout=logs["agent"], stderr=subprocess.STDOUT, env=env,
+        ),
+    }  # fmt: skip
+    assert broker._process is not None
+    pids = {name: p.pid for name, p in processes.items()} | {"mosquitto": broker._process.pid}
+
+    errors: Counter[str] = Counter()
+    versions: set[str] = set()
+    inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=100_000)
+    watcher = MqttConnection(
+        settings,
+        client_id="soak-watcher",
+        subscriptions=[
+            (topics.all_error(), 1),
+            (topics.trainer_error(), 1),
+            (topics.model_manifest(), 1),
+        ],
+        inbox=inbox,
+        persistent_session=False,
+    )
+    watcher.start()
+    stop_reading = threading.Event()
+
+    def read() -> None:
+        while not stop_reading.is_set():
+            try:
+                message = inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if message.topic == topics.model_manifest():
+                versions.add(codec.decode_manifest(message.payload).version)
+            else:
+                event = json.loads(message.payload)
+                errors[f"{event.get('source')}: {event.get('code')}"] += 1
+            message.ack()
+
+    reader = threading.Thread(target=read, name="soak-watcher")
+    reader.start()
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in pids}
+    died: dict[str, int] = {}
+    started = time.monotonic()
+    ticker = threading.Event()  # never set: its wait() paces the samples
+    try:
+        while (elapsed := time.monotonic() - started) < args.minutes * 60:
+            for name, process in processes.items():
+                if process.poll() is not None and name not in died:
+                    died[name] = process.returncode
+            if died:
+                break
+            for name, pid in pids.items():
+                samples[name].append((round(elapsed, 1), round(rss_mb(pid), 1)))
+            print(
+                json.dumps({"t_s": round(elapsed), **{n: s[-1][1] for n, s in samples.items()}}),
+                file=sys.stderr,
+                flush=True,
+            )
+            ticker.wait(args.sample_s)
+    finally:
+        processes["sim"].send_signal(signal.SIGTERM)
+        processes["agent"].send_signal(signal.SIGTERM)
+        exit_codes = {name: processes[name].wait(timeout=180) for name in ("sim", "agent")}
+    fleet = json.loads(report_path.read_text()) if report_path.exists() else None
+    stored: dict[str, Any] = {}
+    lost: dict[str, int] = {}
+    if fleet is not None:
+        seqs = {d: (r["first_seq"], r["next_seq"]) for d, r in fleet["per_device"].items()}
+        totals = fleet["totals"]
+        made = {
+            "batches": sum(after - first_seq for first_seq, after in seqs.values()),
+            "predictions": totals.get("predictions", 0),
+            "confirmations": totals.get("confirmations_sent", 0),
+        }
+        db = root / "trainer-data" / "trainer.sqlite3"
+        deadline = time.monotonic() + 300
+        stored = store_counts(db, seqs)
+        while time.monotonic() < deadline and (
+            stored["batches_missing"]
+            or stored["predictions_stored"] < made["predictions"]
+            or stored["confirmations_stored"] < made["confirmations"]
+        ):
+            ticker.wait(2.0)  # polling another process's database: there is no event
+            stored = store_counts(db, seqs)
+        lost = {
+            "batches": stored["batches_missing"],
+            "predictions": made["predictions"] - stored["predictions_stored"],
+            "confirmations": made["confirmations"] - stored["confirmations_stored"],
+        }
+    processes["trainer"].send_signal(signal.SIGTERM)
+    exit_codes["trainer"] = processes["trainer"].wait(timeout=180)
+    stop_reading.set()
+    reader.join()
+    watcher.stop()
+    broker.stop()
+    for handle in logs.values():
+        handle.close()
+
+    warmup_s = args.warmup_minutes * 60
+    rss = {name: growth(points, warmup_s) for name, points in samples.items()}
+    failures = [f"{name} died with exit code {code}" for name, code in died.items()]
+    failures += [f"{name} exited with {code}" for name, code in exit_codes.items() if code != 0]
+    failures += [f"{kind} lost: {count}" for kind, count in lost.items() if count]
+    if fleet is None:
+        failures.append("har sim wrote no report: nothing can be accounted for")
+    targets = {
+        "rss_growth_at_most_5_percent": all(
+            r["growth"] is not None and r["growth"] <= GROWTH_TARGET for r in rss.values()
+        ),
+        "lost_0": fleet is not None and not any(lost.values()),
+        "error_events_0": not errors,
+    }
+    failures += [f"target {name} not met" for name, met in targets.items() if not met]
+    doc = {
+        "bench": "soak",
+        "machine_cores": os.cpu_count(),
+        "minutes": args.minutes,
+        "devices": args.devices,
+        "retrain_every_s": args.retrain_every_s,
+        "warmup_minutes": args.warmup_minutes,
+        "rss": rss,
+        "versions_published": sorted(versions),
+        "error_events": dict(errors),
+        "lost": lost,
+        "stored_by_trainer": stored,
+        "exit_codes": exit_codes,
+        "targets_met": targets,
+        "failures": failures,
+        "rss_samples_mb": samples,
+    }
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if args.evidence:
+        args.evidence.write_text(text + "\n")
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
