@@ -314,6 +314,9 @@ class FleetSimulator:
         link.subscribe(self._topics.model_manifest(), 1)
         if self._settings.await_receipts:
             link.subscribe(self._topics.receipt(device.device_id), 1)
+            # As a real agent, it relays each confirmation it gets, until a receipt: the
+            # people's copy to the trainer is lost if the broker crashes before delivering it.
+            link.subscribe(self._topics.confirmation(device.device_id), 1)
         if device.download is not None:  # resume a download a reconnect cut short
             link.subscribe(device.download.topic, 1)
 
@@ -467,6 +470,11 @@ class FleetSimulator:
                 link = self._links.get(device.device_id)
                 if link is not None:
                     link.receipted(codec.decode_receipt(payload).outbox_keys())
+            elif topic == self._topics.confirmation(device.device_id):
+                confirmation = codec.decode_confirmation(payload)
+                relay = Outbound(self._topics.confirmed(device.device_id), payload)
+                self._publish(device, relay, ReceiptKey.confirmation(confirmation.prediction_id))
+                device.counters["confirmations_relayed"] += 1
             elif topic == self._topics.model_manifest():
                 self._on_manifest(device, payload)
             elif self._topics.chunk_of(topic) is not None:
