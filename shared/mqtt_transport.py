@@ -104,6 +104,8 @@ class InboundMessage:
     retain: bool
     content_type: str | None
     _ack: Callable[[], None] | None = field(default=None, repr=False)
+    # MQTT's DUP flag: the broker sent it before and got no acknowledgement (a redelivery).
+    redelivered: bool = False
 
     def ack(self) -> None:
         """Acknowledge a QoS 1 message to the broker (no-op for QoS 0 or a second call)."""
@@ -781,6 +783,7 @@ class MqttConnection:
             retain=bool(message.retain),
             content_type=content_type,
             _ack=ack,
+            redelivered=bool(getattr(message, "dup", False)),
         )
         if message.qos == 0:
             try:

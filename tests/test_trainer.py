@@ -193,34 +193,33 @@ def test_malformed_payloads_are_counted_and_reported(
     assert service.store.batch_seqs("d1") == [0]  # the good one after the bad ones
 
 
-@pytest.mark.broker
-def test_a_message_seen_again_is_reported_once_and_a_command_runs_once(
-    service: TrainerService, broker_settings: BrokerSettings
+def test_a_redelivery_is_not_reported_again_and_a_request_id_runs_once(
+    trainer_settings: TrainerSettings,
 ) -> None:
-    """What a redelivery looks like to the trainer (the same bytes on the same topic again):
-    nothing reported a second time; a command with a request id it ran already is not run."""
-    topics = Topics(broker_settings.topic_root)
-    watcher, errors = connect(broker_settings, [(topics.trainer_error(), 1)])
-    device, _ = connect(broker_settings)
+    """A message the broker delivers again (MQTT's DUP flag: our acknowledgement was lost)
+    changes nothing and reports nothing again; the same bytes sent anew are another message,
+    reported again. A retrain request id runs once, however often it comes."""
+    service = TrainerService(trainer_settings)  # not connected: its reports are counted only
+    topics = Topics(trainer_settings.broker.topic_root)
+
+    def arrives(topic: str, payload: bytes, *, redelivered: bool = False) -> InboundMessage:
+        return InboundMessage(topic, payload, 1, False, None, redelivered=redelivered)
+
     retrain = codec.encode_command(TrainerCommand("retrain", "operator-1", 1.0))
     try:
-        for _ in range(3):
-            publish(device, topics.prediction("d1"), b"[]", msgpack=False)
-            publish(device, topics.trainer_command(), retrain, msgpack=False)
-        publish(device, topics.prediction("d1"), b"{}", msgpack=False)  # another bad payload
-        assert service.counters.wait_until("messages_ingested", 7, WAIT)
-        # One publisher, one ingest thread: the reports come in the order of the messages, so
-        # a second report of "[]" would come before the report of "{}".
-        first = next_event(errors, "malformed_payload")
-        second = next_event(errors, "malformed_payload")
+        service._ingest([arrives(topics.prediction("d1"), b"[]")])
+        service._ingest([arrives(topics.prediction("d1"), b"[]", redelivered=True)])
+        assert service.counters.get("error_malformed_payload") == 1
+        assert service.counters.get("reports_not_repeated") == 1
+        service._ingest([arrives(topics.prediction("d1"), b"[]")])  # sent again: reported
+        assert service.counters.get("error_malformed_payload") == 2
+        for redelivered in (False, True, False):
+            service._ingest([arrives(topics.trainer_command(), retrain, redelivered=redelivered)])
+        assert service.counters.get("commands") == 1
+        assert service.counters.get("commands_duplicate") == 2
+        assert service.store.meta("retrain_request") == "command operator-1"
     finally:
-        device.stop()
-        watcher.stop()
-    assert first["message"] == "prediction must be a JSON object, got list"  # "[]"
-    assert first["message"] != second["message"]  # the next report is of "{}"
-    assert service.counters.get("reports_not_repeated") == 2
-    assert service.counters.get("payload_errors") == 2
-    assert (service.counters.get("commands"), service.counters.get("commands_duplicate")) == (1, 2)
+        service.shutdown()
 
 
 @pytest.mark.broker
@@ -397,16 +396,15 @@ def test_lone_surrogates_and_huge_topics_are_reported_and_ingest_carries_on(
             device, topics.sensor("d1"), codec.encode_sensor_batch(batch("d1", 0)), msgpack=True
         )
         assert service.counters.wait_until("messages_ingested", 5, WAIT), "ingest stopped"
-        events = [json.loads(receive(errors, WAIT).payload) for _ in range(3)]
+        events = [json.loads(receive(errors, WAIT).payload) for _ in range(4)]
     finally:
         device.stop()
         watcher.stop()
-    # The same status twice: handled twice, reported once (as a redelivery would be).
-    assert [e["code"] for e in events] == ["malformed_payload"] * 2 + ["unexpected_topic"]
-    assert service.counters.get("reports_not_repeated") == 1
+    # The same status twice: two messages (not a redelivery), two reports.
+    assert [e["code"] for e in events] == ["malformed_payload"] * 3 + ["unexpected_topic"]
     assert "a key of counters holds a lone surrogate (\\ud800)" in events[0]["message"]
-    assert "label holds a lone surrogate" in events[1]["message"]
-    assert len(events[2]["topic"]) == 512  # cut to what an error event may carry
+    assert "label holds a lone surrogate" in events[2]["message"]
+    assert len(events[3]["topic"]) == 512  # cut to what an error event may carry
     assert service.counters.get("error_internal_error") == 0
     assert service.store.batch_seqs("d1") == [0]  # the valid batch after them is kept
 

@@ -162,7 +162,7 @@ def test_an_unacknowledged_message_is_redelivered(broker_settings: BrokerSetting
     try:
         publisher.publish(Outbound(topics.sensor("d1"), b"payload-1")).wait(10)
         unacked = inbox.get(timeout=10)
-        assert unacked.payload == b"payload-1"
+        assert (unacked.payload, unacked.redelivered) == (b"payload-1", False)
         first.stop()  # "crash" without acknowledging
         second, inbox2 = connect(
             broker_settings, subscription, client_id="ack-test", persistent=True
@@ -170,6 +170,7 @@ def test_an_unacknowledged_message_is_redelivered(broker_settings: BrokerSetting
         try:
             again = receive(inbox2)
             assert again.payload == b"payload-1"
+            assert again.redelivered  # MQTT's DUP flag: receivers know it is the same message
         finally:
             second.stop()
     finally:

@@ -370,12 +370,17 @@ class TrainerService:
     def _ingest_reported_once(
         self, writer: Writer, message: InboundMessage, problems: list[tuple[str, str, str]]
     ) -> int:
-        """``_ingest_one``, reporting a message's problems once: a redelivery of a message
-        already reported (the broker did not get our acknowledgement) changes nothing in the
-        store and reports nothing again. The key is committed with the group."""
+        """``_ingest_one``, reporting a message's problems once: a redelivery (MQTT's DUP flag:
+        the broker did not get our acknowledgement) of a message already reported changes
+        nothing in the store and reports nothing again. The same bytes sent again by a client
+        are another message, reported again. The key is committed with the group."""
         before = len(problems)
         new = self._ingest_one(writer, message, problems)
-        if len(problems) > before and not writer.first_time(_report_key(message)):
+        if (
+            len(problems) > before
+            and not writer.first_time(_report_key(message))
+            and message.redelivered
+        ):
             del problems[before:]
             self.counters.add("reports_not_repeated")
         return new
