@@ -73,6 +73,7 @@ class Link:
         self._in_flight: dict[int, Entry] = {}
         # Acknowledged by the broker, not yet named by a receipt: key -> (entry, when acked).
         self._awaiting: dict[str, tuple[Entry, float]] = {}
+        self._receipted_up_to = 0  # the order of the latest entry a receipt named
         self._order = 0
         self._client: paho.Client | None = None
         self.connected = False
@@ -98,14 +99,21 @@ class Link:
     def receipted(self, keys: Iterable[str]) -> None:
         """The trainer stored these: forget them."""
         for key in keys:
-            if self._awaiting.pop(key, None) is not None:
+            found = self._awaiting.pop(key, None)
+            if found is not None:
                 self.counters["receipted"] += 1
+                self._receipted_up_to = max(self._receipted_up_to, found[0].order)
 
     def resend_unreceipted(self, older_than_s: float) -> int:
         """Send again, in their order, what the broker took ``older_than_s`` ago or more and no
-        receipt named since; how many."""
+        receipt named though one named a later message (as the agent: while the trainer is
+        away nothing is receipted, and nothing is resent); how many."""
         cutoff = self._loop.time() - older_than_s
-        late = [key for key, (_, acked) in self._awaiting.items() if acked <= cutoff]
+        late = [
+            key
+            for key, (entry, acked) in self._awaiting.items()
+            if acked <= cutoff and entry.order < self._receipted_up_to
+        ]
         entries = sorted((self._awaiting.pop(key)[0] for key in late), key=lambda e: e.order)
         for entry in reversed(entries):
             self.outbox.appendleft(entry)
