@@ -26,8 +26,10 @@ def chaos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         pytest.fail("mosquitto is not installed: run scripts/setup.sh")
     evidence = tmp_path_factory.mktemp("chaos") / "chaos.json"
     done = subprocess.run(
+        # The stall and the backlog phases take minutes: the transport's and the trainer's
+        # tests hold them at small scale (tests/test_transport.py, bench/trainer_ingest.py).
         [sys.executable, str(REPO / "bench" / "chaos.py"), "--quick", "--seed", "7",
-         "--evidence", str(evidence)],
+         "--phases", "kills", "bursts", "fuzz", "--evidence", str(evidence)],
         capture_output=True, text=True, timeout=600, check=False, cwd=REPO,
     )  # fmt: skip
     assert evidence.is_file(), done.stderr[-4000:]
@@ -41,6 +43,7 @@ def test_reports_what_the_issue_asks(chaos: dict[str, Any]) -> None:
         assert key in chaos
     assert chaos["payloads"] == 3000
     assert set(chaos["phases"]) == {"kills", "bursts", "fuzz"}
+    assert all(chaos["targets_met"].values()), chaos["targets_met"]
 
 
 def test_no_thread_dies_and_no_process_goes_down(chaos: dict[str, Any]) -> None:
