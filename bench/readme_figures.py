@@ -190,6 +190,64 @@ def _chaos(ev: Evidence) -> str:
     )
 
 
+def _chaos_storms(ev: Evidence) -> str:
+    trainer = ev["phases"]["fuzz"]["trainer"]
+    stall = ev["phases"]["stall"]
+    backlog = ev["phases"]["backlog"]
+    rates = backlog["drained_per_s"]
+    met = ev["targets_met"]
+    return (
+        f"{ev['payloads']:,} hostile payloads: {trainer['ingested']:,} of "
+        f"{trainer['delivered']:,} at the trainer handled **once each** "
+        f"({trainer['reports_not_repeated']} reports repeated), **{trainer['reconnects']} "
+        f"reconnects**, {ev['dead_threads']} threads dead; store locked "
+        f"{stall['stall_s']:.0f} s (> 3 keepalives) under {stall['batches']:,} batches: "
+        f"**{stall['lost']} lost, {stall['trainer_reconnects']} reconnects**, stored "
+        f"{stall['stored_after_release_s']:.1f} s after; backlog of {backlog['batches']:,} "
+        f"batches (1,000 devices): **{backlog['lost']} lost**, no process died, drained at "
+        f"**{rates['sqlite:1']:,.0f}/s** (1 replica, SQLite; goal >= 2,000) and "
+        f"{rates['postgresql:2']:,.0f}/s (2 replicas, PostgreSQL); targets "
+        f"{sum(met.values())}/{len(met)} met"
+    )
+
+
+def _fleet_broker_kill(ev: Evidence) -> str:
+    runs = ev["runs"]
+
+    def total(group: str, kind: str) -> int:
+        return sum(run[group][kind] for run in runs)
+
+    back = _join([f"{run['broker_kill']['all_online_again_s']:.1f}" for run in runs])
+    return (
+        f"{runs[0]['devices']:,} devices, Mosquitto SIGKILLed under load and restarted, "
+        f"{len(runs)} runs: every device online again in **{back} s**; lost: "
+        f"**{total('lost', 'batches')} of {total('made_by_fleet', 'batches'):,} batches, "
+        f"{total('lost', 'predictions')} of {total('made_by_fleet', 'predictions'):,} "
+        f"predictions** (kept until a receipt, sent again), {total('lost', 'confirmations')} of "
+        f"{total('made_by_fleet', 'confirmations'):,} confirmations (the people's app's: the "
+        f"broker acknowledges before it saves, so one it dies with reaches nobody)"
+    )
+
+
+def _soak(ev: Evidence) -> str:
+    rss = ev["rss"]
+
+    def one(name: str) -> str:
+        r = rss[name]
+        return f"{name} {r['after_warmup_mb']:.0f} -> {r['end_mb']:.0f} MB ({r['growth']:+.1%})"
+
+    lost = sum(ev["lost"].values())
+    errors = sum(ev["error_events"].values())
+    by_code = ", ".join(f"{n} {key.split(': ')[-1]}" for key, n in ev["error_events"].items())
+    return (
+        f"{ev['minutes']:.0f} minutes, {ev['devices']:,} simulated devices, a retrain every "
+        f"{ev['retrain_every_s'] / 60:.0f} minutes ({len(ev['versions_published']) - 1} new "
+        f"versions published): RSS after {ev['warmup_minutes']:.0f} minutes' warm-up -> end: "
+        f"{', '.join(one(name) for name in ('trainer', 'agent', 'mosquitto', 'sim'))}; "
+        f"**{lost} lost, {errors} error events**{f' ({by_code})' if by_code else ''}"
+    )
+
+
 def _broker_persistence(ev: Evidence) -> str:
     by_setting = {result["setting"]: result for result in ev["results"]}
     shipped = by_setting["interval 10 s"]
@@ -249,6 +307,26 @@ ROWS = (
         "chaos.json",
         ".venv/bin/python bench/chaos.py",
         _chaos,
+    ),
+    Row(
+        "storms at the trainer: hostile payloads, a stalled store, a backlog after an outage",
+        "chaos_storms.json",
+        ".venv/bin/python bench/chaos.py --phases stall fuzz backlog"
+        " --evidence docs/evidence/chaos_storms.json",
+        _chaos_storms,
+    ),
+    Row(
+        "broker `kill -9` under a fleet of simulated devices (1 s batches)",
+        "fleet_broker_kill.json",
+        ".venv/bin/python bench/fleet.py --devices 1000 --repeat 3 --broker-kill"
+        " > docs/evidence/fleet_broker_kill.json",
+        _fleet_broker_kill,
+    ),
+    Row(
+        "soak: broker, trainer, `har sim` and a light agent for half an hour",
+        "soak.json",
+        ".venv/bin/python bench/soak.py --evidence docs/evidence/soak.json",
+        _soak,
     ),
     Row(
         "broker autosave (what a `kill -9` of Mosquitto keeps)",
