@@ -454,7 +454,7 @@ class DeviceAgent:
         try:
             confirmation = codec.decode_confirmation(message.payload)
         except PayloadError as exc:
-            self._report("malformed_confirmation", str(exc), message.topic)
+            self._report.about(message, "malformed_confirmation", str(exc))
             message.ack()
             return
         self._keep_confirmation(confirmation, message)
@@ -465,18 +465,18 @@ class DeviceAgent:
         active = self._active
         window = self._store.recent_window(confirmation.prediction_id)
         if window is None:
-            self._report(
+            self._report.about(
+                message,
                 "unknown_prediction",
                 f"prediction {confirmation.prediction_id!r} is unknown or expired "
                 f"(the last {self._tuning.recent_windows} windows can be confirmed)",
-                message.topic,
             )
         elif active is None or confirmation.label not in active.model.labels:
             known = ", ".join(active.model.labels) if active else "none: no model installed"
-            self._report(
+            self._report.about(
+                message,
                 "unknown_label",
                 f"label {confirmation.label!r} is not one of the model's labels ({known})",
-                message.topic,
             )
         else:
             forgotten = False
@@ -513,7 +513,7 @@ class DeviceAgent:
         try:
             command = codec.decode_device_command(message.payload)
         except PayloadError as exc:
-            self._report("malformed_command", str(exc), message.topic)
+            self._report.about(message, "malformed_command", str(exc))
             message.ack()
             return
         try:
@@ -544,11 +544,11 @@ class DeviceAgent:
         for dashboards that cannot know prediction ids (Home Assistant's button and select)."""
         latest = self._latest_prediction
         if latest is None:
-            self._report(
+            self._report.about(
+                message,
                 "no_latest_prediction",
                 f"{command.command} (request {command.request_id}): no prediction since the "
                 "agent started",
-                message.topic,
             )
             message.ack()
             return
@@ -691,7 +691,7 @@ class DeviceAgent:
                 # Reported like the decoder's own errors.
                 raise PayloadError(f"receipt for {receipt.device_id!r} on this device's topic")  # noqa: TRY301
         except PayloadError as exc:
-            self._report("malformed_receipt", str(exc), message.topic)
+            self._report.about(message, "malformed_receipt", str(exc))
             message.ack()
             return
         try:

@@ -6,6 +6,8 @@ Every thread that has something to send commits it here; the sender thread
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -18,7 +20,7 @@ from shared import codec
 from shared.counters import Counters
 from shared.errors import HarError, StorageError
 from shared.messages import DeviceCommand, ErrorEvent, ReceiptKey
-from shared.mqtt_transport import Outbound
+from shared.mqtt_transport import InboundMessage, Outbound
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,9 @@ class Outbox:
         self.ready.set()
 
 
+_REPORTED_KEPT = 1000  # messages reported on whose redelivery is recognised
+
+
 class ErrorReporter:
     """Log, count and publish (through the outbox) a handled error. Never raises.
 
@@ -82,10 +87,31 @@ class ErrorReporter:
         self._counters = counters
         self._clock = clock
         self._publish_directly = publish_directly
+        # Digests of the last messages reported on (``about``): a redelivery of one is not
+        # reported again.
+        self._reported: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._reported_lock = threading.Lock()
 
     @property
     def topic(self) -> str:
         return self._topic
+
+    def about(self, inbound: InboundMessage, code: str, message: str) -> None:
+        """Report what is wrong with a received message, once: a redelivery of it (MQTT's DUP
+        flag: our acknowledgement was lost) reported already in this run is only counted."""
+        digest = hashlib.sha256(inbound.topic.encode("utf-8", "surrogatepass") + b"\0")
+        digest.update(inbound.payload)
+        key = digest.digest()
+        with self._reported_lock:
+            repeated = inbound.redelivered and key in self._reported
+            self._reported[key] = None
+            self._reported.move_to_end(key)
+            while len(self._reported) > _REPORTED_KEPT:
+                self._reported.popitem(last=False)
+        if repeated:
+            self._counters.add("reports_not_repeated")
+            return
+        self(code, message, inbound.topic)
 
     def __call__(self, code: str, message: str, topic: str = "") -> None:
         log.warning("%s: %s", code, message)

@@ -14,11 +14,13 @@ import msgpack
 import pytest
 
 from device_agent.agent import DeviceAgent
+from device_agent.outbox import ErrorReporter, Outbox
 from device_agent.sensors import SensorReading, SensorSource, open_sensor
 from device_agent.settings import AgentSettings
 from device_agent.store import AgentStore
 from shared import codec
 from shared.config import BrokerSettings
+from shared.counters import Counters
 from shared.errors import StorageError
 from shared.messages import DeviceCommand
 from shared.model_bundle import sha256_hex
@@ -289,3 +291,32 @@ def test_every_store_error_is_a_storage_error_reads_included(tmp_path: Path) -> 
         store.recent_window("p")
     with pytest.raises(StorageError):
         store.set_counters({"a": 1})
+
+
+def test_a_redelivered_bad_message_is_reported_once(tmp_path: Path) -> None:
+    """What is wrong with a message is reported when it arrives; the broker's redelivery of it
+    (DUP flag: our acknowledgement was lost) is counted, not reported again. The same bytes
+    published anew are a new message, reported again."""
+    store = AgentStore(tmp_path / "agent.sqlite3")
+    counters = Counters()
+    topics = Topics("har/v1")
+    report = ErrorReporter(
+        "wrist-1", topics, Outbox(store), counters, lambda: 1.0, publish_directly=lambda m: None
+    )
+
+    def arrives(*, redelivered: bool) -> InboundMessage:
+        return InboundMessage(
+            topics.confirmation("wrist-1"), b"{}", 1, False, None, redelivered=redelivered
+        )
+
+    try:
+        report.about(arrives(redelivered=False), "malformed_confirmation", "not a confirmation")
+        report.about(arrives(redelivered=True), "malformed_confirmation", "not a confirmation")
+        assert counters.get("error_malformed_confirmation") == 1
+        assert counters.get("reports_not_repeated") == 1
+        report.about(arrives(redelivered=False), "malformed_confirmation", "not a confirmation")
+        assert counters.get("error_malformed_confirmation") == 2
+        events = [codec.decode_error(entry.message.payload) for entry in store.outbox_after(0, 10)]
+        assert [e.code for e in events] == ["malformed_confirmation"] * 2
+    finally:
+        store.close()
