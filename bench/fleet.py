@@ -169,6 +169,38 @@ def store_counts(db: Path, first_seqs: dict[str, tuple[int, int]]) -> dict[str, 
     }
 
 
+def account(fleet: dict[str, Any], db: Path, timeout: float) -> dict[str, Any]:
+    """What ``har sim``'s report says the fleet made, what the trainer's store holds of it
+    (waiting up to ``timeout`` for the trainer to catch up), and what was lost."""
+    seqs = {d: (row["first_seq"], row["next_seq"]) for d, row in fleet["per_device"].items()}
+    totals = fleet["totals"]
+    made = {
+        "batches": sum(after - first_seq for first_seq, after in seqs.values()),
+        "predictions": totals.get("predictions", 0),
+        "confirmations": totals.get("confirmations_sent", 0),
+    }
+    # The trainer acknowledges only what it committed; wait until it has everything (or give up).
+    deadline = time.monotonic() + timeout
+    stored = store_counts(db, seqs)
+    while time.monotonic() < deadline and (
+        stored["batches_missing"]
+        or stored["predictions_stored"] < made["predictions"]
+        or stored["confirmations_stored"] < made["confirmations"]
+    ):
+        time.sleep(1.0)  # polling another process's database: there is no event to wait on
+        stored = store_counts(db, seqs)
+    return {
+        "made_by_fleet": made,
+        "unsent_at_fleet_exit": totals.get("unsent_at_exit", 0),
+        "stored_by_trainer": stored,
+        "lost": {
+            "batches": stored["batches_missing"],
+            "predictions": made["predictions"] - stored["predictions_stored"],
+            "confirmations": made["confirmations"] - stored["confirmations_stored"],
+        },
+    }
+
+
 def run_fleet(
     n: int, runtime: str, args: argparse.Namespace, versions: tuple[Path, Path], root: Path
 ) -> dict:
@@ -322,32 +354,7 @@ def run_fleet(
         sim.send_signal(signal.SIGTERM)
         sim.wait(timeout=120)
     fleet = json.loads(report_path.read_text())
-    seqs = {d: (row["first_seq"], row["next_seq"]) for d, row in fleet["per_device"].items()}
-    totals = fleet["totals"]
-    made = {
-        "batches": sum(after - first_seq for first_seq, after in seqs.values()),
-        "predictions": totals.get("predictions", 0),
-        "confirmations": totals.get("confirmations_sent", 0),
-    }
-    # The trainer acknowledges only what it committed; wait until it has everything (or give up).
-    db = workdir / "trainer-data" / "trainer.sqlite3"
-    deadline = time.monotonic() + 120
-    stored = store_counts(db, seqs)
-    while time.monotonic() < deadline and (
-        stored["batches_missing"]
-        or stored["predictions_stored"] < made["predictions"]
-        or stored["confirmations_stored"] < made["confirmations"]
-    ):
-        time.sleep(1.0)  # polling another process's database: there is no event to wait on
-        stored = store_counts(db, seqs)
-    result["made_by_fleet"] = made
-    result["unsent_at_fleet_exit"] = totals.get("unsent_at_exit", 0)
-    result["stored_by_trainer"] = stored
-    result["lost"] = {
-        "batches": stored["batches_missing"],
-        "predictions": made["predictions"] - stored["predictions_stored"],
-        "confirmations": made["confirmations"] - stored["confirmations_stored"],
-    }
+    result.update(account(fleet, workdir / "trainer-data" / "trainer.sqlite3", timeout=120))
     result["sim_exit_code"] = sim.returncode
     stop_reading.set()
     reader.join()

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import REPO, rss_mb  # also puts the repository on sys.path
-from fleet import store_counts, train_versions
+from fleet import account, train_versions
 
 LITE_PYTHON = REPO / ".venv-lite" / "bin" / "python"
 GROWTH_TARGET = 0.05
@@ -193,31 +193,10 @@ def main() -> int:
         processes["agent"].send_signal(signal.SIGTERM)
         exit_codes = {name: processes[name].wait(timeout=180) for name in ("sim", "agent")}
     fleet = json.loads(report_path.read_text()) if report_path.exists() else None
-    stored: dict[str, Any] = {}
-    lost: dict[str, int] = {}
+    accounted: dict[str, Any] = {"stored_by_trainer": {}, "lost": {}}
     if fleet is not None:
-        seqs = {d: (r["first_seq"], r["next_seq"]) for d, r in fleet["per_device"].items()}
-        totals = fleet["totals"]
-        made = {
-            "batches": sum(after - first_seq for first_seq, after in seqs.values()),
-            "predictions": totals.get("predictions", 0),
-            "confirmations": totals.get("confirmations_sent", 0),
-        }
-        db = root / "trainer-data" / "trainer.sqlite3"
-        deadline = time.monotonic() + 300
-        stored = store_counts(db, seqs)
-        while time.monotonic() < deadline and (
-            stored["batches_missing"]
-            or stored["predictions_stored"] < made["predictions"]
-            or stored["confirmations_stored"] < made["confirmations"]
-        ):
-            ticker.wait(2.0)  # polling another process's database: there is no event
-            stored = store_counts(db, seqs)
-        lost = {
-            "batches": stored["batches_missing"],
-            "predictions": made["predictions"] - stored["predictions_stored"],
-            "confirmations": made["confirmations"] - stored["confirmations_stored"],
-        }
+        accounted = account(fleet, root / "trainer-data" / "trainer.sqlite3", timeout=300)
+    stored, lost = accounted["stored_by_trainer"], accounted["lost"]
     processes["trainer"].send_signal(signal.SIGTERM)
     exit_codes["trainer"] = processes["trainer"].wait(timeout=180)
     stop_reading.set()
