@@ -391,6 +391,12 @@ class Cluster:
         path = self.workdir / "trainer-data" / "trainer.sqlite3"
         return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
 
+    def batches_stored(self, device: str) -> int:
+        """How many of ``device``'s batches the trainer's store holds (each once)."""
+        with self.trainer_db() as db:
+            return int(db.execute("SELECT COUNT(DISTINCT seq) FROM batches WHERE device_id=?",
+                                  (device,)).fetchone()[0])  # fmt: skip
+
     def agent_db(self, device: str) -> sqlite3.Connection:
         path = self.workdir / "agents" / device / "agent.sqlite3"
         return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
@@ -670,9 +676,7 @@ def phase_bursts(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
         sent_s = now() - started
 
         def stored() -> int:
-            with cluster.trainer_db() as db:
-                return int(db.execute("SELECT COUNT(DISTINCT seq) FROM batches WHERE device_id=?",
-                                      (device,)).fetchone()[0])  # fmt: skip
+            return cluster.batches_stored(device)
 
         settled = wait_for(lambda: stored() >= args.burst, args.drain_timeout)
         result["trainer_batches"] = {
@@ -720,9 +724,7 @@ def phase_stall(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
         released = now()
 
         def stored() -> int:
-            with cluster.trainer_db() as db:
-                return int(db.execute("SELECT COUNT(DISTINCT seq) FROM batches WHERE device_id=?",
-                                      (device,)).fetchone()[0])  # fmt: skip
+            return cluster.batches_stored(device)
 
         result["stored_after_release_s"] = wait_for(
             lambda: stored() >= args.stall_batches, args.drain_timeout

@@ -7,7 +7,6 @@ Every thread that has something to send commits it here; the sender thread
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -99,9 +98,7 @@ class ErrorReporter:
     def about(self, inbound: InboundMessage, code: str, message: str) -> None:
         """Report what is wrong with a received message, once: a redelivery of it (MQTT's DUP
         flag: our acknowledgement was lost) reported already in this run is only counted."""
-        digest = hashlib.sha256(inbound.topic.encode("utf-8", "surrogatepass") + b"\0")
-        digest.update(inbound.payload)
-        key = digest.digest()
+        key = inbound.digest()
         with self._reported_lock:
             repeated = inbound.redelivered and key in self._reported
             self._reported[key] = None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import queue
@@ -73,7 +74,6 @@ def _guarded(callback: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(callback)
     def guarded(self: MqttConnection, *args: Any) -> None:
-        self._network_thread = threading.get_ident()  # paho's: publish() must not wait on it
         try:
             callback(self, *args)
         except Exception:
@@ -106,6 +106,13 @@ class InboundMessage:
     _ack: Callable[[], None] | None = field(default=None, repr=False)
     # MQTT's DUP flag: the broker sent it before and got no acknowledgement (a redelivery).
     redelivered: bool = False
+
+    def digest(self) -> bytes:
+        """What the message is, as far as its receiver can tell: its topic and its bytes (a
+        redelivery has the same digest)."""
+        hashed = hashlib.sha256(self.topic.encode("utf-8", "surrogatepass") + b"\0")
+        hashed.update(self.payload)
+        return hashed.digest()
 
     def ack(self) -> None:
         """Acknowledge a QoS 1 message to the broker (no-op for QoS 0 or a second call)."""
@@ -331,10 +338,6 @@ class Intake:
         if self._thread.ident is not None:
             self._thread.join(5.0)
 
-    @property
-    def overflow(self) -> int:
-        return len(self._overflow)
-
     def put(self, inbound: InboundMessage) -> None:
         with self._lock:
             if not self._overflow:
@@ -411,7 +414,7 @@ class MqttConnection:
         self._intake = (
             Intake(inbox, self.counters, f"mqtt-intake-{client_id}") if inbox is not None else None
         )
-        self._network_thread: int | None = None  # paho's, once a callback ran on it
+        self._network_thread: int | None = None  # paho's, from the first connect on
         self._max_unanswered = max_unanswered
 
         self._connected = threading.Event()
@@ -679,6 +682,7 @@ class MqttConnection:
                 log.warning("broker refused connection: %s", reason_code)
                 self._schedule_retry()
             return
+        self._network_thread = threading.get_ident()  # publish() must not wait on this thread
         self._generation += 1
         self._attempt = 0
         self.connect_count += 1

@@ -26,7 +26,6 @@ restarts the service.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
@@ -74,13 +73,6 @@ _CONFIRMATION_COUNTERS = {
     "forgotten": "confirmations_after_forget",
     "foreign": "confirmations_foreign",
 }
-
-
-def _report_key(message: InboundMessage) -> str:
-    """What a message's reports are remembered by: its topic and bytes."""
-    digest = hashlib.sha256(message.topic.encode("utf-8", "surrogatepass"))
-    digest.update(b"\0" + message.payload)
-    return "report:" + digest.hexdigest()
 
 
 class ForeignPredictionError(PayloadError):
@@ -378,7 +370,7 @@ class TrainerService:
         new = self._ingest_one(writer, message, problems)
         if (
             len(problems) > before
-            and not writer.first_time(_report_key(message))
+            and not writer.first_time("report:" + message.digest().hex())
             and message.redelivered
         ):
             del problems[before:]
@@ -435,15 +427,14 @@ class TrainerService:
             # "confirmed": one the device kept and relays, receipted so that it is sure to come.
             confirmation = codec.decode_confirmation(payload)
             stored = writer.add_confirmation(device, confirmation)
+            self.counters.add(_CONFIRMATION_COUNTERS[stored])
             if stored == "foreign":
-                self.counters.add(_CONFIRMATION_COUNTERS[stored])
                 raise ForeignPredictionError(
                     f"prediction {confirmation.prediction_id!r} is another device's, not "
                     f"{device!r}'s: the confirmation is not stored"
                 )
             if kind == "confirmed":
                 self._receipts.confirmation(device, confirmation.prediction_id)
-            self.counters.add(_CONFIRMATION_COUNTERS[stored])
             return int(stored == "new")
         elif kind == "forgotten":
             # The device forgot its confirmations: so does the store, and no retrain uses them.

@@ -698,13 +698,12 @@ class Writer:
         if row is None:
             return False
         seq, offset, length = row
-        predicted_on = device_id
         pieces: list[npt.NDArray[np.float32]] = []
         have = -offset
         while have < length:
             stored = self._exec(
                 "SELECT samples FROM batches WHERE device_id = ? AND seq = ?",
-                (predicted_on, seq),
+                (device_id, seq),
             ).fetchone()
             if stored is None:
                 return False  # not arrived yet: ``join_pending`` tries again later
