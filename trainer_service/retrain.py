@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from shared.errors import DataError, ModelError
-from shared.messages import ModelManifest
 from shared.windowing import WindowSet, concat_windows
 from trainer_service.registry import ModelRegistry
 from trainer_service.settings import RetrainSettings
@@ -33,7 +32,7 @@ DEVICE_USER_BASE = -1_000_000  # device windows get user ids that no base-data u
 
 @dataclass(frozen=True)
 class RetrainOutcome:
-    promoted: bool
+    promoted: bool  # the candidate passed the gate and is registered as ``version``
     version: str | None
     reason: str
     candidate: dict[str, Any] = field(default_factory=dict)
@@ -115,18 +114,17 @@ def gate(candidate: dict[str, Any], current: dict[str, Any], margin: float) -> t
     return True, "not worse on held-out users or on held-out recent confirmations"
 
 
-def run_retrain(
+def train_candidate(
     *,
     base: Any,
     confirmed: list[ConfirmedWindow],
     registry: ModelRegistry,
     settings: RetrainSettings,
-    private_key: Any,
-    chunk_size: int,
     now: float,
     on_epoch: Callable[[int, int], None] | None = None,
-) -> tuple[RetrainOutcome, ModelManifest | None]:
-    """Train, evaluate, gate and (if it passes) register and promote a new version.
+) -> RetrainOutcome:
+    """Train, evaluate, gate and (if it passes) register a new version, not yet promoted:
+    signing and promoting are the service's (``trainer_service.retrain_process``).
 
     ``on_epoch`` is passed to ``train_model``: it hears each epoch as it starts."""
     from shared.model.runtime import ActivityModel
@@ -202,11 +200,8 @@ def run_retrain(
     current_summaries = {k: _summary(v) for k, v in previous.items()}
     if not passed:
         log.warning("candidate refused: %s", reason)
-        return (
-            RetrainOutcome(
-                False, None, reason, summaries, current_summaries, time.monotonic() - started
-            ),
-            None,
+        return RetrainOutcome(
+            False, None, reason, summaries, current_summaries, time.monotonic() - started
         )
     name = registry.new_version_name(config.arch)
     staging = registry.root / "staging"
@@ -236,12 +231,8 @@ def run_retrain(
     info = registry.add(
         folder, parent=current, summary={**counts, "base_train_windows": len(split.train)}
     )
-    manifest = registry.promote(info.version, private_key, chunk_size=chunk_size)
-    return (
-        RetrainOutcome(
-            True, info.version, reason, summaries, current_summaries, time.monotonic() - started
-        ),
-        manifest,
+    return RetrainOutcome(
+        True, info.version, reason, summaries, current_summaries, time.monotonic() - started
     )
 
 

@@ -10,7 +10,9 @@ Threads:
   leader retrains and publishes models. It looks in the store for a trigger (N confirmations
   stored since the last round, by any replica; the interval; a command, which whichever replica
   received it left in the store's ``meta`` table), runs a round and publishes the new version.
-  Several ``har trainer serve`` replicas on one store and one ``$share`` group split the ingest;
+  The round trains in a child process at a lower CPU priority
+  (``trainer_service.retrain_process``): TensorFlow's memory goes back to the system after
+  each round, and ingest keeps the CPU first; this process signs and promotes. Several ``har trainer serve`` replicas on one store and one ``$share`` group split the ingest;
   when the leader dies, another takes the lock within about a second.
 - **metrics** (``[metrics] port``, off by default): prometheus_client's HTTP server answers
   ``/metrics`` from the status counters and the store on its own thread.
@@ -51,7 +53,8 @@ from trainer_service.distribution import current_release_messages, publish_all
 from trainer_service.metrics import MetricsServer, TrainerCollector
 from trainer_service.receipts import ReceiptBook
 from trainer_service.registry import ModelRegistry
-from trainer_service.retrain import RetrainOutcome, load_base, run_retrain
+from trainer_service.retrain import RetrainOutcome
+from trainer_service.retrain_process import RetrainProcess
 from trainer_service.settings import TrainerSettings
 from trainer_service.store import (
     META_RETRAIN_BASELINE,
@@ -99,7 +102,11 @@ class TrainerService:
         self._published: tuple[int, str] = (0, "")
         self._private_key = load_private_key(settings.private_key) if settings.private_key else None
         self._known = set(settings.ingest.known_devices)
-        self._base: Any = None
+        self._retrain_process = RetrainProcess(
+            registry_dir=settings.registry_dir,
+            base_data=settings.base_data,
+            settings=settings.retrain,
+        )
         self._stop = threading.Event()
         self._retrain_wake = threading.Event()  # look for a trigger now, not in a second
         self.retrain_done = threading.Event()  # set after every round (tests, demo)
@@ -197,6 +204,7 @@ class TrainerService:
         """Finish the group being stored, say goodbye (``final_state``), disconnect. Idempotent."""
         self._stop.set()
         self._retrain_wake.set()
+        self._retrain_process.stop()
         with self._lock:
             if self._shut_down:
                 return
@@ -542,34 +550,34 @@ class TrainerService:
         try:
             self._set_retrain_baseline()  # confirmations stored from now count for the next one
             private_key = self._require_private_key()
-            if self._base is None:
-                self._base = load_base(self._settings.base_data)
             self.store.join_pending()
             try:
-                outcome, manifest = run_retrain(
-                    base=self._base,
-                    confirmed=self.store.confirmed_windows(),
-                    registry=self.registry,
-                    settings=self._settings.retrain,
-                    private_key=private_key,
-                    chunk_size=self._settings.publish.chunk_bytes,
+                # In a child process at a lower CPU priority (trainer_service.retrain_process).
+                outcome = self._retrain_process.run(
+                    self.store.confirmed_windows(),
                     now=self._clock(),
                     on_epoch=self._on_retrain_epoch,
                 )
             finally:
                 with self._lock:
                     self._retrain_epoch = (0, 0)
-            if manifest is not None and not self._lead():
-                self._report("leader_lost", f"{manifest.version} promoted, not published")
-            elif manifest is not None:
-                self.counters.add("models_promoted")
-                self.publish_current()
-            else:
+            if outcome.version is None:
                 self.counters.add("models_refused")
                 self._report("retrain_refused", outcome.reason)
+            elif not self._lead():
+                self._report("leader_lost", f"{outcome.version} registered, not promoted")
+            else:
+                self.registry.promote(
+                    outcome.version, private_key, chunk_size=self._settings.publish.chunk_bytes
+                )
+                self.counters.add("models_promoted")
+                self.publish_current()
             log.info("retrain outcome: %s", outcome)
         except HarError as exc:
-            self._report("retrain_failed", str(exc))
+            if self._stop.is_set():  # shutdown ended the retrain process: not a failure
+                log.info("retrain ended: the trainer is stopping (%s)", exc)
+            else:
+                self._report("retrain_failed", str(exc))
         except Exception as exc:
             log.exception("retrain failed")
             self._report("retrain_failed", f"unexpected: {exc}")

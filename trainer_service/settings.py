@@ -24,8 +24,12 @@ class RetrainSettings:
     holdout_days: float = 30.0  # ... and only recent ones count as "recent confirmations"
     arch: str = "cnn"  # architecture when training from scratch
     seed: int = 0
+    # CPU niceness of the retrain process (0-19): ingest keeps the CPU first while it trains.
+    nice: int = 10
 
     def __post_init__(self) -> None:
+        if not 0 <= self.nice <= 19:
+            raise ConfigError("retrain.nice must be within 0..19")
         if self.min_new_confirmations < 1:
             raise ConfigError("retrain.min_new_confirmations must be >= 1")
         if self.confirmed_weight <= 0:
