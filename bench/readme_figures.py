@@ -238,13 +238,15 @@ def _soak(ev: Evidence) -> str:
 
     lost = sum(ev["lost"].values())
     errors = sum(ev["error_events"].values())
+    peak = ev.get("retrain_process_peak_rss_mb")
+    retrain = f" (each retrain in a child process, its peak {peak:.0f} MB)" if peak else ""
     by_code = ", ".join(f"{n} {key.split(': ')[-1]}" for key, n in ev["error_events"].items())
     return (
         f"{ev['minutes']:.0f} minutes, {ev['devices']:,} simulated devices, a retrain every "
         f"{ev['retrain_every_s'] / 60:.0f} minutes ({len(ev['versions_published']) - 1} new "
         f"versions published): RSS after {ev['warmup_minutes']:.0f} minutes' warm-up -> end: "
-        f"{', '.join(one(name) for name in ('trainer', 'agent', 'mosquitto', 'sim'))}; "
-        f"**{lost} lost, {errors} error events**{f' ({by_code})' if by_code else ''}"
+        f"{', '.join(one(name) for name in ('trainer', 'agent', 'mosquitto', 'sim'))}"
+        f"{retrain}; **{lost} lost, {errors} error events**{f' ({by_code})' if by_code else ''}"
     )
 
 
