@@ -12,8 +12,9 @@ Threads:
   received it left in the store's ``meta`` table), runs a round and publishes the new version.
   The round trains in a child process at a lower CPU priority
   (``trainer_service.retrain_process``): TensorFlow's memory goes back to the system after
-  each round, and ingest keeps the CPU first; this process signs and promotes. Several ``har trainer serve`` replicas on one store and one ``$share`` group split the ingest;
-  when the leader dies, another takes the lock within about a second.
+  each round, and ingest keeps the CPU first; this process signs and promotes. Several
+  ``har trainer serve`` replicas on one store and one ``$share`` group split the ingest; when
+  the leader dies, another takes the lock within about a second.
 - **metrics** (``[metrics] port``, off by default): prometheus_client's HTTP server answers
   ``/metrics`` from the status counters and the store on its own thread.
 - **upkeep**: joins late confirmations, applies retention, publishes the service's status, and,
