@@ -3,7 +3,9 @@
 The round starts from the current global model (fine-tuning) when there is one with the same
 label set, otherwise it trains from scratch. It evaluates the candidate and the current model
 side by side on the base data's held-out users and on a held-out slice of recent confirmations,
-and promotes the candidate only if it is not worse on either (``gate_margin`` allows some noise).
+and registers the candidate only if it is not worse on either (``gate_margin`` allows some
+noise). It runs in a child process (``trainer_service.retrain_process``); the service signs and
+promotes what it registered.
 """
 
 from __future__ import annotations
