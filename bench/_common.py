@@ -78,3 +78,53 @@ def medians(runs: list[Any]) -> Any:
         values = [run for run in runs if run is not None]
         return round(float(np.median(values)), 3) if values else None
     return first
+
+
+class BrokerWatcher:
+    """A bench's own MQTT client: every message on ``subscriptions`` goes to ``take(topic,
+    payload)`` on a reader thread, then is acknowledged. ``stop()`` after the last one counts."""
+
+    def __init__(
+        self,
+        settings: Any,
+        client_id: str,
+        subscriptions: list[tuple[str, int]],
+        take: Any,
+        queue_size: int = 100_000,
+    ) -> None:
+        import queue
+        import threading
+
+        from shared.mqtt_transport import MqttConnection
+
+        self._inbox: Any = queue.Queue(maxsize=queue_size)
+        self._take = take
+        self._stop = threading.Event()
+        self._connection = MqttConnection(
+            settings,
+            client_id=client_id,
+            subscriptions=subscriptions,
+            inbox=self._inbox,
+            persistent_session=False,
+        )
+        self._reader = threading.Thread(target=self._read, name=client_id)
+
+    def start(self) -> None:
+        self._connection.start()
+        self._reader.start()
+
+    def _read(self) -> None:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                message = self._inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self._take(message.topic, message.payload)
+            message.ack()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._reader.join()
+        self._connection.stop()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import shutil
 import signal
 import sqlite3
@@ -43,7 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import har_train, medians, percentiles, rss_mb  # also puts the repository on sys.path
+from _common import (  # also puts the repository on sys.path
+    BrokerWatcher,
+    har_train,
+    medians,
+    percentiles,
+    rss_mb,
+)
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -206,7 +211,7 @@ def run_fleet(
 ) -> dict:
     from har.local_broker import MosquittoProcess
     from shared.config import BrokerSettings
-    from shared.mqtt_transport import InboundMessage, MqttConnection
+    from shared.mqtt_transport import MqttConnection
     from shared.signing import generate_keypair, load_private_key
     from shared.topics import Topics
     from trainer_service.distribution import current_release_messages, publish_all
@@ -253,34 +258,20 @@ def run_fleet(
     observer = Observer(topics)
     devices = [f"sim-{i:04d}" for i in range(n)]
     sampled = devices[:: max(1, n // args.latency_sample)]
-    inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=200_000)
-    watcher = MqttConnection(
+    watcher = BrokerWatcher(
         settings,
-        client_id="bench-observer",
+        "bench-observer",
         # Every device's status, but the batches and predictions of a sample of devices only:
         # decoding a thousand batches a second here would take the CPU the fleet is measured on.
-        subscriptions=[
+        [
             (topics.all_status(), 1),
             *[(topics.sensor(d), 1) for d in sampled],
             *[(topics.prediction(d), 1) for d in sampled],
         ],
-        inbox=inbox,
-        persistent_session=False,
+        lambda topic, payload: observer.take(topic, payload, time.monotonic()),
+        queue_size=200_000,
     )
     watcher.start()
-    stop_reading = threading.Event()
-
-    def read() -> None:
-        while not stop_reading.is_set():
-            try:
-                message = inbox.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            observer.take(message.topic, message.payload, time.monotonic())
-            message.ack()
-
-    reader = threading.Thread(target=read, name="bench-observer")
-    reader.start()
     report_path = workdir / "sim-report.json"
     sim = subprocess.Popen(
         [
@@ -356,8 +347,6 @@ def run_fleet(
     fleet = json.loads(report_path.read_text())
     result.update(account(fleet, workdir / "trainer-data" / "trainer.sqlite3", timeout=120))
     result["sim_exit_code"] = sim.returncode
-    stop_reading.set()
-    reader.join()
     watcher.stop()
     trainer.send_signal(signal.SIGTERM)
     result["trainer_exit_code"] = trainer.wait(timeout=120)

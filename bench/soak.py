@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import shutil
 import signal
 import subprocess
@@ -37,7 +36,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, rss_mb  # also puts the repository on sys.path
+from _common import REPO, BrokerWatcher, rss_mb  # also puts the repository on sys.path
 from fleet import account, train_versions
 
 LITE_PYTHON = REPO / ".venv-lite" / "bin" / "python"
@@ -95,7 +94,6 @@ def main() -> int:
     from har.synthetic_data import write_dataset
     from shared import codec
     from shared.config import BrokerSettings
-    from shared.mqtt_transport import InboundMessage, MqttConnection
     from shared.signing import generate_keypair, load_private_key
     from shared.topics import Topics
     from shared.wisdm import WISDM_ACTIVITIES
@@ -157,36 +155,21 @@ def main() -> int:
 
     errors: Counter[str] = Counter()
     versions: set[str] = set()
-    inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=100_000)
-    watcher = MqttConnection(
+
+    def take(topic: str, payload: bytes) -> None:
+        if topic == topics.model_manifest():
+            versions.add(codec.decode_manifest(payload).version)
+        else:
+            event = json.loads(payload)
+            errors[f"{event.get('source')}: {event.get('code')}"] += 1
+
+    watcher = BrokerWatcher(
         settings,
-        client_id="soak-watcher",
-        subscriptions=[
-            (topics.all_error(), 1),
-            (topics.trainer_error(), 1),
-            (topics.model_manifest(), 1),
-        ],
-        inbox=inbox,
-        persistent_session=False,
+        "soak-watcher",
+        [(topics.all_error(), 1), (topics.trainer_error(), 1), (topics.model_manifest(), 1)],
+        take,
     )
     watcher.start()
-    stop_reading = threading.Event()
-
-    def read() -> None:
-        while not stop_reading.is_set():
-            try:
-                message = inbox.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if message.topic == topics.model_manifest():
-                versions.add(codec.decode_manifest(message.payload).version)
-            else:
-                event = json.loads(message.payload)
-                errors[f"{event.get('source')}: {event.get('code')}"] += 1
-            message.ack()
-
-    reader = threading.Thread(target=read, name="soak-watcher")
-    reader.start()
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in pids}
     died: dict[str, int] = {}
     started = time.monotonic()
@@ -219,8 +202,6 @@ def main() -> int:
     stored, lost = accounted["stored_by_trainer"], accounted["lost"]
     processes["trainer"].send_signal(signal.SIGTERM)
     exit_codes["trainer"] = processes["trainer"].wait(timeout=180)
-    stop_reading.set()
-    reader.join()
     watcher.stop()
     broker.stop()
     for handle in logs.values():
