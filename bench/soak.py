@@ -60,11 +60,14 @@ def growth(samples: list[tuple[float, float]], warmup_s: float) -> dict[str, flo
 
 
 def children_rss_mb(pid: int) -> float:
-    """The largest peak RSS (VmHWM) among the children of ``pid`` now (0: none)."""
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return 0.0
+    """The largest peak RSS (VmHWM) among the children of ``pid`` now (0: none); children
+    started by any of its threads (the trainer's retrain thread starts them)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += (task / "children").read_text().split()
+        except OSError:  # the thread ended meanwhile
+            continue
     peaks = []
     for child in children:
         try:
