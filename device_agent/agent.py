@@ -259,6 +259,11 @@ class DeviceAgent:
         self._supervisor.start()
         self._connection.start()
 
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Wait until the broker acknowledged the device's subscriptions: from then on, what is
+        published to it reaches it (its session keeps it across reconnects)."""
+        return self._connection.wait_subscribed(timeout)
+
     def request_stop(self) -> None:
         """Ask for a graceful stop (SIGTERM handler, sensor end); ``run`` then shuts down."""
         self._stop.set()

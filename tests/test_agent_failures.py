@@ -108,6 +108,8 @@ def test_a_message_the_dispatcher_fails_on_does_not_stop_the_next_one(
 ) -> None:
     watcher = Watcher(broker_settings)
     agent = start_agent(agent_settings(broker_settings, tmp_path / "device", releases))
+    # Commands sent before the first subscription would be lost, and "second" would fail.
+    assert agent.wait_subscribed(WAIT)
     route = agent._route
     failures = []
 
