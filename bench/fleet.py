@@ -197,6 +197,8 @@ def account(fleet: dict[str, Any], db: Path, timeout: float) -> dict[str, Any]:
     return {
         "made_by_fleet": made,
         "unsent_at_fleet_exit": totals.get("unsent_at_exit", 0),
+        # The people's app sends an answer again until its device relays it (docs/protocol.md).
+        "app_confirmations_resent": fleet.get("app", {}).get("resends", 0),
         "stored_by_trainer": stored,
         "lost": {
             "batches": stored["batches_missing"],

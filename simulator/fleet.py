@@ -43,7 +43,7 @@ from shared.supervision import Supervisor
 from shared.topics import Topics
 from simulator.device import SimDevice
 from simulator.event_loop import EventLoop
-from simulator.link import Link
+from simulator.link import Entry, Link
 from simulator.people import SimulatedPerson
 from simulator.recordings import Recording, cursor_for
 from simulator.settings import SimSettings
@@ -92,6 +92,7 @@ class FleetSimulator:
         self.loop = EventLoop()
         self._properties = PropertiesCache()
         self.counters: Counter[str] = Counter()
+        self.app_counters: Counter[str] = Counter()  # the people's app's connection
         self.latencies = LatencyRecorder(keep=100_000)
         self.devices = [
             SimDevice(
@@ -208,6 +209,8 @@ class FleetSimulator:
     def report(self, seconds: float) -> dict[str, Any]:
         totals: Counter[str] = Counter(self.counters)
         totals["loop_failures"] = self.loop.failures
+        for name in ("confirmations_sent", "unsent_at_exit"):
+            totals[name] += self.app_counters[name]
         per_device = {}
         for device in self.devices:
             totals.update(device.counters)
@@ -236,6 +239,9 @@ class FleetSimulator:
                 ),
             },
             "totals": dict(sorted(totals.items())),
+            # The people's app: confirmations sent again (no relay in time), relays seen, and
+            # confirmations no device relayed before it closed.
+            "app": dict(sorted(self.app_counters.items())),
             "per_device": per_device,
         }
 
@@ -244,7 +250,7 @@ class FleetSimulator:
         if self._stopping:
             return
         self.loop.call_later(self._settings.receipt_timeout_s / 2, self._resend_unreceipted)
-        for link in self._links.values():
+        for link in [*self._links.values(), *([self._app] if self._app else [])]:
             if link.connected:
                 link.resend_unreceipted(self._settings.receipt_timeout_s)
 
@@ -291,7 +297,7 @@ class FleetSimulator:
                 will=device.status_message("offline"),
                 on_connected=lambda link: self._on_connected(device, link),
                 on_message=lambda topic, payload: self._on_message(device, topic, payload),
-                on_acked=lambda message: self._on_acked(device, message),
+                on_acked=lambda entry: self._on_acked(device, entry.message),
                 inflight=min(20, self._settings.broker.max_inflight),
                 outbox_max=self._settings.outbox_max_messages,
             )
@@ -457,7 +463,8 @@ class FleetSimulator:
                 Outbound(
                     self._topics.confirmation(device.device_id),
                     codec.encode_confirmation(confirmation),
-                )
+                ),
+                self._relay_key(device.device_id, confirmation.prediction_id),
             )
             device.counters["confirmations"] += 1
             if answer != prediction.truth:
@@ -625,9 +632,38 @@ class FleetSimulator:
             client_id=identifier,
             username=self._settings.app_username,
             password=self._app_password,
-            counters=self.counters,
-            on_acked=lambda message: self.counters.update(["confirmations_sent"]),
+            counters=self.app_counters,
+            on_connected=self._on_app_connected,
+            on_message=self._on_app_message,
+            on_acked=self._on_app_acked,
             inflight=self._settings.broker.max_inflight,
             outbox_max=100_000,
         )
         self._app.start()
+
+    def _relay_key(self, device_id: str, prediction_id: str) -> str | None:
+        """The app keeps a confirmation until the device relays it, when devices relay (they
+        do when a trainer receipts): a broker that crashes after acknowledging the app's copy
+        loses it before the device saw it, and the app sends it again."""
+        return f"{device_id}/{prediction_id}" if self._settings.await_receipts else None
+
+    def _on_app_connected(self, app: Link) -> None:
+        if self._settings.await_receipts:
+            app.subscribe(self._topics.all_confirmed(), 1)
+
+    def _on_app_message(self, topic: str, payload: bytes) -> None:
+        device_id = self._topics.device_of(topic)
+        if self._app is None or device_id is None:
+            return
+        try:
+            relayed = codec.decode_confirmation(payload)
+        except PayloadError:
+            self.app_counters["relays_unreadable"] += 1  # another device's bug, not the app's
+            return
+        key = self._relay_key(device_id, relayed.prediction_id)
+        if key is not None:
+            self._app.receipted([key])
+
+    def _on_app_acked(self, entry: Entry) -> None:
+        if not entry.resent:  # a resend is the same confirmation again
+            self.app_counters["confirmations_sent"] += 1

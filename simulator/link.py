@@ -8,7 +8,8 @@ predictions by id). Every attempt uses a fresh paho client, so paho never resend
 A message published with a receipt key (a sensor batch, a prediction) is kept after the broker's
 acknowledgement until the trainer's receipt names it, as a real agent's outbox keeps it
 (docs/protocol.md, "End-to-end delivery"): ``resend_unreceipted`` sends again what no receipt
-named in time, so that a broker that crashes after acknowledging loses nothing.
+named in time, so that a broker that crashes after acknowledging loses nothing. The people's
+app uses the same for its confirmations, with the device's relay of each as its receipt.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -36,6 +37,7 @@ class Entry:
     order: int
     message: Outbound
     receipt_key: str | None = None  # kept until a receipt names it
+    resent: bool = False  # sent again because no receipt named it in time
 
 
 class Link:
@@ -52,7 +54,7 @@ class Link:
         will: Outbound | None = None,
         on_connected: Callable[[Link], None] = lambda link: None,
         on_message: Callable[[str, bytes], None] = lambda topic, payload: None,
-        on_acked: Callable[[Outbound], None] = lambda message: None,
+        on_acked: Callable[[Entry], None] = lambda entry: None,
         inflight: int = 20,
         outbox_max: int = 1000,
     ) -> None:
@@ -116,7 +118,7 @@ class Link:
         ]
         entries = sorted((self._awaiting.pop(key)[0] for key in late), key=lambda e: e.order)
         for entry in reversed(entries):
-            self.outbox.appendleft(entry)
+            self.outbox.appendleft(replace(entry, resent=True))
         self.counters["resends"] += len(entries)
         if entries:
             self.pump()
@@ -176,7 +178,7 @@ class Link:
                 self.outbox.appendleft(entry)
                 return
             if message.qos == 0:
-                self._on_acked(message)
+                self._on_acked(entry)
             else:
                 self._in_flight[info.mid] = entry
 
@@ -286,7 +288,7 @@ class Link:
             else:
                 if entry.receipt_key is not None:
                     self._awaiting[entry.receipt_key] = (entry, self._loop.time())
-                self._on_acked(entry.message)
+                self._on_acked(entry)
         self.pump()
         self._maybe_finish()
 

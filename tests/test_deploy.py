@@ -484,17 +484,24 @@ def test_forbidden_publish_gets_not_authorized_reason_code(shipped: ShippedMosqu
     assert codes[allowed.mid] in (0x00, 0x10)
 
 
-def test_dashboard_reads_every_confirmation_and_the_manifest(clients: Clients) -> None:
-    """What a dashboard needs for the accuracy of confirmed predictions per model version."""
-    dashboard = clients.join("dashboard", [TOPICS.all_confirmation(), TOPICS.model_manifest()])
+def test_dashboard_reads_every_confirmation_its_relay_and_the_manifest(clients: Clients) -> None:
+    """What a dashboard needs for the accuracy of confirmed predictions per model version, and
+    to send an answer again until the device relayed it."""
+    dashboard = clients.join(
+        "dashboard",
+        [TOPICS.all_confirmation(), TOPICS.all_confirmed(), TOPICS.model_manifest()],
+    )
     trainer = clients.join("trainer")
     operator = clients.join("operator")
+    wrist = clients.join("wrist-0001")
     manifest = (TOPICS.model_manifest(), unique("manifest"))
     trainer.publish(*manifest)  # not retained: the retained one of another test stays
     confirmations = [(TOPICS.confirmation(device), unique("confirmed")) for device in PASSWORDS]
     for message in confirmations[:2]:  # wrist-0001 and wrist-0002
         operator.publish(*message)
-    for message in (manifest, *confirmations[:2]):
+    relay = (TOPICS.confirmed("wrist-0001"), unique("relayed"))
+    wrist.publish(*relay)
+    for message in (manifest, *confirmations[:2], relay):
         assert message in dashboard.until(*message)
 
 

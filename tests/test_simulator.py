@@ -33,7 +33,7 @@ from shared.topics import Topics
 from simulator.device import SimDevice
 from simulator.event_loop import EventLoop
 from simulator.fleet import FleetSimulator
-from simulator.link import Link
+from simulator.link import Entry, Link
 from simulator.people import SimulatedPerson
 from simulator.recordings import Cursor, Recording, cursor_for, synthetic_recordings
 from simulator.settings import SimSettings
@@ -346,6 +346,11 @@ def test_a_fleet_streams_predicts_confirms_installs_updates_and_says_goodbye(
     assert report["totals"]["confirmations_sent"] == sum(
         len(c) for c in observer.confirmations.values()
     )
+    # The app keeps each answer until the device's relay: every one was relayed, or was still
+    # awaited when the fleet stopped (its device closed first).
+    app = report["app"]
+    assert app["receipted"] > 0
+    assert app["receipted"] + app.get("unreceipted_at_exit", 0) == app["confirmations_sent"]
 
 
 @pytest.mark.broker
@@ -616,9 +621,10 @@ def test_a_simulated_device_sends_again_what_no_receipt_named(
     watcher, inbox = connect(broker_settings, [(topics.sensor("sim-0000"), 1)])
     loop = EventLoop()
     counters: Counter[str] = Counter()
+    acked: list[Entry] = []
     link = Link(
         loop, broker_settings, PropertiesCache(), client_id="sim-0000", username="",
-        password="", counters=counters,
+        password="", counters=counters, on_acked=acked.append,
     )  # fmt: skip
     done = threading.Event()
     runner = threading.Thread(target=lambda: loop.run(until=done.is_set), daemon=True)
@@ -652,6 +658,13 @@ def test_a_simulated_device_sends_again_what_no_receipt_named(
         assert arrived(2) == [b"batch-0", b"batch-2"]
         assert counters["receipted"] == 2
         assert counters["resends"] == 2
+        deadline = time.monotonic() + 10
+        while len(acked) < 7:
+            assert time.monotonic() < deadline, "the broker acknowledged not both resends"
+            on_loop(lambda: None)
+        # Receivers of the acknowledgement tell a resend from a first send (the app counts an
+        # answer once).
+        assert [entry.resent for entry in acked] == [False] * 5 + [True] * 2
     finally:
         loop.call_soon_threadsafe(link.abort)
         loop.call_soon_threadsafe(done.set)
