@@ -223,9 +223,10 @@ def _fleet_broker_kill(ev: Evidence) -> str:
         f"{len(runs)} runs: every device online again in **{back} s**; lost: "
         f"**{total('lost', 'batches')} of {total('made_by_fleet', 'batches'):,} batches, "
         f"{total('lost', 'predictions')} of {total('made_by_fleet', 'predictions'):,} "
-        f"predictions** (kept until a receipt, sent again), {total('lost', 'confirmations')} of "
-        f"{total('made_by_fleet', 'confirmations'):,} confirmations (the people's app's: the "
-        f"broker acknowledges before it saves, so one it dies with reaches nobody)"
+        f"predictions** (kept until a receipt, sent again), **{total('lost', 'confirmations')} "
+        f"of {total('made_by_fleet', 'confirmations'):,} confirmations** (the people's app "
+        f"keeps each until its device relays it: "
+        f"{_join([str(run.get('app_confirmations_resent', 0)) for run in runs])} sent again)"
     )
 
 
