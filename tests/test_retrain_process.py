@@ -32,9 +32,8 @@ def test_confirmed_windows_go_to_the_child_unchanged_without_pickle(tmp_path: Pa
         ConfirmedWindow("p-2", "wrist-2", "Sitting", _window(40, -2.0), 1001.5),  # another model
         ConfirmedWindow("p-\u00e9", "wrist-1", "Laying", _window(80, 9.81), 1002.0),
     ]
-    path = tmp_path / "confirmed.npz"
-    write_confirmed(path, confirmed)
-    back = read_confirmed(path)  # np.load(allow_pickle=False) inside
+    write_confirmed(tmp_path, [confirmed[:2], confirmed[2:]])  # two pages
+    back = read_confirmed(tmp_path)  # np.load(allow_pickle=False) inside
     assert [(c.prediction_id, c.device_id, c.label, c.received) for c in back] == [
         (c.prediction_id, c.device_id, c.label, c.received) for c in confirmed
     ]
@@ -43,9 +42,8 @@ def test_confirmed_windows_go_to_the_child_unchanged_without_pickle(tmp_path: Pa
 
 
 def test_no_confirmed_windows_is_a_valid_file(tmp_path: Path) -> None:
-    path = tmp_path / "confirmed.npz"
-    write_confirmed(path, [])
-    assert read_confirmed(path) == []
+    write_confirmed(tmp_path, [])
+    assert read_confirmed(tmp_path) == []
 
 
 def test_a_failing_round_says_why(tmp_path: Path) -> None:

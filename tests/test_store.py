@@ -169,6 +169,30 @@ def test_two_devices_using_one_prediction_id_each_keep_their_own(make_store: Mak
     assert store.counts().predictions == 2
 
 
+def test_confirmed_windows_come_in_pages_in_order_each_once(make_store: MakeStore) -> None:
+    """What a retrain round writes out a page at a time: every confirmed window once, oldest
+    first, ties (one transaction, one clock reading) broken by device and id."""
+    store = make_store()
+    with store.transaction() as writer:
+        for device in ("d1", "d2"):
+            writer.add_batch(batch(device, 0))
+            for i in range(4 if device == "d1" else 3):
+                assert writer.add_prediction(prediction(device, f"p{i}", 0, i, 10))
+                answer = Confirmation(f"p{i}", "Walking", "user", 1.0)
+                assert writer.add_confirmation(device, answer) == "new"
+    pages = list(store.confirmed_window_pages(page_size=3))
+    assert [len(page) for page in pages] == [3, 3, 1]
+    paged = [window for page in pages for window in page]
+    assert [(w.device_id, w.prediction_id) for w in paged] == sorted(
+        (w.device_id, w.prediction_id) for w in store.confirmed_windows()
+    )
+    assert [(w.received, w.device_id, w.prediction_id) for w in paged] == sorted(
+        (w.received, w.device_id, w.prediction_id) for w in paged
+    )
+    d2_p1 = next(w for w in paged if (w.device_id, w.prediction_id) == ("d2", "p1"))
+    np.testing.assert_array_equal(d2_p1.window, batch("d2", 0).samples[1:11])
+
+
 def test_retention_deletes_old_batches_but_keeps_confirmed_windows(make_store: MakeStore) -> None:
     now = [1000.0]
     store = make_store(clock=lambda: now[0])

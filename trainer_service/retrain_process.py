@@ -6,11 +6,12 @@ the trainer's ingest keeps the CPU first (a fleet's messages do not queue up in 
 a model trains), and the memory goes back to the system when the round ends.
 
 The parent (:class:`RetrainProcess`, on the trainer's retrain thread) writes the request and the
-fleet's confirmed windows into FOLDER (JSON and a numpy ``.npz`` of plain arrays: nothing is
-pickled), starts the child, follows its progress (one JSON line per epoch on its stdout) and
-reads its outcome. The child trains, evaluates, gates and, if the candidate passes, registers it
-(``trainer_service.retrain.train_candidate``). Signing and promoting stay in the parent: the
-private key never leaves the service. The child's log goes to the service's stderr.
+fleet's confirmed windows into FOLDER (JSON, raw float32 samples written a page at a time, and
+a numpy ``.npz`` of plain arrays: nothing is pickled), starts the child, follows its progress
+(one JSON line per epoch on its stdout) and reads its outcome. The child trains, evaluates,
+gates and, if the candidate passes, registers it (``trainer_service.retrain.train_candidate``).
+Signing and promoting stay in the parent: the private key never leaves the service. The child's
+log goes to the service's stderr.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 REQUEST_FILE = "request.json"
 CONFIRMED_FILE = "confirmed.npz"
+SAMPLES_FILE = "confirmed-samples.f32"
 OUTCOME_FILE = "outcome.json"
 
 
@@ -45,32 +47,46 @@ class RetrainProcessError(HarError):
 
 
 # ------------------------------------------------------------------------- confirmed windows
-def write_confirmed(path: Path, confirmed: Sequence[ConfirmedWindow]) -> None:
-    """The windows as plain arrays; windows of any length (the child keeps the usable ones)."""
-    lengths = np.array([len(c.window) for c in confirmed], np.int64)
-    samples = (
-        np.concatenate([np.asarray(c.window, np.float32).reshape(-1, 3) for c in confirmed])
-        if confirmed
-        else np.empty((0, 3), np.float32)
-    )
+def write_confirmed(folder: Path, pages: Iterable[Sequence[ConfirmedWindow]]) -> None:
+    """The windows, a page at a time, as raw little-endian float32 samples (appended as they
+    come: the service never holds them all) and their names, labels, times and lengths as
+    plain arrays. Windows of any length: the child keeps the usable ones."""
+    prediction_ids: list[str] = []
+    device_ids: list[str] = []
+    labels: list[str] = []
+    received: list[float] = []
+    lengths: list[int] = []
+    with (folder / SAMPLES_FILE).open("wb") as samples:
+        for page in pages:
+            for window in page:
+                samples.write(np.ascontiguousarray(window.window, "<f4").reshape(-1, 3).tobytes())
+                prediction_ids.append(window.prediction_id)
+                device_ids.append(window.device_id)
+                labels.append(window.label)
+                received.append(window.received)
+                lengths.append(len(window.window))
     np.savez(
-        path,
-        prediction_id=np.array([c.prediction_id for c in confirmed], dtype=str),
-        device_id=np.array([c.device_id for c in confirmed], dtype=str),
-        label=np.array([c.label for c in confirmed], dtype=str),
-        received=np.array([c.received for c in confirmed], np.float64),
-        lengths=lengths,
-        samples=samples,
+        folder / CONFIRMED_FILE,
+        prediction_id=np.array(prediction_ids, dtype=str),
+        device_id=np.array(device_ids, dtype=str),
+        label=np.array(labels, dtype=str),
+        received=np.array(received, np.float64),
+        lengths=np.array(lengths, np.int64),
     )
 
 
-def read_confirmed(path: Path) -> list[ConfirmedWindow]:
-    with np.load(path, allow_pickle=False) as arrays:
+def read_confirmed(folder: Path) -> list[ConfirmedWindow]:
+    samples = np.fromfile(folder / SAMPLES_FILE, dtype="<f4").astype(np.float32).reshape(-1, 3)
+    with np.load(folder / CONFIRMED_FILE, allow_pickle=False) as arrays:
         ends = np.cumsum(arrays["lengths"])
-        windows = np.split(arrays["samples"], ends[:-1]) if len(ends) else []
+        if len(ends) and ends[-1] != len(samples):
+            raise RetrainProcessError(
+                f"{SAMPLES_FILE} holds {len(samples)} samples, the windows name {ends[-1]}"
+            )
+        windows = np.split(samples, ends[:-1]) if len(ends) else []
         return [
-            ConfirmedWindow(str(p), str(d), str(label), window, float(received))
-            for p, d, label, window, received in zip(
+            ConfirmedWindow(str(p), str(d), str(label), window, float(time))
+            for p, d, label, window, time in zip(
                 arrays["prediction_id"],
                 arrays["device_id"],
                 arrays["label"],
@@ -103,17 +119,18 @@ class RetrainProcess:
 
     def run(
         self,
-        confirmed: Sequence[ConfirmedWindow],
+        confirmed: Iterable[Sequence[ConfirmedWindow]],
         *,
         now: float,
         on_epoch: Callable[[int, int], None] | None = None,
     ) -> RetrainOutcome:
         """Train, evaluate, gate and register a candidate in a child; its outcome.
+        ``confirmed``: the fleet's confirmed windows, in pages (``confirmed_window_pages``).
 
         Raises :class:`RetrainProcessError` when the child fails or is stopped."""
         with tempfile.TemporaryDirectory(prefix=".retrain-", dir=self._registry_dir) as tmp:
             folder = Path(tmp)
-            write_confirmed(folder / CONFIRMED_FILE, confirmed)
+            write_confirmed(folder, confirmed)
             request = {
                 "registry": str(self._registry_dir),
                 "base_data": str(self._base_data) if self._base_data else None,
@@ -195,7 +212,7 @@ def _child(folder: Path) -> int:
     try:
         outcome = train_candidate(
             base=load_base(Path(request["base_data"]) if request["base_data"] else None),
-            confirmed=read_confirmed(folder / CONFIRMED_FILE),
+            confirmed=read_confirmed(folder),
             registry=ModelRegistry(Path(request["registry"])),
             settings=settings,
             now=float(request["now"]),

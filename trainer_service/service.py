@@ -555,7 +555,7 @@ class TrainerService:
             try:
                 # In a child process at a lower CPU priority (trainer_service.retrain_process).
                 outcome = self._retrain_process.run(
-                    self.store.confirmed_windows(),
+                    self.store.confirmed_window_pages(),
                     now=self._clock(),
                     on_epoch=self._on_retrain_epoch,
                 )

@@ -384,16 +384,35 @@ class Store(ABC):
 
     def confirmed_windows(self) -> list[ConfirmedWindow]:
         """Every confirmation joined to its window, oldest first."""
-        rows = self._rows(
+        return [window for page in self.confirmed_window_pages() for window in page]
+
+    def confirmed_window_pages(self, page_size: int = 1000) -> Iterator[list[ConfirmedWindow]]:
+        """:meth:`confirmed_windows` a page at a time, so that a retrain round does not hold
+        the fleet's windows in the service at once (they reach hundreds of MB, which the
+        allocator then keeps), nor the store's lock while it writes them out. Keyset paging:
+        confirmations stored meanwhile come at the end, or in the next round."""
+        first = (
             'SELECT prediction_id, device_id, label, "window", received FROM confirmations'
-            " WHERE joined IS NOT NULL ORDER BY received, prediction_id"
+            " WHERE joined IS NOT NULL ORDER BY received, device_id, prediction_id LIMIT ?"
         )
-        return [
-            ConfirmedWindow(
-                row[0], row[1], row[2], samples_from_bytes(bytes(row[3])), float(row[4])
-            )
-            for row in rows
-        ]
+        following = (
+            'SELECT prediction_id, device_id, label, "window", received FROM confirmations'
+            " WHERE joined IS NOT NULL AND (received, device_id, prediction_id) > (?, ?, ?)"
+            " ORDER BY received, device_id, prediction_id LIMIT ?"
+        )
+        after: tuple[Any, ...] = ()
+        while True:
+            rows = self._rows(following if after else first, (*after, page_size))
+            if not rows:
+                return
+            yield [
+                ConfirmedWindow(
+                    row[0], row[1], row[2], samples_from_bytes(bytes(row[3])), float(row[4])
+                )
+                for row in rows
+            ]
+            last = rows[-1]
+            after = (last[4], last[1], last[0])
 
     def meta(self, name: str) -> str | None:
         rows = self._rows("SELECT value FROM meta WHERE name = ?", (name,))
