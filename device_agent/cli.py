@@ -18,6 +18,9 @@ RUN_DESCRIPTION = (
 )
 
 
+FORGET_WAIT_S = 30.0  # `har agent forget` waits this long for a running agent
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
         "agent",
@@ -57,6 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         argument_default=argparse.SUPPRESS,
     )
     _add_state_flags(forget)
+    forget.add_argument(
+        "--wait-s",
+        type=_positive_seconds,
+        help=f"how long to wait for a running agent to answer (default {FORGET_WAIT_S:g}); "
+        "exit code 1 if it did not: it carries the request out when it can",
+    )
     show = actions.add_parser(
         "show-config",
         help="print the effective settings (passwords redacted)",
@@ -86,6 +95,13 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed", type=float, help="replay/synthetic pace (1 real time, 0 max)")
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"{text} is not within 0..86400 s")
+    return value
+
+
 def settings_from(args: argparse.Namespace) -> Any:
     from device_agent.settings import AgentSettings
 
@@ -110,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         print(settings)
         return 0
     if args.action == "forget":
-        return forget(settings)
+        return forget(settings, getattr(args, "wait_s", FORGET_WAIT_S))
     if args.action == "rollback":
         from device_agent.releases import ReleaseStore
 
@@ -124,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     return run_until_signalled(DeviceAgent(settings, open_sensor(settings.sensor)))
 
 
-def forget(settings: Any) -> int:
+def forget(settings: Any, wait_s: float = FORGET_WAIT_S) -> int:
     """Forget every confirmation: locally if no agent runs on this state, else by asking it
     through a request file in its state folder (no broker connection: see local_requests)."""
     import time
@@ -160,13 +176,10 @@ def forget(settings: Any) -> int:
             "the trainer to forget them too when it next runs"
         )
         return 0
-    return _ask_running_agent(settings)
+    return _ask_running_agent(settings, wait_s)
 
 
-FORGET_WAIT_S = 30.0
-
-
-def _ask_running_agent(settings: Any) -> int:
+def _ask_running_agent(settings: Any, wait_s: float) -> int:
     import time
     import uuid
 
@@ -174,14 +187,14 @@ def _ask_running_agent(settings: Any) -> int:
     from shared.messages import DeviceCommand
 
     command = DeviceCommand("forget", uuid.uuid4().hex[:16], time.time())
-    if request_forget(settings.state_dir, command, FORGET_WAIT_S):
+    if request_forget(settings.state_dir, command, wait_s):
         print(
             f"the running agent forgot every confirmation ({command.request_id}); it serves "
             "the global model"
         )
         return 0
     print(
-        f"the running agent has not handled the request within {FORGET_WAIT_S:.0f} s; it will "
+        f"the running agent has not handled the request within {wait_s:g} s; it will "
         f"when it can (delete {settings.state_dir / FORGET_REQUEST} to cancel)"
     )
     return 1

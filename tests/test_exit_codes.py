@@ -91,14 +91,15 @@ def agent_toml(tmp_path: Path, broker: str, extra: str = "") -> Path:
 
 def documented_codes(command: str) -> set[int]:
     """The codes the README's table gives for ``command`` (its first column)."""
-    rows = re.findall(rf"^\| `{re.escape(command)}` \| (\d+) \|", DOC, re.MULTILINE)
-    return {int(code) for code in rows}
+    rows = re.findall(rf"^\| `{re.escape(command)}` \| ([\d /]+) \|", DOC, re.MULTILINE)
+    return {int(code) for row in rows for code in row.split(" / ")}
 
 
 def test_the_table_documents_every_code_tested_here() -> None:
     assert documented_codes("har agent") >= {0, 2, 3, 70}
     assert documented_codes("har trainer serve") >= {0, 2, 3, 70}
     assert documented_codes("har sim") >= {0, 2, 70}
+    assert documented_codes("har agent forget") >= {0, 1}
 
 
 @pytest.mark.parametrize("program", ["agent", "trainer", "sim"])
@@ -138,6 +139,32 @@ def test_a_login_the_broker_refuses_exits_3_saying_so(
     started.append(process)
     assert process.wait(WAIT) == 3, output(tmp_path, program)
     assert "refused" in output(tmp_path, program)
+
+
+def test_forget_exits_1_when_the_running_agent_does_not_answer_and_keeps_the_request(
+    broker_settings: BrokerSettings, tmp_path: Path, started: list[subprocess.Popen[bytes]]
+) -> None:
+    """`har agent forget` while an agent holds the state folder but does not answer in time: the
+    request stays for it; once no agent runs, forget is done on the spot and the request goes."""
+    from device_agent.local_requests import FORGET_REQUEST
+    from device_agent.state_lock import StateLock
+
+    config = str(agent_toml(tmp_path, broker_table(broker_settings)))
+    (tmp_path / "state").mkdir()
+    busy_agent = StateLock(tmp_path / "state")
+    assert busy_agent.acquire()
+    try:
+        process = har(tmp_path, "forget", "agent", "forget", "--config", config, "--wait-s", "0.5")
+        started.append(process)
+        assert process.wait(WAIT) == 1, output(tmp_path, "forget")
+        assert "has not handled the request within 0.5 s" in output(tmp_path, "forget")
+        assert (tmp_path / "state" / FORGET_REQUEST).exists()  # carried out when it can
+    finally:
+        busy_agent.release()
+    process = har(tmp_path, "forget-stopped", "agent", "forget", "--config", config)
+    started.append(process)
+    assert process.wait(WAIT) == 0, output(tmp_path, "forget-stopped")
+    assert not (tmp_path / "state" / FORGET_REQUEST).exists()
 
 
 @pytest.mark.slow
