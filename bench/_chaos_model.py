@@ -12,7 +12,7 @@ from pathlib import Path
 from _common import REPO  # puts the repository on sys.path
 
 from shared import codec
-from tests.release_helpers import make_releases  # the tests' tiny, real, signed releases
+from simulator.tiny_model import make_releases  # tiny, real, signed releases
 
 
 def main(out: Path) -> int:

@@ -20,8 +20,8 @@ from typing import Any
 
 from _common import DEFAULT_DATA
 
-from shared.model.runtime import ActivityModel
-from shared.wisdm import load_wisdm
+from activity_model.loading import load_model
+from activity_model.wisdm import load_wisdm
 from trainer_service.evaluation import evaluate
 from trainer_service.training import TrainConfig, split_by_user, train_model
 
@@ -56,12 +56,12 @@ def _run(data: Any, config: TrainConfig) -> dict[str, Any]:
 def _exported_runtimes(tracker: Any, test: Any) -> dict[str, Any]:
     """The exported model on each runtime, on the same test windows: accuracy, and how far the
     two runtimes' answers are apart."""
-    from shared.model.tracker import export_tracker
+    from activity_model.export import export_tracker
 
     with tempfile.TemporaryDirectory() as scratch:
         export_tracker(tracker, Path(scratch) / "saved_model")
         models = {
-            runtime: ActivityModel.load(Path(scratch) / "saved_model", runtime)
+            runtime: load_model(Path(scratch) / "saved_model", runtime)
             for runtime in ("tensorflow", "litert")
         }
         out: dict[str, Any] = {}

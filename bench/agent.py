@@ -63,8 +63,8 @@ TARGETS = {
 def make_release(workdir: Path, model: Path | None) -> tuple[Path, Any]:
     """A registry with one promoted version. Without ``--model``, ``har train`` makes a small
     one of the production architecture in a child process."""
-    from har.synthetic_data import write_dataset
     from shared.signing import generate_keypair, load_private_key
+    from simulator.synthetic_data import write_dataset
     from trainer_service.registry import ModelRegistry
 
     private, public = generate_keypair(workdir / "keys")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from _common import DEFAULT_DATA  # also puts the repository on sys.path
 
-from shared.wisdm import load_wisdm
+from activity_model.wisdm import load_wisdm
 from trainer_service.evaluation import evaluate
 from trainer_service.training import TrainConfig, split_by_user, train_model
 

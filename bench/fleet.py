@@ -60,8 +60,8 @@ def cpu_seconds(pid: int) -> float:
 
 def train_versions(workdir: Path) -> tuple[Path, Path]:
     """Two versions of the production architecture (different seeds), made by ``har train``."""
-    from har.synthetic_data import write_dataset
-    from shared.wisdm import WISDM_ACTIVITIES
+    from activity_model.wisdm import WISDM_ACTIVITIES
+    from simulator.synthetic_data import write_dataset
 
     base = write_dataset(workdir / "base.txt", range(1, 5), WISDM_ACTIVITIES, 40.0)
     first, second = (

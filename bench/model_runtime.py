@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from _common import REPO, percentiles, rss_mb
 
+from activity_model.loading import load_model
+
 
 def _timed(call: Any, repeat: int) -> list[float]:
     for _ in range(5):
@@ -43,10 +45,9 @@ def measure(saved_model: Path) -> dict[str, Any]:
 
     import_s = time.perf_counter() - started
     rss_import = rss_mb()
-    from shared.model.runtime import ActivityModel
 
     started = time.perf_counter()
-    model = ActivityModel.load(saved_model)
+    model = load_model(saved_model)
     load_s = time.perf_counter() - started
     rss_load = rss_mb()
     rng = np.random.default_rng(0)
@@ -88,7 +89,8 @@ def measure(saved_model: Path) -> dict[str, Any]:
 
 
 def _export(arch: str, out: Path) -> Path:
-    from shared.model.tracker import ActivityTracker, TrackerSpec, export_tracker
+    from activity_model.export import export_tracker
+    from activity_model.tracker import ActivityTracker, TrackerSpec
 
     labels = ("Walking", "Upstairs", "Downstairs", "Sitting", "Standing", "Laying")
     window = 32 if arch == "seed-lstm" else 80

@@ -46,13 +46,14 @@ import numpy as np
 import numpy.typing as npt
 from _common import DEFAULT_DATA, REPO, percentiles
 
+from activity_model.loading import load_model
+from activity_model.runtime import ActivityModel
+from activity_model.windowing import make_windows
+from activity_model.wisdm import load_wisdm
 from device_agent.learning import DeviceLearner, LearningPolicy, evidence_of, gate, personalise
 from device_agent.store import AgentStore
-from har.synthetic_data import rotation_about_x
 from shared.counters import Counters, LatencyRecorder
-from shared.model.runtime import ActivityModel
-from shared.windowing import make_windows
-from shared.wisdm import load_wisdm
+from simulator.synthetic_data import rotation_about_x
 
 EVIDENCE = REPO / "docs/evidence/personalize.json"
 MIN_SCORED = 20  # windows left after the K-th answer, or the K is not scored
@@ -441,9 +442,9 @@ def cases_for(data: Any, models: dict[str, ActivityModel], splits: list[Split]) 
 def load_models(splits: list[Split], runtime: str) -> dict[str, ActivityModel]:
     models = {}
     for split in splits:
-        models[split.name] = ActivityModel.load(split.first / "saved_model", runtime)
+        models[split.name] = load_model(split.first / "saved_model", runtime)
         if split.new is not None:
-            models[f"{split.name}_new"] = ActivityModel.load(split.new / "saved_model", runtime)
+            models[f"{split.name}_new"] = load_model(split.new / "saved_model", runtime)
     return models
 
 

@@ -93,13 +93,13 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+    from activity_model.wisdm import WISDM_ACTIVITIES
     from har.local_broker import MosquittoProcess
-    from har.synthetic_data import write_dataset
     from shared import codec
     from shared.config import BrokerSettings
     from shared.signing import generate_keypair, load_private_key
     from shared.topics import Topics
-    from shared.wisdm import WISDM_ACTIVITIES
+    from simulator.synthetic_data import write_dataset
     from trainer_service.registry import ModelRegistry
 
     root = Path(tempfile.mkdtemp(prefix="har-bench-soak-"))

@@ -286,7 +286,7 @@ class Trainers:
 
 
 def stored_rows(store_url: str) -> list[tuple[str, int, float]]:
-    from trainer_service.store import open_store
+    from trainer_service.stores import open_store
 
     store = open_store(store_url)
     try:
@@ -298,7 +298,7 @@ def stored_rows(store_url: str) -> list[tuple[str, int, float]]:
 
 
 def stored_count(store_url: str) -> int:
-    from trainer_service.store import open_store
+    from trainer_service.stores import open_store
 
     store = open_store(store_url)
     try:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from activity_model.runtime import ActivityModel
 from device_agent.learning import DeviceLearner, LearningPolicy
 from device_agent.local_requests import LocalRequests
 from device_agent.outbox import ErrorReporter, Outbox, forget_relay
@@ -55,7 +56,6 @@ from shared.messages import (
     Prediction,
     ReceiptKey,
 )
-from shared.model.runtime import ActivityModel
 from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound, PublishHandle
 from shared.signing import load_public_key
 from shared.supervision import EXIT_THREAD_DIED, Supervisor

@@ -48,10 +48,10 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from activity_model.runtime import ActivityModel, PersonalState
 from device_agent.store import AgentStore, ReplayEntry
 from shared.counters import Counters, LatencyRecorder
 from shared.errors import ModelError
-from shared.model.runtime import ActivityModel, PersonalState
 from shared.mqtt_transport import Outbound
 
 log = logging.getLogger(__name__)

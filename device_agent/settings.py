@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from activity_model.loading import RUNTIMES, resolve_runtime
 from device_agent.learning import LearningPolicy
 from device_agent.sensors import SensorSettings
 from shared import homeassistant
 from shared.config import BrokerSettings
 from shared.errors import ConfigError, ModelError
-from shared.model.runtime import RUNTIMES, resolve_runtime
 from shared.topics import is_valid_id
 
 _LEARNING = LearningPolicy()  # the measured defaults

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from activity_model.loading import load_model
+from activity_model.runtime import ActivityModel
 from device_agent.learning import (
     Learned,
     LearningPolicy,
@@ -37,7 +39,6 @@ from shared import codec
 from shared.counters import Counters
 from shared.errors import HarError, ModelError, StorageError
 from shared.messages import ModelManifest
-from shared.model.runtime import ActivityModel
 from shared.model_bundle import ChunkAssembler
 from shared.mqtt_transport import InboundMessage, MqttConnection
 from shared.topics import Topics
@@ -63,7 +64,7 @@ class Candidate:
 def open_release(releases: ReleaseStore, version: str, runtime: str) -> ActiveModel:
     """Load a stored release on ``runtime``, verified again, and trace it before it serves."""
     release = releases.open(version)
-    model = ActivityModel.load(release.saved_model_dir, runtime)
+    model = load_model(release.saved_model_dir, runtime)
     model.predict(np.zeros((1, model.input_spec.window, 3), np.float32))
     return ActiveModel(version, release.manifest, model)
 

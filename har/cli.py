@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Loggers whose INFO and WARNING lines say nothing a user can act on ("Function `predict`
 # contains input name(s) ... renamed", "unsaved custom gradients"): shown with DEBUG only.
-# shared.model.tensorflow_import quiets TensorFlow's native log to match the "tensorflow" logger.
+# activity_model.tensorflow_import quiets TensorFlow's native log to match the "tensorflow" logger.
 QUIET_UNLESS_DEBUG = ("absl", "tensorflow")
 
 

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from activity_model.wisdm import WISDM_ARCHIVE_URL
 from shared.errors import ConfigError
-from shared.wisdm import WISDM_ARCHIVE_URL
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def run_download(args: argparse.Namespace) -> int:
-    from shared.wisdm import download_wisdm, sha256_of
+    from activity_model.wisdm import download_wisdm, sha256_of
 
     if not args.sha256 and not args.allow_unverified:
         # Said here, before any download, with the flags that fix it (the library knows none).
@@ -63,7 +63,7 @@ def run_download(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from shared.wisdm import load_wisdm
+    from activity_model.wisdm import load_wisdm
 
     data = load_wisdm(args.path)
     summary = {

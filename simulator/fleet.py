@@ -30,13 +30,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from activity_model.loading import load_model
+from activity_model.runtime import MAX_WINDOWS_PER_CALL, ActivityModel
 from device_agent.releases import ReleaseStore
 from device_agent.windowing import StreamWindow
 from shared import codec, homeassistant
 from shared.counters import LatencyRecorder
 from shared.errors import HarError, ModelError, PayloadError
 from shared.messages import Confirmation, ModelManifest, ReceiptKey
-from shared.model.runtime import MAX_WINDOWS_PER_CALL, ActivityModel
 from shared.mqtt_transport import Outbound, PropertiesCache
 from shared.signing import verify_payload
 from shared.supervision import Supervisor
@@ -587,7 +588,7 @@ class FleetSimulator:
         self._releases.store(manifest, payload)  # verifies signature, size and sha256 again
         release = self._releases.open(manifest.version)
         # "auto": LiteRT when installed (at 1000 devices 404 MB instead of 660 MB on TensorFlow).
-        model = ActivityModel.load(release.saved_model_dir, self._settings.runtime, prefer="litert")
+        model = load_model(release.saved_model_dir, self._settings.runtime, prefer="litert")
         if model.labels != manifest.labels:
             raise ModelError(f"model {manifest.version}: labels differ from its manifest's")
         if model.input_spec.window != manifest.input.window:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from activity_model.wisdm import WISDM_ACTIVITIES, load_wisdm
 from shared.errors import ConfigError
-from shared.wisdm import WISDM_ACTIVITIES, load_wisdm
 from simulator.settings import SimSettings
 
 SYNTHETIC_SECONDS_PER_ACTIVITY = 60.0
@@ -65,7 +65,7 @@ def load_recordings(settings: SimSettings) -> list[Recording]:
 
 
 def synthetic_recordings(people: int, seed: int) -> list[Recording]:
-    from har.synthetic_data import user_recording
+    from simulator.synthetic_data import user_recording
 
     recordings = []
     for person in range(people):

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from activity_model.loading import RUNTIMES
 from shared import homeassistant
 from shared.config import BrokerSettings
 from shared.errors import ConfigError
-from shared.model.runtime import RUNTIMES
 from shared.topics import is_valid_id
 
 MAX_DEVICES = 10_000

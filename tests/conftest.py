@@ -14,10 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from device_agent.agent import DeviceAgent
+from device_agent.sensors import open_sensor
+from device_agent.settings import AgentSettings
 from har.local_postgres import PostgresProcess, find_postgres_bindir
 from shared.config import BrokerSettings
+from tests.agent_helpers import AgentFactory
 from tests.mosquitto import BrokerUsers, ComposeBroker, MosquittoProcess, accepts_connections
-from trainer_service.store import Store, open_store
+from tests.release_helpers import Releases, make_releases
+from trainer_service.store import Store
+from trainer_service.stores import open_store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 USE_DOCKER = os.environ.get("HAR_TEST_DOCKER") == "1"
@@ -197,3 +203,24 @@ def logged_exceptions(fail_on_logged_exceptions: _ExceptionRecords) -> list[logg
     """For a test that provokes logged exceptions on purpose: they are its to assert on."""
     fail_on_logged_exceptions.expected = True
     return fail_on_logged_exceptions.records
+
+
+# ------------------------------------------------------- device agents (tests/agent_helpers.py)
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
+    return make_releases(tmp_path_factory.mktemp("releases"))
+
+
+@pytest.fixture
+def start_agent() -> Iterator[AgentFactory]:
+    running: list[DeviceAgent] = []
+
+    def start(settings: AgentSettings) -> DeviceAgent:
+        agent = DeviceAgent(settings, open_sensor(settings.sensor))
+        agent.start()
+        running.append(agent)
+        return agent
+
+    yield start
+    for agent in running:
+        agent.shutdown()

@@ -14,23 +14,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-LABELS = ("Walking", "Sitting", "Laying")
-WINDOW = 16
+from activity_model.loading import load_model
+from simulator.tiny_model import LABELS, WINDOW, synthetic_windows
 
-
-def synthetic_windows(
-    n: int, seed: int = 0, window: int = WINDOW
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
-    """Three easily told apart 'activities': oscillation, gravity on y, gravity on z."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, len(LABELS), n).astype(np.int32)
-    t = np.arange(window) / 20.0
-    x = rng.normal(0.0, 0.3, (n, window, 3)).astype(np.float32)
-    x[y == 0, :, 0] += 4.0 * np.sin(2 * np.pi * 2.0 * t)
-    x[y == 0, :, 1] += 9.8
-    x[y == 1, :, 1] += 9.8
-    x[y == 2, :, 2] += 9.8
-    return x.astype(np.float32), y
+__all__ = ["LABELS", "WINDOW", "synthetic_windows"]  # for the tests that import them from here
 
 
 def probe_windows(window: int = WINDOW) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
@@ -39,7 +26,7 @@ def probe_windows(window: int = WINDOW) -> tuple[npt.NDArray[np.float32], npt.ND
 
 def tiny_memory(x: npt.NDArray[np.float32], y: npt.NDArray[np.int32], per_class: int = 8) -> Any:
     """A class-balanced memory and the class gravity of these windows (as the trainer picks)."""
-    from shared.model.tracker import Memory
+    from activity_model.tracker import Memory
 
     index = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(len(LABELS))])
     gravity = np.stack([x[y == c].mean(axis=(0, 1)) for c in range(len(LABELS))])
@@ -51,7 +38,8 @@ def train_and_export_tiny(
 ) -> Path:
     """A small model of ``arch`` trained ``steps`` steps on the synthetic windows and exported
     (with a memory, unless it is the seed-lstm or ``memory`` is False) to ``out``."""
-    from shared.model.tracker import ActivityTracker, TrackerSpec, export_tracker
+    from activity_model.export import export_tracker
+    from activity_model.tracker import ActivityTracker, TrackerSpec
 
     window = 32 if arch == "seed-lstm" else WINDOW
     spec = TrackerSpec(
@@ -77,13 +65,12 @@ def train_and_export_tiny(
 
 
 def _device(action: str, saved_model: Path, state: Path, runtime: str) -> dict[str, Any]:
-    from shared.model.runtime import ActivityModel
 
     if runtime == "litert":
         from tests.no_tensorflow import block_tensorflow
 
         block_tensorflow()
-    model = ActivityModel.load(saved_model, runtime)
+    model = load_model(saved_model, runtime)
     x, _ = probe_windows(model.input_spec.window)
     out: dict[str, Any] = {"arch": model.arch, "labels": list(model.labels)}
     if action == "learn-and-save":

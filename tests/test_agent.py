@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import queue
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from device_agent.agent import DeviceAgent
 from device_agent.local_requests import FORGET_REQUEST
-from device_agent.sensors import SensorSettings, open_sensor
-from device_agent.settings import AgentSettings, AgentTuning
 from shared import codec
 from shared.config import BrokerSettings
-from shared.messages import Confirmation, DeviceCommand, Prediction
-from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound
+from shared.messages import Confirmation, DeviceCommand
+from shared.mqtt_transport import MqttConnection, Outbound
 from shared.topics import Topics
+from tests.agent_helpers import (
+    DEVICE,
+    WAIT,
+    AgentFactory,
+    Watcher,
+    agent_settings,
+    publish_release,
+)
 from tests.model_helpers import LABELS, probe_windows
 from tests.mosquitto import MosquittoProcess
 from tests.mqtt_helpers import connect, receive
@@ -29,110 +32,13 @@ from tests.release_helpers import (
     Release,
     Releases,
     export_tiny_version,
-    make_releases,
 )
-from trainer_service.distribution import publish_all, release_messages
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
-DEVICE = "wrist-1"
-WAIT = 60.0
 
-
-@pytest.fixture(scope="module")
-def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    return make_releases(tmp_path_factory.mktemp("releases"))
-
-
-def publish_release(settings: BrokerSettings, release: Release) -> None:
-    connection, _ = connect(settings)
-    try:
-        topics = Topics(settings.topic_root)
-        publish_all(
-            connection, release_messages(topics, release.manifest, release.payload, CHUNK_SIZE), 10
-        )
-    finally:
-        connection.stop()
-
-
-def agent_settings(
-    broker_settings: BrokerSettings, state_dir: Path, releases: Releases, **tuning: object
-) -> AgentSettings:
-    return AgentSettings(
-        device_id=DEVICE,
-        state_dir=state_dir,
-        public_key=releases.public_key_path,
-        broker=broker_settings,
-        sensor=SensorSettings(
-            kind="synthetic",
-            speed=5.0,
-            synthetic_activities=",".join(LABELS),
-            synthetic_segment_s=8.0,
-        ),
-        agent=AgentTuning(status_interval_s=2.0, **tuning),  # type: ignore[arg-type]
-    )
-
-
-AgentFactory = Callable[..., DeviceAgent]
-# The agent's behaviour with a model holds on both runtimes (shared/model/runtime.py).
+# The agent's behaviour with a model holds on both runtimes (activity_model/runtime.py).
 RUNTIMES = pytest.mark.parametrize("runtime", ["tensorflow", "litert"])
-
-
-@pytest.fixture
-def start_agent() -> Iterator[AgentFactory]:
-    running: list[DeviceAgent] = []
-
-    def start(settings: AgentSettings) -> DeviceAgent:
-        agent = DeviceAgent(settings, open_sensor(settings.sensor))
-        agent.start()
-        running.append(agent)
-        return agent
-
-    yield start
-    for agent in running:
-        agent.shutdown()
-
-
-class Watcher:
-    """A subscriber that sorts what the agent publishes by kind."""
-
-    def __init__(self, settings: BrokerSettings, *, client_id: str = "watcher") -> None:
-        self.topics = Topics(settings.topic_root)
-        self.connection, self.inbox = connect(
-            settings,
-            [
-                (self.topics.all_sensor(), 1),
-                (self.topics.all_prediction(), 1),
-                (self.topics.all_error(), 1),
-                (self.topics.all_status(), 1),
-            ],
-            client_id=client_id,
-            persistent=True,
-        )
-        self.queues: dict[str, queue.Queue[InboundMessage]] = {
-            kind: queue.Queue() for kind in ("sensor", "prediction", "error", "status")
-        }
-
-    def pump(self, kind: str, timeout: float = WAIT) -> InboundMessage:
-        """The next message of ``kind``, sorting others into their queues meanwhile."""
-        wanted = self.queues[kind]
-        while wanted.empty():
-            message = self.inbox.get(timeout=timeout)
-            message.ack()
-            self.queues[self.topics.kind_of(message.topic) or "other"].put(message)
-        return wanted.get_nowait()
-
-    def prediction(self) -> Prediction:
-        return codec.decode_prediction(self.pump("prediction").payload)
-
-    def error_with(self, code: str) -> dict[str, object]:
-        while True:
-            event = json.loads(self.pump("error").payload)
-            if event["code"] == code:
-                return event  # type: ignore[no-any-return]
-
-    def stop(self) -> None:
-        self.connection.stop()
 
 
 def confirm(settings: BrokerSettings, prediction_id: str, label: str) -> None:

@@ -28,24 +28,20 @@ from shared.mqtt_transport import InboundMessage, Outbound
 from shared.signing import sign_manifest
 from shared.supervision import EXIT_THREAD_DIED
 from shared.topics import Topics
-from tests.mosquitto import MosquittoProcess
-from tests.mqtt_helpers import connect
-from tests.release_helpers import CHUNK_SIZE, Release, Releases
-from tests.test_agent import (
+from tests.agent_helpers import (
     DEVICE,
     WAIT,
     AgentFactory,
     Watcher,
     agent_settings,
     publish_release,
-    releases,
-    start_agent,
 )
+from tests.mosquitto import MosquittoProcess
+from tests.mqtt_helpers import connect
+from tests.release_helpers import CHUNK_SIZE, Release, Releases
 from trainer_service.distribution import publish_all, release_messages
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
-
-__all__ = ["releases", "start_agent"]  # fixtures shared with tests/test_agent.py
 
 
 class FailingSensor:

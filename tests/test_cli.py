@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from activity_model.tensorflow_import import LOAD_NOISE, native_log_level, without_lines
 from device_agent.agent import DeviceAgent
 from device_agent.sensors import SensorSettings, open_sensor
 from device_agent.settings import AgentSettings
@@ -21,7 +22,6 @@ from har.demo.data import WISDM_ENV, prepare
 from har.local_broker import BrokerUsers, MosquittoProcess, free_port
 from shared.config import BrokerSettings
 from shared.errors import ConfigError, HarError
-from shared.model.tensorflow_import import LOAD_NOISE, native_log_level, without_lines
 from shared.mqtt_transport import MqttConnection
 from shared.signing import generate_keypair
 from trainer_service.registry import ModelRegistry
@@ -344,10 +344,10 @@ import sys
 from pathlib import Path
 from har.cli import configure_logging
 configure_logging(sys.argv[1])
-from shared.model.runtime import ActivityModel
+from activity_model.runtime import ActivityModel
 from tests.release_helpers import export_tiny_version
 folder = export_tiny_version(Path(sys.argv[2]), seed=1, steps=1)
-ActivityModel.load(folder / "saved_model")
+load_model(folder / "saved_model")
 """
 
 

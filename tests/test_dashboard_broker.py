@@ -22,9 +22,9 @@ from shared.messages import (
 )
 from shared.mqtt_transport import MqttConnection, Outbound, PublishHandle
 from shared.topics import Topics
+from tests.dashboard_helpers import LABELS, manifest, prediction
 from tests.mosquitto import BrokerUsers, MosquittoProcess, free_port
 from tests.mqtt_helpers import connect, receive
-from tests.test_dashboard_view import LABELS, manifest, prediction
 
 pytestmark = pytest.mark.broker
 

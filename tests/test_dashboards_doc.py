@@ -29,7 +29,7 @@ from shared.config import BrokerSettings, load_settings
 from shared.messages import DeviceStatus, ErrorEvent
 from shared.mqtt_transport import Outbound
 from shared.topics import Topics
-from tests.test_homeassistant import (
+from tests.homeassistant_helpers import (
     MODEL_LABELS,
     publish_all,
     resolve,

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from activity_model.wisdm import load_wisdm
 from har.demo.data import DOWNLOADED, WISDM_ENV, find_data_file, prepare
 from har.demo.people import PeopleApp
 from har.demo.processes import Interrupted, StopSignals
 from har.demo.summary import PHASES, build, lost_learning, render
 from har.local_broker import shipped_logins
-from har.synthetic_data import write_dataset
 from shared import codec
 from shared.errors import HarError
 from shared.messages import (
@@ -33,8 +33,8 @@ from shared.messages import (
     WindowRef,
 )
 from shared.topics import Topics
-from shared.wisdm import load_wisdm
-from tests.test_dashboard_view import manifest as a_manifest
+from simulator.synthetic_data import write_dataset
+from tests.dashboard_helpers import manifest as a_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 TOPICS = Topics()

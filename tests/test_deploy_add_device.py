@@ -15,19 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from device_agent.settings import AgentSettings
-from har.local_broker import shipped_logins
+from har.local_broker import SHIPPED_ACL, SHIPPED_CONF, ShippedMosquitto, shipped_logins
 from shared.config import BrokerSettings, load_settings
 from shared.mqtt_transport import MqttConnection
 from shared.topics import is_valid_id
-from tests.test_deploy import (
+from tests.deploy_helpers import (
     DEPLOY,
     PASSWORDS,
     ROOT,
-    SHIPPED_ACL,
-    SHIPPED_CONF,
     TOPICS,
     Clients,
-    ShippedMosquitto,
     settings_for,
     unique,
 )

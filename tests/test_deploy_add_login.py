@@ -11,16 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from har.local_broker import SHIPPED_LOGINS, shipped_logins
-from tests.test_deploy import (
+from har.local_broker import (
+    SHIPPED_ACL,
+    SHIPPED_CONF,
+    SHIPPED_LOGINS,
+    ShippedMosquitto,
+    shipped_logins,
+)
+from tests.deploy_helpers import (
     DEPLOY,
     PASSWORDS,
     ROOT,
-    SHIPPED_ACL,
-    SHIPPED_CONF,
     TOPICS,
     Clients,
-    ShippedMosquitto,
     settings_for,
     unique,
 )

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from activity_model.wisdm import download_wisdm, load_wisdm
 from har.data_cli import register as register_data
 from shared.errors import DataError
-from shared.wisdm import download_wisdm, load_wisdm
 
 RAW = "".join(
     f"{u},Walking,{1_000_000 + i * 50_000_000},0.{i},9.8,-0.{i};\n"

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from activity_model.loading import load_model
 from device_agent.learning import (
     WAYS,
     DeviceLearner,
@@ -161,8 +162,8 @@ def test_a_record_read_with_a_tilt_the_placement_left_behind_is_no_evidence() ->
 def test_the_gate_judges_a_new_version_by_the_way_the_device_answers() -> None:
     """Both versions answer the way the stored records chose (here corrected), on the same
     answers, each held out: the new one is refused only if worse that way by the margin."""
+    from activity_model.runtime import PersonalState
     from device_agent.learning import Learned, Ways, gate
-    from shared.model.runtime import PersonalState
 
     blank = PersonalState.nothing_learned(4, 3)
     stored = {f"p{i}": ("Sitting", record(0.2, 0.3, 0.95)) for i in range(12)}
@@ -222,9 +223,8 @@ def version(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def model(version: Path) -> Any:
-    from shared.model.runtime import ActivityModel
 
-    return ActivityModel.load(version)
+    return load_model(version)
 
 
 class Device:
@@ -356,7 +356,6 @@ def test_a_state_that_costs_untaught_classes_their_recall_is_refused(device: Dev
 def test_a_restart_restores_the_state_without_learning_again(
     tmp_path: Path, model: Any, version: Path
 ) -> None:
-    from shared.model.runtime import ActivityModel
 
     x, y = synthetic_windows(12, seed=11)
     turned = np.einsum("ntc,dc->ntd", x, TURN_X).astype(np.float32)
@@ -366,7 +365,7 @@ def test_a_restart_restores_the_state_without_learning_again(
     learned = model.installed()
     first.close()
 
-    again = Device(tmp_path, ActivityModel.load(version))
+    again = Device(tmp_path, load_model(version))
     try:
         restored = again.model.installed()
         np.testing.assert_array_equal(restored.kernel_delta, learned.kernel_delta)
@@ -376,7 +375,7 @@ def test_a_restart_restores_the_state_without_learning_again(
         again.close()
 
     (tmp_path / "learned" / "v1.state").write_bytes(b"garbage")
-    relearned = Device(tmp_path, ActivityModel.load(version))
+    relearned = Device(tmp_path, load_model(version))
     try:
         assert relearned.counters.get("learned_state_unusable") == 1
         assert relearned.problems == ["state_unusable"]
@@ -391,13 +390,12 @@ def test_a_new_version_is_personalised_by_the_same_code(
     device: Device, version: Path, tmp_path: Path
 ) -> None:
     """``personalise`` replays the confirmations through the same steps the device took."""
-    from shared.model.runtime import ActivityModel
 
     x, y = synthetic_windows(16, seed=11)
     turned = np.einsum("ntc,dc->ntd", x, TURN_X).astype(np.float32)
     for i in range(16):
         device.learner.confirm(f"p{i}", LABELS[y[i]], turned[i], float(i))
-    fresh = ActivityModel.load(version)
+    fresh = load_model(version)
     learned = personalise(fresh, device.store.replay_entries(), device.learner.policy)
     served = learned.ways.state(device.learner.way)
     installed = device.model.installed()

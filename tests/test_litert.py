@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from activity_model import signatures
+from activity_model.loading import load_model
 from shared.errors import ModelError
-from shared.model import signatures
 from tests.model_helpers import LABELS, probe_windows, synthetic_windows, train_and_export_tiny
 
 pytestmark = pytest.mark.slow
@@ -27,12 +28,11 @@ LEARN_TOLERANCE = 1e-3  # of the largest element of the correction
 @pytest.fixture(scope="module", params=["cnn", "cnn-gru"])
 def both(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """(TensorFlow model, LiteRT model) of one exported version."""
-    from shared.model.runtime import ActivityModel
 
     out = train_and_export_tiny(
         tmp_path_factory.mktemp(request.param) / "saved_model", arch=request.param
     )
-    return ActivityModel.load(out, "tensorflow"), ActivityModel.load(out, "litert")
+    return load_model(out, "tensorflow"), load_model(out, "litert")
 
 
 def _windows() -> np.ndarray:
@@ -148,10 +148,9 @@ def test_serving_a_learned_state_on_litert(both: Any) -> None:
 
 
 def test_a_model_without_memory_learns_on_litert(tmp_path: Path) -> None:
-    from shared.model.runtime import ActivityModel
 
     out = train_and_export_tiny(tmp_path / "saved_model", memory=False, steps=5)
-    tf_model, lite_model = ActivityModel.load(out, "tensorflow"), ActivityModel.load(out, "litert")
+    tf_model, lite_model = load_model(out, "tensorflow"), load_model(out, "litert")
     assert lite_model.memory_size == 0
     x, y = synthetic_windows(12, seed=3)
     tf_state, _ = tf_model.learn(x, y, np.ones(12, np.float32), np.eye(3))
@@ -188,20 +187,19 @@ def test_state_written_by_an_older_version_restores_on_tensorflow_only(
 
 
 def test_litert_refuses_a_model_without_its_form_or_with_a_broken_one(tmp_path: Path) -> None:
-    from shared.model.runtime import ActivityModel
 
     seed = train_and_export_tiny(tmp_path / "seed", arch="seed-lstm")
     assert not (seed / signatures.LITERT_DIR).exists()
     with pytest.raises(ModelError, match=r"has no LiteRT form.*runtime = tensorflow"):
-        ActivityModel.load(seed, "litert")
+        load_model(seed, "litert")
     out = train_and_export_tiny(tmp_path / "cnn", steps=2)
     model_file = out / signatures.LITERT_DIR / signatures.LITERT_MODEL
     model_file.write_bytes(model_file.read_bytes()[:1000])
     with pytest.raises(ModelError, match="cannot load LiteRT model"):
-        ActivityModel.load(out, "litert")
+        load_model(out, "litert")
     (out / signatures.LITERT_DIR / signatures.LITERT_METADATA).write_text("{")
     with pytest.raises(ModelError, match="cannot read the LiteRT metadata"):
-        ActivityModel.load(out, "litert")
+        load_model(out, "litert")
 
 
 def test_registry_refuses_a_litert_form_of_another_model(tmp_path: Path) -> None:
@@ -219,20 +217,20 @@ def test_registry_refuses_a_litert_form_of_another_model(tmp_path: Path) -> None
 def test_auto_takes_the_preferred_runtime_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    from shared.model import runtime
+    from activity_model import loading
 
-    assert runtime.resolve_runtime("litert") == "litert"
-    assert runtime.resolve_runtime("auto") == "tensorflow"  # both are installed here
-    assert runtime.resolve_runtime("auto", prefer="litert") == "litert"
+    assert loading.resolve_runtime("litert") == "litert"
+    assert loading.resolve_runtime("auto") == "tensorflow"  # both are installed here
+    assert loading.resolve_runtime("auto", prefer="litert") == "litert"
     with pytest.raises(ModelError, match="unknown model runtime 'tflite'"):
-        runtime.resolve_runtime("tflite")
+        loading.resolve_runtime("tflite")
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util,
         "find_spec",
         lambda name, *a: None if name == "tensorflow" else real(name, *a),
     )
-    assert runtime.resolve_runtime("auto") == "litert"
+    assert loading.resolve_runtime("auto") == "litert"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ModelError, match=r"pip install 'har-edge\[agent-lite\]'"):
-        runtime.resolve_runtime("auto")
+        loading.resolve_runtime("auto")

@@ -17,8 +17,7 @@ from shared.config import BrokerSettings
 from shared.messages import Confirmation, DeviceStatus, Prediction, WindowRef
 from shared.topics import Topics
 from tests.mqtt_helpers import connect
-from tests.test_trainer import WAIT, publish
-from tests.trainer_helpers import trainer_settings_for
+from tests.trainer_helpers import WAIT, publish, trainer_settings_for
 from trainer_service.metrics import GAUGES, TrainerCollector
 from trainer_service.service import TrainerService
 from trainer_service.settings import MetricsSettings

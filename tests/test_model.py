@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from activity_model.loading import load_model
 from shared.errors import ModelError, ModelInputError
 from tests.model_helpers import (
     LABELS,
@@ -34,17 +35,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module", params=["tensorflow", "litert"])
 def model(exported: Path, request: pytest.FixtureRequest) -> Any:
     """The exported model on each runtime: every behaviour below holds on both."""
-    from shared.model.runtime import ActivityModel
 
-    return ActivityModel.load(exported, request.param)
+    return load_model(exported, request.param)
 
 
 @pytest.fixture(scope="module")
 def tf_model(exported: Path) -> Any:
     """The SavedModel's own signatures, for what only the TensorFlow runtime has."""
-    from shared.model.runtime import ActivityModel
 
-    return ActivityModel.load(exported, "tensorflow")
+    return load_model(exported, "tensorflow")
 
 
 def _device(action: str, saved_model: Path, state: Path, runtime: str) -> dict[str, Any]:
@@ -242,9 +241,8 @@ def test_graph_itself_refuses_nan_and_out_of_range_labels(tf_model: Any) -> None
 def test_restore_refuses_corrupt_or_foreign_state_and_keeps_weights(
     exported: Path, tmp_path: Path, runtime: str
 ) -> None:
-    from shared.model.runtime import ActivityModel
 
-    model = ActivityModel.load(exported, runtime)
+    model = load_model(exported, runtime)
     x, _ = probe_windows()
     assert model.restore_state(tmp_path / "absent.state") is False
     good = tmp_path / "good.state"
@@ -259,7 +257,7 @@ def test_restore_refuses_corrupt_or_foreign_state_and_keeps_weights(
     truncated.write_bytes(good.read_bytes()[:200])
     foreign_model = train_and_export_tiny(tmp_path / "other_model", seed=5, steps=3)
     foreign = tmp_path / "foreign.state"
-    ActivityModel.load(foreign_model).save_state(foreign)
+    load_model(foreign_model).save_state(foreign)
 
     for bad in (corrupt, truncated, foreign):
         with pytest.raises(ModelError, match="cannot restore model state"):
@@ -271,20 +269,18 @@ def test_restore_refuses_corrupt_or_foreign_state_and_keeps_weights(
 
 
 def test_loading_something_else_is_a_model_error(tmp_path: Path) -> None:
-    from shared.model.runtime import ActivityModel
 
     with pytest.raises(ModelError, match="not a SavedModel"):
-        ActivityModel.load(tmp_path)
+        load_model(tmp_path)
     (tmp_path / "saved_model.pb").write_bytes(b"not a protobuf")
     with pytest.raises(ModelError, match="cannot load SavedModel"):
-        ActivityModel.load(tmp_path)
+        load_model(tmp_path)
 
 
 def test_seed_lstm_baseline_votes_per_window_and_cannot_learn_on_device(tmp_path: Path) -> None:
-    from shared.model.runtime import ActivityModel
 
     exported = train_and_export_tiny(tmp_path / "seed", arch="seed-lstm")
-    model = ActivityModel.load(exported)
+    model = load_model(exported)
     assert model.arch == "seed-lstm"
     assert model.input_spec.window == 32
     x, _ = synthetic_windows(4, seed=3, window=32)

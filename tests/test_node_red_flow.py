@@ -31,9 +31,9 @@ from shared.config import BrokerSettings
 from shared.messages import Prediction, WindowRef
 from shared.mqtt_transport import Outbound
 from shared.topics import Topics
+from tests.homeassistant_helpers import sample_messages
 from tests.mosquitto import LOOPBACK, MosquittoProcess, free_port
 from tests.mqtt_helpers import connect
-from tests.test_homeassistant import sample_messages
 
 REPO = Path(__file__).resolve().parent.parent
 FLOW_FILE = REPO / "docs" / "node-red-flow.json"

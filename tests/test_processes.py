@@ -3,7 +3,6 @@ their own, stopped with SIGTERM or killed with SIGKILL."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -22,43 +21,15 @@ from shared.mqtt_transport import Outbound
 from shared.signing import generate_keypair
 from shared.topics import Topics
 from tests.mqtt_helpers import connect, receive
+from tests.process_helpers import REPO, Program, broker_table
 from tests.release_helpers import CHUNK_SIZE, Releases, make_releases
 from trainer_service.distribution import publish_all, release_messages
 from trainer_service.store import SqliteStore
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
-REPO = Path(__file__).resolve().parent.parent
 WAIT = 90.0
 # The light agent's environment (scripts/setup.sh): the project with agent-lite, no TensorFlow.
 LITE_PYTHON = REPO / ".venv-lite" / "bin" / "python"
-
-
-def broker_table(settings: BrokerSettings) -> str:
-    return (
-        f'[broker]\nhost = "{settings.host}"\nport = {settings.port}\n'
-        f'topic_root = "{settings.topic_root}"\nkeepalive_s = 5\n'
-        "reconnect_min_s = 0.1\nreconnect_max_s = 1.0\n"
-    )
-
-
-class Program:
-    """`python -m har ...` with its output in a log file the failure message can show."""
-
-    def __init__(self, log: Path, *args: str, python: Path = Path(sys.executable)) -> None:
-        self.log = log
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
-        with log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [python, "-m", "har", *args], stdout=out, stderr=subprocess.STDOUT, env=env
-            )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        return self.process.wait(timeout=timeout)
 
 
 @pytest.fixture

@@ -18,11 +18,11 @@ from shared.messages import DeviceStatus, SensorBatch, TrainerCommand
 from shared.mqtt_transport import InboundMessage, Outbound
 from shared.topics import Topics
 from tests.mqtt_helpers import connect, receive
-from tests.test_processes import Program, broker_table
+from tests.process_helpers import Program, broker_table
 from tests.trainer_helpers import trainer_settings_for
 from trainer_service.service import TrainerService
 from trainer_service.settings import IngestSettings, StoreSettings
-from trainer_service.store import open_store
+from trainer_service.stores import open_store
 
 pytestmark = pytest.mark.broker
 WAIT = 60.0

@@ -23,8 +23,8 @@ from trainer_service.store import (
     SqliteStore,
     Store,
     VersionAccuracy,
-    open_store,
 )
+from trainer_service.stores import open_store
 
 REPO = Path(__file__).resolve().parent.parent
 MakeStore = Callable[..., Store]
@@ -379,7 +379,7 @@ def test_one_leader_at_a_time_and_the_lock_is_free_once_its_process_dies(
         [
             sys.executable,
             "-c",
-            "import sys; from trainer_service.store import open_store\n"
+            "import sys; from trainer_service.stores import open_store\n"
             "lock = open_store(sys.argv[1]).leader_lock()\n"
             "assert lock.try_acquire(); print('held', flush=True); sys.stdin.read()",
             store_url,

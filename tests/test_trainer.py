@@ -17,7 +17,6 @@ import pytest
 from device_agent.agent import DeviceAgent
 from device_agent.sensors import SensorSettings, open_sensor
 from device_agent.settings import AgentSettings, AgentTuning
-from har.synthetic_data import write_dataset
 from shared import codec
 from shared.config import BrokerSettings
 from shared.errors import StorageError
@@ -31,13 +30,14 @@ from shared.messages import (
     WindowRef,
 )
 from shared.model_bundle import ChunkAssembler
-from shared.mqtt_transport import InboundMessage, MqttConnection, Outbound
+from shared.mqtt_transport import InboundMessage
 from shared.supervision import EXIT_THREAD_DIED
 from shared.topics import Topics
+from simulator.synthetic_data import write_dataset
 from tests.mosquitto import MosquittoProcess
 from tests.mqtt_helpers import connect, receive
 from tests.release_helpers import CHUNK_SIZE, make_releases
-from tests.trainer_helpers import trainer_settings_for
+from tests.trainer_helpers import WAIT, publish, trainer_settings_for
 from trainer_service.registry import ModelRegistry
 from trainer_service.retrain import confirmed_sets, gate, is_holdout
 from trainer_service.service import TrainerService
@@ -48,8 +48,6 @@ from trainer_service.settings import (
     TrainerSettings,
 )
 from trainer_service.store import ConfirmedWindow, SqliteStore
-
-WAIT = 60.0
 
 
 def batch(device: str, seq: int, n: int = 20) -> SensorBatch:
@@ -113,11 +111,6 @@ def service(trainer_settings: TrainerSettings) -> Iterator[TrainerService]:
     assert running.wait_connected(WAIT)
     yield running
     running.shutdown()
-
-
-def publish(connection: MqttConnection, topic: str, payload: bytes, *, msgpack: bool) -> None:
-    content_type = codec.CONTENT_TYPE_MSGPACK if msgpack else codec.CONTENT_TYPE_JSON
-    assert connection.publish(Outbound(topic, payload, content_type=content_type)).wait(10)
 
 
 @pytest.mark.broker

@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from activity_model.loading import load_model
+from activity_model.windowing import make_windows
+from activity_model.wisdm import load_wisdm
 from shared.errors import ModelError
-from shared.windowing import make_windows
-from shared.wisdm import load_wisdm
 from tests.model_helpers import synthetic_windows
 from trainer_service.train_cli import register as register_train
 from trainer_service.training import TrainConfig, class_weights, split_by_user
@@ -101,9 +102,7 @@ def test_har_train_writes_a_complete_version(
     assert summary["users"] == {"train": [1, 2, 3, 4], "val": [5], "test": [6]}
     assert summary["source"]["skipped_by_reason"] == {"zero timestamp": 1, "empty value": 1}
 
-    from shared.model.runtime import ActivityModel
-
-    model = ActivityModel.load(folder / "saved_model")
+    model = load_model(folder / "saved_model")
     assert model.labels == ACTIVITIES
     assert model.input_spec.window == 16
     assert model.global_step > 0
@@ -154,7 +153,7 @@ def test_class_weights_balance_the_classes() -> None:
 
 
 def test_sample_weights_are_honoured_in_the_loss() -> None:
-    from shared.model.tracker import ActivityTracker, TrackerSpec
+    from activity_model.tracker import ActivityTracker, TrackerSpec
 
     spec = TrackerSpec(arch="cnn", labels=ACTIVITIES, window=16, width=8, dropout=0.0)
     x, y = synthetic_windows(8, seed=1)
@@ -172,7 +171,8 @@ def test_sample_weights_are_honoured_in_the_loss() -> None:
 
 
 def test_fine_tuning_from_a_model_with_other_labels_is_refused(tmp_path: Path) -> None:
-    from shared.model.tracker import ActivityTracker, TrackerSpec, export_tracker
+    from activity_model.export import export_tracker
+    from activity_model.tracker import ActivityTracker, TrackerSpec
     from trainer_service.training import train_model
 
     other = ActivityTracker(TrackerSpec(arch="cnn", labels=("a", "b"), window=16, width=8))
@@ -185,8 +185,8 @@ def test_fine_tuning_from_a_model_with_other_labels_is_refused(tmp_path: Path) -
 
 
 def test_fine_tuning_starts_from_the_given_model(tmp_path: Path) -> None:
-    from shared.model.runtime import ActivityModel
-    from shared.model.tracker import ActivityTracker, TrackerSpec, export_tracker
+    from activity_model.export import export_tracker
+    from activity_model.tracker import ActivityTracker, TrackerSpec
     from trainer_service.training import build_tracker
 
     spec = TrackerSpec(arch="cnn", labels=ACTIVITIES, window=16, width=8)
@@ -198,5 +198,5 @@ def test_fine_tuning_starts_from_the_given_model(tmp_path: Path) -> None:
     tuned: Any = build_tracker(
         TrainConfig(window=16, width=8), ACTIVITIES, ws, init_from=tmp_path / "base"
     )
-    reference = ActivityModel.load(tmp_path / "base").predict(x).probabilities
+    reference = load_model(tmp_path / "base").predict(x).probabilities
     np.testing.assert_allclose(tuned.predict(x)["probabilities"].numpy(), reference, atol=1e-6)

@@ -7,9 +7,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from activity_model.windowing import (
+    WindowSet,
+    concat_windows,
+    make_windows,
+    segment_bounds,
+    split_users,
+)
+from activity_model.wisdm import LoadReport, WisdmData
 from shared.errors import DataError
-from shared.windowing import WindowSet, concat_windows, make_windows, segment_bounds, split_users
-from shared.wisdm import LoadReport, WisdmData
 
 PERIOD_NS = 50_000_000
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from activity_model.wisdm import load_wisdm, normalise_activity, order_labels
 from har.data_cli import register as register_data
 from shared.errors import DataError
-from shared.wisdm import load_wisdm, normalise_activity, order_labels
 
 # One file with every quirk of WISDM_ar_v1.1_raw.txt. Line numbers matter: the report cites them.
 QUIRKY = (
@@ -106,7 +106,7 @@ def test_gzip_and_official_tar_gz_read_the_same(quirky_file: Path, tmp_path: Pat
 def test_records_spanning_chunk_boundaries_are_not_split(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("shared.wisdm._CHUNK_BYTES", 37)  # cuts records mid-way
+    monkeypatch.setattr("activity_model.wisdm._CHUNK_BYTES", 37)  # cuts records mid-way
     rows = [
         f"{u},Walking,{1000 + i},{i}.25,-{i}.5,9.81;" for i, u in enumerate([1] * 30 + [2] * 30)
     ]

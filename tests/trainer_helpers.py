@@ -6,9 +6,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from shared import codec
 from shared.config import BrokerSettings
+from shared.mqtt_transport import MqttConnection, Outbound
 from shared.signing import PRIVATE_KEY_FILE, generate_keypair
-from trainer_service.settings import RetrainSettings, TrainerSettings
+from trainer_service.settings import (
+    RetrainSettings,
+    TrainerSettings,
+)
 
 
 def trainer_settings_for(
@@ -29,3 +34,11 @@ def trainer_settings_for(
         status_interval_s=1.0,
     )
     return dataclasses.replace(settings, **overrides)
+
+
+WAIT = 60.0
+
+
+def publish(connection: MqttConnection, topic: str, payload: bytes, *, msgpack: bool) -> None:
+    content_type = codec.CONTENT_TYPE_MSGPACK if msgpack else codec.CONTENT_TYPE_JSON
+    assert connection.publish(Outbound(topic, payload, content_type=content_type)).wait(10)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from shared.windowing import WindowSet
+from activity_model.windowing import WindowSet
 
 
 def confusion_matrix(
@@ -61,7 +61,7 @@ def predict_classes(model: Any, ws: WindowSet, batch_size: int = 512) -> npt.NDA
     Stateful models (``seed-lstm``) see the windows in order, with their recurrent state reset
     at the start of each recording (``ws.segment``), as a device resets on an activity change.
     """
-    from shared.model.runtime import ActivityModel
+    from activity_model.runtime import ActivityModel
 
     if isinstance(model, ActivityModel):
         if model.arch == "seed-lstm":

@@ -30,17 +30,18 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from activity_model import signatures
+from activity_model.loading import load_model
 from shared import codec
 from shared.errors import ConfigError, ModelError, PayloadError
 from shared.fileio import write_atomically
 from shared.messages import InputSpec, ModelManifest
-from shared.model import signatures
 from shared.model_bundle import pack_model_dir, sha256_hex
 from shared.signing import sign_manifest
 from shared.topics import is_valid_id
 
 if TYPE_CHECKING:
-    from shared.model.runtime import ActivityModel
+    from activity_model.runtime import ActivityModel
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,6 @@ class ModelRegistry:
         summary: dict[str, Any] | None = None,
     ) -> VersionInfo:
         """Take in a folder written by ``export_version``; its name becomes the version."""
-        from shared.model.runtime import ActivityModel
 
         version = exported.name
         if not is_valid_id(version):
@@ -134,7 +134,7 @@ class ModelRegistry:
         if target.exists():
             raise ModelError(f"version {version} is already registered")
         # Refuse what devices could not run, on either runtime.
-        model = ActivityModel.load(exported / "saved_model", "tensorflow")
+        model = load_model(exported / "saved_model", "tensorflow")
         self._check_litert_form(exported / "saved_model", model)
         payload = pack_model_dir(exported / "saved_model")
         metrics = json.loads((exported / "metrics.json").read_text())
@@ -211,7 +211,6 @@ class ModelRegistry:
     @staticmethod
     def _check_litert_form(saved_model: Path, model: ActivityModel) -> None:
         """A device model's LiteRT form must load and be the same model, if it has one."""
-        from shared.model.runtime import ActivityModel
 
         if not model.personalisable:
             return
@@ -220,7 +219,7 @@ class ModelRegistry:
                 "%s has no LiteRT form: agents without TensorFlow cannot run it", saved_model
             )
             return
-        lite = ActivityModel.load(saved_model, "litert")
+        lite = load_model(saved_model, "litert")
         if (lite.model_id, lite.labels) != (model.model_id, model.labels):
             raise ModelError(f"the LiteRT form in {saved_model} is another model")
 

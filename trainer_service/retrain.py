@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from activity_model.loading import load_model
+from activity_model.windowing import WindowSet, concat_windows
 from shared.errors import DataError, ModelError
-from shared.windowing import WindowSet, concat_windows
 from trainer_service.registry import ModelRegistry
 from trainer_service.settings import RetrainSettings
 from trainer_service.store import ConfirmedWindow
@@ -129,14 +130,13 @@ def train_candidate(
     signing and promoting are the service's (``trainer_service.retrain_process``).
 
     ``on_epoch`` is passed to ``train_model``: it hears each epoch as it starts."""
-    from shared.model.runtime import ActivityModel
     from trainer_service.evaluation import evaluate
     from trainer_service.training import TrainConfig, export_version, split_by_user, train_model
 
     started = time.monotonic()
     current = registry.current()
     current_dir = registry.saved_model_dir(current) if current else None
-    current_model = ActivityModel.load(current_dir, "tensorflow") if current_dir else None
+    current_model = load_model(current_dir, "tensorflow") if current_dir else None
     # Fine-tuning continues the current model; it is also what the candidate is compared with.
     tuned = current_model if current_model and current_model.labels == base.labels else None
     if current_model is not None and tuned is None:
@@ -240,7 +240,7 @@ def train_candidate(
 
 def load_base(path: Path | None) -> Any:
     """The base training set (a WisdmData), with a clear error when it is missing."""
-    from shared.wisdm import load_wisdm
+    from activity_model.wisdm import load_wisdm
 
     if path is None:
         raise DataError("no base_data configured: retraining needs the base training set")

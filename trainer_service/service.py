@@ -61,8 +61,8 @@ from trainer_service.store import (
     META_RETRAIN_BASELINE,
     META_RETRAIN_REQUEST,
     Writer,
-    open_store,
 )
+from trainer_service.stores import open_store
 
 log = logging.getLogger(__name__)
 

@@ -107,8 +107,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from activity_model.wisdm import load_wisdm
     from shared.topics import is_valid_id
-    from shared.wisdm import load_wisdm
     from trainer_service.training import train_and_export
 
     version = args.version or f"{args.arch}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"

@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from shared.errors import ModelError
-from shared.windowing import (
+from activity_model.windowing import (
     DEFAULT_HOP,
     DEFAULT_MAX_GAP_NS,
     DEFAULT_WINDOW,
@@ -31,6 +30,7 @@ from shared.windowing import (
     make_windows,
     split_users,
 )
+from shared.errors import ModelError
 from trainer_service.evaluation import evaluate
 from trainer_service.plots import plot_confusion, plot_learning_curves
 
@@ -97,7 +97,7 @@ class TrainConfig:
 
 def device_learning(config: TrainConfig | dict[str, Any]) -> Any:
     """The DeviceLearning an export bakes in, from a TrainConfig or its saved dict."""
-    from shared.model.tracker import DeviceLearning
+    from activity_model.tracker import DeviceLearning
 
     values = config.to_dict() if isinstance(config, TrainConfig) else config
     defaults = TrainConfig()
@@ -121,7 +121,7 @@ def select_memory(windows: WindowSet, per_class: int, seed: int = 0) -> Any:
     class, so the memory shows how different people do it. Class gravity is the mean raw
     acceleration of every window of the class.
     """
-    from shared.model.tracker import Memory
+    from activity_model.tracker import Memory
 
     k = len(windows.labels)
     rng = np.random.default_rng(seed)
@@ -237,7 +237,7 @@ def build_tracker(
     config: TrainConfig, labels: tuple[str, ...], train: WindowSet | None, init_from: Path | None
 ) -> Any:
     """A fresh tracker normalised on ``train``, or a copy of the model in ``init_from``."""
-    from shared.model.tracker import ActivityTracker, TrackerSpec
+    from activity_model.tracker import ActivityTracker, TrackerSpec
 
     spec = TrackerSpec(
         arch=config.arch,
@@ -262,41 +262,11 @@ def build_tracker(
 
 
 def _tracker_from_saved_model(path: Path, spec: Any, config: TrainConfig) -> Any:
-    from shared.model.tensorflow_import import import_tensorflow
-    from shared.model.tracker import ActivityTracker, TrackerSpec
+    from activity_model.tracker import tracker_from_saved_model
 
-    tf = import_tensorflow()
-    if not (path / "saved_model.pb").is_file():
-        raise ModelError(f"init_from {path} is not a SavedModel")
-    loaded = tf.saved_model.load(str(path))
-    meta = {k: v.numpy() for k, v in loaded.signatures["metadata"]().items()}
-    labels = tuple(label.decode() for label in meta["labels"].tolist())
-    arch = bytes(meta["arch"]).decode()
-    window = int(meta["window"])
-    if labels != spec.labels:
-        raise ModelError(
-            f"init_from model has labels {labels} but the training data has {spec.labels}; "
-            "fine-tuning needs the same label set (train from scratch to change it)"
-        )
-    if arch != spec.arch or window != spec.window:
-        raise ModelError(
-            f"init_from model is {arch} over {window} samples, config asks for "
-            f"{spec.arch} over {spec.window}"
-        )
-    weights = {name: v.numpy() for name, v in loaded.weights.items()}
-    first_kernel = next(v for name, v in weights.items() if name.endswith("kernel"))
-    width = int(first_kernel.shape[-1]) if arch != "seed-lstm" else spec.width
-    spec = TrackerSpec(**{**dataclasses.asdict(spec), "width": width})
-    tracker = ActivityTracker(
-        spec,
-        mean=loaded.norm_mean.numpy(),
-        std=loaded.norm_std.numpy(),
-        learning_rate=config.learning_rate,
-        seed=config.seed,
+    return tracker_from_saved_model(
+        path, spec, learning_rate=config.learning_rate, seed=config.seed
     )
-    tracker.set_weights(weights)
-    tracker.global_step.assign(int(meta["global_step"]))
-    return tracker
 
 
 def train_model(
@@ -313,9 +283,7 @@ def train_model(
 
     ``on_epoch(epoch, epochs)`` is called as each epoch starts, with the epoch counted from 1
     and the most epochs this run may take (early stopping may end it sooner)."""
-    from shared.model.tensorflow_import import import_tensorflow
-
-    tf = import_tensorflow()
+    from activity_model.tracker import seed_graph_randomness
 
     labels = labels or train.labels
     if train.labels != labels or val.labels != labels:
@@ -327,7 +295,7 @@ def train_model(
     leaked = set(np.unique(train.users).tolist()) & set(np.unique(val.users).tolist())
     if leaked:
         logger.warning("users %s are in both training and validation sets", sorted(leaked))
-    tf.random.set_seed(config.seed)
+    seed_graph_randomness(config.seed)
     started = time.monotonic()
     tracker = build_tracker(config, labels, train, init_from)
     tracker.learning_rate.assign(config.learning_rate)
@@ -449,7 +417,7 @@ def export_version(
     sees half a version. ``out_dir`` must not exist.
     ``memory_source`` (the base training windows) gives the memory shipped for on-device learning.
     """
-    from shared.model.tracker import export_tracker
+    from activity_model.export import export_tracker
 
     out_dir = Path(out_dir)
     if out_dir.exists():

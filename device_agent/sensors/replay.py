@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from activity_model.wisdm import load_wisdm, normalise_activity
 from device_agent.sensors.base import PacedSource, SensorReading, Xyz
 from shared.errors import ConfigError
 from shared.messages import MAX_ABS_ACCELERATION
-from shared.wisdm import load_wisdm, normalise_activity
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +35,9 @@ class WisdmReplay(PacedSource):
     record.
 
     Each :class:`SensorReading` carries the sample's true activity in ``label``. ``activity``
-    (any spelling :func:`shared.wisdm.normalise_activity` accepts) keeps only that activity's
-    records. Raises :class:`DataError` if the file cannot be read and :class:`ConfigError` if the
-    user (or activity) has no records in it.
+    (any spelling :func:`activity_model.wisdm.normalise_activity` accepts) keeps only that
+    activity's records. Raises :class:`DataError` if the file cannot be read and
+    :class:`ConfigError` if the user (or activity) has no records in it.
     """
 
     def __init__(

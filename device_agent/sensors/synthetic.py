@@ -10,8 +10,8 @@ from types import MappingProxyType
 
 import numpy as np
 
+from activity_model.wisdm import WISDM_ACTIVITIES, normalise_activity
 from device_agent.sensors.base import PacedSource, SensorReading, Xyz
-from shared.wisdm import WISDM_ACTIVITIES, normalise_activity
 
 logger = logging.getLogger(__name__)
 

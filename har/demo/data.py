@@ -4,7 +4,7 @@ Where the data comes from, first match wins:
 1. ``--data FILE`` (any WISDM-format file: plain, ``.gz`` or the official ``.tar.gz``);
 2. the file named by ``$HAR_WISDM_FILE``;
 3. ``WISDM_ar_latest.tar.gz`` in the current folder (where ``har data download`` saves it);
-4. the synthetic generator (``har.synthetic_data``): the embedded default, nothing to fetch.
+4. the synthetic generator (``simulator.synthetic_data``): the embedded default, nothing to fetch.
 
 Real data is bounded so the demo stays short whatever the file's size: the wearers' users are
 held out of the base set, each base user contributes at most ``base_seconds`` per activity (and
@@ -21,8 +21,8 @@ from typing import TextIO
 
 import numpy as np
 
+from activity_model.wisdm import WISDM_ACTIVITIES, WisdmData, load_wisdm
 from shared.errors import HarError
-from shared.wisdm import WISDM_ACTIVITIES, WisdmData, load_wisdm
 
 WISDM_ENV = "HAR_WISDM_FILE"
 DOWNLOADED = Path("WISDM_ar_latest.tar.gz")  # `har data download`'s default destination
@@ -92,7 +92,7 @@ def prepare(
 
 
 def _synthetic(workdir: Path, device_ids: Sequence[str], base_seconds: float) -> DemoData:
-    from har.synthetic_data import rotation_about_x, write_dataset
+    from simulator.synthetic_data import rotation_about_x, write_dataset
 
     base = write_dataset(workdir / "base.txt", range(1, 7), WISDM_ACTIVITIES, base_seconds, seed=10)
     wearers = []

@@ -195,8 +195,8 @@ class Demo:
             raise HarError(f"add-device.sh {device_id} failed: {result.stderr.strip()}")
 
     def _train_first_model(self, private_key: Path) -> tuple[str, ...]:
+        from activity_model.wisdm import load_wisdm
         from shared.signing import load_private_key
-        from shared.wisdm import load_wisdm
         from trainer_service.registry import ModelRegistry
         from trainer_service.training import TrainConfig, train_and_export
 

@@ -2,7 +2,7 @@
 
 No Python model class is needed, only the SavedModel. The SavedModel itself is never re-saved
 (it would grow with every save): the personal state lives in its variables while running and in
-a state file (``shared.model.state_file``) between runs.
+a state file (``activity_model.state_file``) between runs.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from activity_model import signatures
+from activity_model.runtime import ActivityModel, MemoryCheck, ModelMetadata, PersonalState
+from activity_model.tensorflow_import import import_tensorflow
 from shared.errors import ModelError, ModelInputError
-from shared.model import signatures
-from shared.model.runtime import ActivityModel, MemoryCheck, ModelMetadata, PersonalState
-from shared.model.tensorflow_import import import_tensorflow
 
 logger = logging.getLogger(__name__)
 

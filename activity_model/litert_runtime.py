@@ -1,7 +1,7 @@
 """The LiteRT runtime: an :class:`ActivityModel` on ``ai-edge-litert``, without TensorFlow.
 
 It runs ``<saved_model>/litert/activity.tflite``, exported beside the SavedModel in the same
-signed bundle by ``shared.model.lite_export``, with that folder's ``metadata.json``. The
+signed bundle by ``activity_model.lite_export``, with that folder's ``metadata.json``. The
 interpreter holds no state: this class keeps the installed personal state as arrays and gives it
 to ``predict`` with every call, and persists it like the TensorFlow runtime does, so a device can
 move between the two runtimes and keep what it learned.
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from activity_model import signatures
+from activity_model.runtime import ActivityModel, MemoryCheck, ModelMetadata, PersonalState
 from shared.errors import ModelError, ModelInputError
-from shared.model import signatures
-from shared.model.runtime import ActivityModel, MemoryCheck, ModelMetadata, PersonalState
 
 
 class LiteRTModel(ActivityModel):

@@ -1,15 +1,10 @@
-"""Running an exported ActivityTracker: the only module the agent and the trainer service import.
+"""Running an exported ActivityTracker: the interface the agent and the trainer service use.
 
-:class:`ActivityModel` is one interface over two runtimes, chosen by ``load(..., runtime=...)``:
-
-- ``tensorflow`` (``shared.model.tensorflow_runtime``) calls the SavedModel's signatures;
-- ``litert`` (``shared.model.litert_runtime``) runs the bundle's ``litert/activity.tflite`` in
-  ``ai-edge-litert``, for devices without TensorFlow;
-- ``auto`` is TensorFlow when it is installed, LiteRT otherwise.
-
-Neither is imported until chosen. This class checks every input before a runtime sees it and
+:class:`ActivityModel` is one interface over two runtimes (``activity_model.tensorflow_runtime``,
+``activity_model.litert_runtime``); ``activity_model.loading.load_model`` picks one and imports
+it only then. This class checks every input before a runtime sees it and
 persists the installed personal state in one file format both runtimes read
-(``shared.model.state_file``), so the rest of the agent does not know which runtime runs.
+(``activity_model.state_file``), so the rest of the agent does not know which runtime runs.
 
 A personal state (:class:`PersonalState`) is plain arrays: ``learn`` returns one, ``evaluate``
 and ``memory_check`` score one, ``install`` makes ``predict`` use it. What to learn from and
@@ -22,140 +17,34 @@ refused rather than cast, so a unit or format mistake upstream is noticed where 
 from __future__ import annotations
 
 import abc
-import importlib.util
 import logging
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
+from activity_model import state_file
+from activity_model.values import (
+    MAX_WINDOWS_PER_CALL,
+    MemoryCheck,
+    ModelMetadata,
+    PersonalState,
+    PredictResult,
+)
 from shared.errors import ModelError, ModelInputError
 from shared.messages import InputSpec
-from shared.model import signatures, state_file
+
+__all__ = [
+    "MAX_WINDOWS_PER_CALL",
+    "ActivityModel",
+    "MemoryCheck",
+    "ModelMetadata",
+    "PersonalState",
+    "PredictResult",
+]
 
 logger = logging.getLogger(__name__)
-
-MAX_WINDOWS_PER_CALL: Final = 4096
-RUNTIMES: Final = ("auto", "tensorflow", "litert")
-
-
-@dataclass(frozen=True)
-class PredictResult:
-    """The model's reading of each window: class index, label and class probabilities."""
-
-    class_index: npt.NDArray[np.int64]  # (n,)
-    labels: list[str]
-    probabilities: npt.NDArray[np.float32]  # (n, k)
-
-
-@dataclass(frozen=True)
-class PersonalState:
-    """What a device learned from its wearer, beside the global weights it never changes.
-
-    ``align`` turns each raw sample (a -> align @ a) the way this wearer's device sits;
-    ``kernel_delta`` / ``bias_delta`` correct the last layer; ``serve`` says whether ``predict``
-    uses them (False: the global model answers, whatever is learned).
-    """
-
-    align: npt.NDArray[np.float32]  # (3, 3)
-    kernel_delta: npt.NDArray[np.float32]  # (features, k)
-    bias_delta: npt.NDArray[np.float32]  # (k,)
-    serve: bool = False
-
-    @classmethod
-    def nothing_learned(cls, features: int, classes: int) -> PersonalState:
-        return cls(
-            np.eye(3, dtype=np.float32),
-            np.zeros((features, classes), np.float32),
-            np.zeros(classes, np.float32),
-            serve=False,
-        )
-
-    def served(self, serve: bool) -> PersonalState:
-        return PersonalState(self.align, self.kernel_delta, self.bias_delta, serve)
-
-
-@dataclass(frozen=True)
-class MemoryCheck:
-    """Which memory windows a personal state still labels right, beside the global model."""
-
-    correct: npt.NDArray[np.bool_]  # (m,)
-    global_correct: npt.NDArray[np.bool_]  # (m,)
-    labels: npt.NDArray[np.int32]  # (m,)
-
-
-@dataclass(frozen=True)
-class ModelMetadata:
-    """What the exported model says about itself (its ``metadata`` signature, or JSON)."""
-
-    labels: tuple[str, ...]
-    arch: str
-    model_id: str
-    input_spec: InputSpec
-    batch: int = 0
-    global_step: int = 0
-    personalisable: bool = False
-    features: int = 0  # rows of the personal kernel correction
-    class_gravity: npt.NDArray[np.float32] | None = None
-    learning: dict[str, float] = field(default_factory=dict)
-    memory_size: int = 0
-
-    @classmethod
-    def from_values(cls, meta: dict[str, Any]) -> ModelMetadata:
-        """From the metadata signature's values (numpy) or its JSON copy (plain values)."""
-
-        def text(value: Any) -> str:
-            return value.decode() if isinstance(value, bytes) else str(value)
-
-        labels = tuple(text(label) for label in np.asarray(meta["labels"]).tolist())
-        k = len(labels)
-        return cls(
-            labels=labels,
-            arch=text(np.asarray(meta["arch"]).item()),
-            model_id=text(np.asarray(meta["model_id"]).item()),
-            input_spec=InputSpec(
-                window=int(meta["window"]),
-                channels=int(meta["channels"]),
-                sample_rate_hz=float(meta["sample_rate_hz"]),
-            ),
-            batch=int(meta["batch"]),
-            global_step=int(meta.get("global_step", 0)),
-            personalisable=bool(meta.get("personalisable", False)),
-            features=int(meta.get("features", 0)),
-            class_gravity=np.asarray(meta.get("class_gravity", np.zeros((k, 3))), np.float32),
-            learning={
-                name: float(meta[name])
-                for name in ("fit_steps", "fit_learning_rate", "fit_memory_weight", "fit_anchor")
-                if name in meta
-            },
-            memory_size=int(meta.get("memory_size", 0)),
-        )
-
-
-def runtime_installed(runtime: str) -> bool:
-    """Whether ``runtime``'s package is installed (found, not imported)."""
-    module = {"tensorflow": "tensorflow", "litert": "ai_edge_litert"}[runtime]
-    return importlib.util.find_spec(module) is not None
-
-
-def resolve_runtime(choice: str, *, prefer: str = "tensorflow") -> str:
-    """The runtime ``choice`` means here: ``auto`` takes ``prefer`` when it is installed, else the
-    other. Nothing is imported to find out."""
-    if choice not in RUNTIMES:
-        raise ModelError(f"unknown model runtime {choice!r}; choose from {', '.join(RUNTIMES)}")
-    if choice != "auto":
-        return choice
-    other = "litert" if prefer == "tensorflow" else "tensorflow"
-    for runtime in (prefer, other):
-        if runtime_installed(runtime):
-            return runtime
-    raise ModelError(
-        "no model runtime is installed: pip install 'har-edge[agent-lite]' (LiteRT) "
-        "or 'har-edge[agent]' (TensorFlow)"
-    )
 
 
 class ActivityModel(abc.ABC):
@@ -171,32 +60,6 @@ class ActivityModel(abc.ABC):
         if meta.personalisable:
             self._nothing_learned = PersonalState.nothing_learned(meta.features, len(meta.labels))
         self._learning = dict(meta.learning)
-
-    @staticmethod
-    def load(
-        saved_model_dir: Path, runtime: str = "auto", *, prefer: str = "tensorflow"
-    ) -> ActivityModel:
-        """Loads an exported model on ``runtime`` (see :func:`resolve_runtime`); a
-        :class:`ModelError` says what is wrong with it. With ``auto``, a model that has no LiteRT
-        form (the seed-lstm) runs on TensorFlow where it is installed."""
-        folder = Path(saved_model_dir)
-        chosen = resolve_runtime(runtime, prefer=prefer)
-        lite_form = folder / signatures.LITERT_DIR / signatures.LITERT_MODEL
-        if (
-            runtime == "auto"
-            and chosen == "litert"
-            and not lite_form.is_file()
-            and runtime_installed("tensorflow")
-        ):
-            logger.info("%s has no LiteRT form: it runs on TensorFlow", folder)
-            chosen = "tensorflow"
-        if chosen == "litert":
-            from shared.model.litert_runtime import LiteRTModel
-
-            return LiteRTModel.open(folder)
-        from shared.model.tensorflow_runtime import TensorFlowModel
-
-        return TensorFlowModel.open(folder)
 
     # ----------------------------------------------------------------------------- properties
     @property

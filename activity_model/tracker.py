@@ -39,18 +39,20 @@ Normalisation is part of the graph: callers feed raw m/s^2.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
+from activity_model import signatures
+from activity_model.tensorflow_import import import_tensorflow
 from shared.errors import ModelError
-from shared.model import signatures
-from shared.model.tensorflow_import import import_tensorflow
 
 if TYPE_CHECKING:
     import tensorflow as tf  # the names in annotations
@@ -795,32 +797,44 @@ class ActivityTracker(tf.Module):  # type: ignore[misc]
         return digest.hexdigest()
 
 
-def export_tracker(
-    tracker: ActivityTracker,
-    out_dir: Any,
-    *,
-    memory: Memory | None = None,
-    learning: DeviceLearning | None = None,
-) -> str:
-    """Writes ``tracker`` as a SavedModel in ``out_dir``; returns the model id it was given.
+def tracker_from_saved_model(
+    path: Path, spec: TrackerSpec, *, learning_rate: float, seed: int
+) -> ActivityTracker:
+    """A tracker to go on training from an exported SavedModel (fine-tuning): its weights,
+    normalisation and global step, checked against ``spec`` (labels, architecture, window)."""
+    if not (path / "saved_model.pb").is_file():
+        raise ModelError(f"init_from {path} is not a SavedModel")
+    loaded = tf.saved_model.load(str(path))
+    meta = {k: v.numpy() for k, v in loaded.signatures["metadata"]().items()}
+    labels = tuple(label.decode() for label in meta["labels"].tolist())
+    arch = bytes(meta["arch"]).decode()
+    window = int(meta["window"])
+    if labels != spec.labels:
+        raise ModelError(
+            f"init_from model has labels {labels} but the training data has {spec.labels}; "
+            "fine-tuning needs the same label set (train from scratch to change it)"
+        )
+    if arch != spec.arch or window != spec.window:
+        raise ModelError(
+            f"init_from model is {arch} over {window} samples, config asks for "
+            f"{spec.arch} over {spec.window}"
+        )
+    weights = {name: v.numpy() for name, v in loaded.weights.items()}
+    first_kernel = next(v for name, v in weights.items() if name.endswith("kernel"))
+    width = int(first_kernel.shape[-1]) if arch != "seed-lstm" else spec.width
+    spec = dataclasses.replace(spec, width=width)
+    tracker = ActivityTracker(
+        spec,
+        mean=loaded.norm_mean.numpy(),
+        std=loaded.norm_std.numpy(),
+        learning_rate=learning_rate,
+        seed=seed,
+    )
+    tracker.set_weights(weights)
+    tracker.global_step.assign(int(meta["global_step"]))
+    return tracker
 
-    ``memory`` (class-balanced training windows) is shipped inside, as its features under the
-    final weights; without it a device learns from its wearer's windows and the anchor alone.
-    The model id (a digest of architecture, labels, weights, memory and learning settings) lets
-    ``restore_state`` refuse a state file written by a different model. A personalisable
-    model also gets its LiteRT form in ``out_dir/litert/`` (``shared.model.lite_export``), for
-    agents without TensorFlow.
-    """
-    tracker.set_memory(memory, learning or DeviceLearning())
-    model_id = tracker.weights_digest()[:32]
-    tracker.model_id.assign(model_id)
-    tracker.reset_optimizer()
-    tracker.reset_personal()
-    if tracker.spec.arch == "seed-lstm":
-        tracker.reset_state()
-    tf.saved_model.save(tracker, str(out_dir), signatures=tracker.signatures())
-    if tracker.spec.personalisable:
-        from shared.model.lite_export import export_litert  # imports this module
 
-        export_litert(tracker, out_dir)
-    return model_id
+def seed_graph_randomness(seed: int) -> None:
+    """Seed TensorFlow's own randomness (initialisers, dropout) for a reproducible run."""
+    tf.random.set_seed(seed)

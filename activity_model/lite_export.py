@@ -12,7 +12,7 @@ delegate, so every op must be a LiteRT built-in. That decides the shape of this 
   the wearer's windows plus the memory plus the anchor.
 - No state lives in the interpreter: ``predict`` and ``evaluate`` take the personal state as
   inputs, so nothing needs ``Save``/``Restore`` ops (not built-ins) or get/set signatures; the
-  runtime holds the installed state and writes it with ``shared.model.state_file``.
+  runtime holds the installed state and writes it with ``activity_model.state_file``.
 - The learning settings are inputs of ``learn`` and the metadata (labels, model id, ...) is a
   JSON file beside the model: a LiteRT model has no string tables.
 
@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
+from activity_model import signatures
+from activity_model.tensorflow_import import import_tensorflow
+from activity_model.tracker import ActivityTracker
 from shared.errors import ModelError
-from shared.model import signatures
-from shared.model.tensorflow_import import import_tensorflow
-from shared.model.tracker import ActivityTracker
 
 if TYPE_CHECKING:
     import tensorflow as tf  # the names in annotations

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import msgpack
 import numpy as np
 
+from activity_model.values import PersonalState
 from shared.errors import ModelError
 from shared.fileio import replacing
-
-if TYPE_CHECKING:
-    from shared.model.runtime import PersonalState
 
 FORMAT_VERSION: Final = 3
 MAGIC: Final = b"HARSTATE"
@@ -73,8 +71,6 @@ def read_state(path: Path, model_id: str, blank: PersonalState) -> PersonalState
     The messages name the problem as the TensorFlow graph did: "state file is corrupt", "state
     belongs to another model", "state file format not supported", "has the wrong shape".
     """
-    from shared.model.runtime import PersonalState
-
     path = Path(path)
     if path.stat().st_size > MAX_STATE_BYTES:
         raise ModelError(f"state file is corrupt: {path} is larger than any personal state")

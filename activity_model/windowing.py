@@ -14,8 +14,8 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from activity_model.wisdm import WisdmData
 from shared.errors import DataError
-from shared.wisdm import WisdmData
 
 # Chosen by measurement (docs/model.md, "Window length"): 80 samples = 4 s at 20 Hz, hop 2 s.
 DEFAULT_WINDOW: Final = 80
