@@ -1,4 +1,7 @@
-"""The one module that talks to paho-mqtt.
+"""The MQTT adapter: every paho client of this project is made here (``new_paho_client``: MQTT 5,
+login, TLS, last will, in-flight window), and ``MqttConnection`` runs one. The simulator
+(``simulator.link``, ``simulator.event_loop``) drives many clients made here on one thread of
+its own instead of paho's loop per client.
 
 ``MqttConnection`` keeps a client connected (reconnecting with capped exponential backoff and
 jitter), resubscribes and publishes its birth messages on every connect, and hands every inbound
@@ -9,10 +12,10 @@ Inbound QoS 1 messages are acknowledged manually, by the worker, once it has han
 (``InboundMessage.ack``); a message a crashed worker did not acknowledge is redelivered by the
 broker. The connection asks for an MQTT 5 Receive Maximum equal to the queue's capacity, but
 Mosquitto 2.0 stops honouring it once acknowledgements flow (1,478 messages in flight to one
-client were measured), so a full queue makes paho's network thread wait for room instead: it
-stops reading the socket, and TCP carries the back-pressure to the broker, which queues for us.
-A QoS 1 message is never dropped here. Only QoS 0 messages, whose contract allows it, are
-dropped (and counted) when the queue is full.
+client were measured), so what a full queue cannot take waits in the ``Intake``'s overflow, and
+paho's network thread never waits (it also writes the PUBACKs and PINGREQs that keep the
+connection alive). A QoS 1 message is never dropped here. Only QoS 0 messages, whose contract
+allows it, are dropped (and counted) when the queue is full.
 
 Every paho callback is guarded: an exception in one is logged and counted
 (``transport_callback_errors``), never allowed to end paho's network thread.
@@ -268,6 +271,40 @@ def apply_tls(client: paho.Client, settings: BrokerSettings) -> None:
             certfile=str(settings.cert_file) if settings.cert_file else None,
             keyfile=str(settings.key_file) if settings.key_file else None,
         )
+
+
+def new_paho_client(
+    settings: BrokerSettings,
+    client_id: str,
+    *,
+    username: str,
+    password: str,
+    will: Outbound | None,
+    properties: PropertiesCache,
+    max_inflight: int,
+    manual_ack: bool = False,
+) -> paho.Client:
+    """A paho client set up as every connection of this project is: MQTT 5, the login, TLS when
+    ``settings`` ask for it, the last will, the in-flight window. Not connected yet."""
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=paho.MQTTv5,
+        manual_ack=manual_ack,
+    )
+    client.max_inflight_messages_set(max_inflight)  # before connect(), or ignored
+    if username:
+        client.username_pw_set(username, password or None)
+    apply_tls(client, settings)
+    if will is not None:
+        client.will_set(
+            will.topic,
+            will.payload,
+            qos=will.qos,
+            retain=will.retain,
+            properties=properties.get(will.content_type, PacketTypes.WILLMESSAGE),
+        )
+    return client
 
 
 class TakingTurns:
@@ -597,28 +634,20 @@ class MqttConnection:
 
     # ---------------------------------------------------------------- paho plumbing
     def _make_client(self) -> paho.Client:
-        client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self._client_id,
-            protocol=paho.MQTTv5,
+        settings = self._settings
+        client = new_paho_client(
+            settings,
+            self._client_id,
+            username=settings.username,
+            password=settings.resolved_password() if settings.username else "",
+            will=self._will,
+            properties=self._properties,
+            max_inflight=settings.max_inflight,
             manual_ack=True,
         )
-        settings = self._settings
-        client.max_inflight_messages_set(settings.max_inflight)  # before connect(), or ignored
         client.max_queued_messages_set(0)
         # Our callbacks guard themselves (_guarded); this covers paho's own internals as well.
         client.suppress_exceptions = True
-        if settings.username:
-            client.username_pw_set(settings.username, settings.resolved_password() or None)
-        apply_tls(client, settings)
-        if self._will is not None:
-            client.will_set(
-                self._will.topic,
-                self._will.payload,
-                qos=self._will.qos,
-                retain=self._will.retain,
-                properties=self._properties.get(self._will.content_type, PacketTypes.WILLMESSAGE),
-            )
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail

@@ -22,11 +22,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.enums import MQTTErrorCode
 
 from shared.config import BrokerSettings
-from shared.mqtt_transport import Outbound, PropertiesCache, apply_tls, backoff_delay
+from shared.mqtt_transport import Outbound, PropertiesCache, backoff_delay, new_paho_client
 from simulator.event_loop import EventLoop, Timer
 
 log = logging.getLogger(__name__)
@@ -194,21 +193,15 @@ class Link:
     # ------------------------------------------------------------------ connecting
     def _connect(self) -> None:
         self._retry = None
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=paho.MQTTv5
+        client = new_paho_client(
+            self._broker,
+            self._client_id,
+            username=self._username,
+            password=self._password,
+            will=self._will,
+            properties=self._properties,
+            max_inflight=self._inflight,
         )
-        if self._username:
-            client.username_pw_set(self._username, self._password or None)
-        apply_tls(client, self._broker)
-        if self._will is not None:
-            client.will_set(
-                self._will.topic,
-                self._will.payload,
-                qos=self._will.qos,
-                retain=self._will.retain,
-                properties=self._properties.get(self._will.content_type, PacketTypes.WILLMESSAGE),
-            )
-        client.max_inflight_messages_set(self._inflight)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_paho_message
