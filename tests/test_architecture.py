@@ -8,6 +8,7 @@ a lazy import counts as much as one at the top."""
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -167,3 +168,20 @@ def test_test_modules_share_helpers_only_through_helper_modules() -> None:
         if target.startswith("tests.test_")
     }
     assert reaching == set()
+
+
+TOPIC_LEVEL = re.compile(r"(^|/)(devices|model|trainer)/|/(sensor|prediction|confirmation|status)$")
+
+
+def test_topics_are_spelled_only_in_shared_topics() -> None:
+    """Every topic the programs use comes from ``shared.topics.Topics``: a topic level written
+    anywhere else would be a second definition of the contract."""
+    spelled = set()
+    for name, path in modules().items():
+        if name.split(".")[0] in ("tests", "bench") or name == "shared.topics":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            is_text = isinstance(node, ast.Constant) and isinstance(node.value, str)
+            if is_text and TOPIC_LEVEL.search(node.value):
+                spelled.add((name, node.value))
+    assert spelled == set()
