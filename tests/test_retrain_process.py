@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from trainer_service.retrain_process import (
+    SAMPLES_FILE,
     RetrainProcess,
     RetrainProcessError,
     read_confirmed,
@@ -33,12 +34,25 @@ def test_confirmed_windows_go_to_the_child_unchanged_without_pickle(tmp_path: Pa
         ConfirmedWindow("p-\u00e9", "wrist-1", "Laying", _window(80, 9.81), 1002.0),
     ]
     write_confirmed(tmp_path, [confirmed[:2], confirmed[2:]])  # two pages
-    back = read_confirmed(tmp_path)  # np.load(allow_pickle=False) inside
+    back = read_confirmed(tmp_path)  # raw float32 and JSON lines: nothing to unpickle
     assert [(c.prediction_id, c.device_id, c.label, c.received) for c in back] == [
         (c.prediction_id, c.device_id, c.label, c.received) for c in confirmed
     ]
     for original, copy in zip(confirmed, back, strict=True):
         np.testing.assert_array_equal(copy.window, original.window)
+
+
+def test_samples_that_do_not_match_the_windows_are_refused(tmp_path: Path) -> None:
+    window = ConfirmedWindow("p-1", "wrist-1", "Walking", _window(80, 1.0), 1.0)
+    write_confirmed(tmp_path, [[window]])
+    samples = tmp_path / SAMPLES_FILE
+    whole = samples.read_bytes()
+    samples.write_bytes(whole[:-12])  # a sample short
+    with pytest.raises(RetrainProcessError, match="ends before window p-1"):
+        read_confirmed(tmp_path)
+    samples.write_bytes(whole + whole[:12])  # a sample more
+    with pytest.raises(RetrainProcessError, match="1 samples more"):
+        read_confirmed(tmp_path)
 
 
 def test_no_confirmed_windows_is_a_valid_file(tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ the trainer's ingest keeps the CPU first (a fleet's messages do not queue up in 
 a model trains), and the memory goes back to the system when the round ends.
 
 The parent (:class:`RetrainProcess`, on the trainer's retrain thread) writes the request and the
-fleet's confirmed windows into FOLDER (JSON, raw float32 samples written a page at a time, and
-a numpy ``.npz`` of plain arrays: nothing is pickled), starts the child, follows its progress
+fleet's confirmed windows into FOLDER (JSON, and raw float32 samples with a JSON line naming
+each window, written a page at a time: nothing is pickled), starts the child, follows its progress
 (one JSON line per epoch on its stdout) and reads its outcome. The child trains, evaluates,
 gates and, if the candidate passes, registers it (``trainer_service.retrain.train_candidate``).
 Signing and promoting stay in the parent: the private key never leaves the service. The child's
@@ -37,7 +37,7 @@ from trainer_service.store import ConfirmedWindow
 log = logging.getLogger(__name__)
 
 REQUEST_FILE = "request.json"
-CONFIRMED_FILE = "confirmed.npz"
+CONFIRMED_FILE = "confirmed.jsonl"
 SAMPLES_FILE = "confirmed-samples.f32"
 OUTCOME_FILE = "outcome.json"
 
@@ -48,53 +48,40 @@ class RetrainProcessError(HarError):
 
 # ------------------------------------------------------------------------- confirmed windows
 def write_confirmed(folder: Path, pages: Iterable[Sequence[ConfirmedWindow]]) -> None:
-    """The windows, a page at a time, as raw little-endian float32 samples (appended as they
-    come: the service never holds them all) and their names, labels, times and lengths as
-    plain arrays. Windows of any length: the child keeps the usable ones."""
-    prediction_ids: list[str] = []
-    device_ids: list[str] = []
-    labels: list[str] = []
-    received: list[float] = []
-    lengths: list[int] = []
-    with (folder / SAMPLES_FILE).open("wb") as samples:
+    """The windows, a page at a time: their samples as raw little-endian float32, and one JSON
+    line each naming them (prediction, device, label, when received, how many samples). Both
+    are appended as the pages come, so the service holds one page, never the fleet's windows
+    (nor a list as long as they are: memory the allocator keeps). Windows of any length: the
+    child keeps the usable ones."""
+    with (
+        (folder / SAMPLES_FILE).open("wb") as samples,
+        (folder / CONFIRMED_FILE).open("w", encoding="utf-8") as names,
+    ):
         for page in pages:
             for window in page:
-                samples.write(np.ascontiguousarray(window.window, "<f4").reshape(-1, 3).tobytes())
-                prediction_ids.append(window.prediction_id)
-                device_ids.append(window.device_id)
-                labels.append(window.label)
-                received.append(window.received)
-                lengths.append(len(window.window))
-    np.savez(
-        folder / CONFIRMED_FILE,
-        prediction_id=np.array(prediction_ids, dtype=str),
-        device_id=np.array(device_ids, dtype=str),
-        label=np.array(labels, dtype=str),
-        received=np.array(received, np.float64),
-        lengths=np.array(lengths, np.int64),
-    )
+                rows = np.ascontiguousarray(window.window, "<f4").reshape(-1, 3)
+                samples.write(rows.tobytes())
+                line = [window.prediction_id, window.device_id, window.label, window.received]
+                names.write(json.dumps([*line, len(rows)]) + "\n")
 
 
 def read_confirmed(folder: Path) -> list[ConfirmedWindow]:
     samples = np.fromfile(folder / SAMPLES_FILE, dtype="<f4").astype(np.float32).reshape(-1, 3)
-    with np.load(folder / CONFIRMED_FILE, allow_pickle=False) as arrays:
-        ends = np.cumsum(arrays["lengths"])
-        if len(ends) and ends[-1] != len(samples):
-            raise RetrainProcessError(
-                f"{SAMPLES_FILE} holds {len(samples)} samples, the windows name {ends[-1]}"
+    confirmed = []
+    start = 0
+    with (folder / CONFIRMED_FILE).open(encoding="utf-8") as names:
+        for line in names:
+            prediction_id, device_id, label, received, length = json.loads(line)
+            window = samples[start : start + int(length)]
+            if len(window) != length:
+                raise RetrainProcessError(f"{SAMPLES_FILE} ends before window {prediction_id}")
+            confirmed.append(
+                ConfirmedWindow(str(prediction_id), str(device_id), str(label), window, received)
             )
-        windows = np.split(samples, ends[:-1]) if len(ends) else []
-        return [
-            ConfirmedWindow(str(p), str(d), str(label), window, float(time))
-            for p, d, label, window, time in zip(
-                arrays["prediction_id"],
-                arrays["device_id"],
-                arrays["label"],
-                windows,
-                arrays["received"],
-                strict=True,
-            )
-        ]
+            start += int(length)
+    if start != len(samples):
+        raise RetrainProcessError(f"{SAMPLES_FILE} holds {len(samples) - start} samples more")
+    return confirmed
 
 
 # ------------------------------------------------------------------------------ the parent
