@@ -193,6 +193,34 @@ def test_confirmed_windows_come_in_pages_in_order_each_once(make_store: MakeStor
     np.testing.assert_array_equal(d2_p1.window, batch("d2", 0).samples[1:11])
 
 
+def test_an_answer_corrected_while_a_round_reads_its_pages_comes_once(
+    make_store: MakeStore,
+) -> None:
+    """A correction moves its row to the end (it is received again): a round reading pages
+    meanwhile must not read it twice, once with each label; it reads it in the next round."""
+    now = [1000.0]
+    store = make_store(clock=lambda: now[0])
+    with store.transaction() as writer:
+        writer.add_batch(batch("d1", 0))
+        for i in range(3):
+            writer.add_prediction(prediction("d1", f"p{i}", 0, i, 10))
+            now[0] += 1
+            assert writer.add_confirmation("d1", Confirmation(f"p{i}", "Walking", "user", 1.0))
+    pages = store.confirmed_window_pages(page_size=1)
+    read = list(next(pages))  # p0
+    now[0] += 100
+    with store.transaction() as writer:  # the wearer corrects p0 (read) and p2 (not yet)
+        for pid in ("p0", "p2"):
+            writer.add_confirmation("d1", Confirmation(pid, "Sitting", "user", 2.0))
+    read += [window for page in pages for window in page]
+    assert [(w.prediction_id, w.label) for w in read] == [("p0", "Walking"), ("p1", "Walking")]
+    assert sorted((w.prediction_id, w.label) for w in store.confirmed_windows()) == [
+        ("p0", "Sitting"),
+        ("p1", "Walking"),
+        ("p2", "Sitting"),
+    ]
+
+
 def test_retention_deletes_old_batches_but_keeps_confirmed_windows(make_store: MakeStore) -> None:
     now = [1000.0]
     store = make_store(clock=lambda: now[0])

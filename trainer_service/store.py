@@ -389,20 +389,28 @@ class Store(ABC):
     def confirmed_window_pages(self, page_size: int = 1000) -> Iterator[list[ConfirmedWindow]]:
         """:meth:`confirmed_windows` a page at a time, so that a retrain round does not hold
         the fleet's windows in the service at once (they reach hundreds of MB, which the
-        allocator then keeps), nor the store's lock while it writes them out. Keyset paging:
-        confirmations stored meanwhile come at the end, or in the next round."""
+        allocator then keeps), nor the store's lock while it writes them out.
+
+        Keyset paging up to the latest confirmation stored when it starts: what is stored or
+        corrected meanwhile (a correction moves its row to the end) waits for the next round,
+        so no answer comes twice, with its old label and its new one."""
+        latest = self._rows("SELECT MAX(received) FROM confirmations WHERE joined IS NOT NULL")
+        if not latest or latest[0][0] is None:
+            return
         first = (
             'SELECT prediction_id, device_id, label, "window", received FROM confirmations'
-            " WHERE joined IS NOT NULL ORDER BY received, device_id, prediction_id LIMIT ?"
+            " WHERE joined IS NOT NULL AND received <= ?"
+            " ORDER BY received, device_id, prediction_id LIMIT ?"
         )
         following = (
             'SELECT prediction_id, device_id, label, "window", received FROM confirmations'
-            " WHERE joined IS NOT NULL AND (received, device_id, prediction_id) > (?, ?, ?)"
+            " WHERE joined IS NOT NULL AND received <= ?"
+            " AND (received, device_id, prediction_id) > (?, ?, ?)"
             " ORDER BY received, device_id, prediction_id LIMIT ?"
         )
         after: tuple[Any, ...] = ()
         while True:
-            rows = self._rows(following if after else first, (*after, page_size))
+            rows = self._rows(following if after else first, (latest[0][0], *after, page_size))
             if not rows:
                 return
             yield [
