@@ -230,6 +230,20 @@ def _fleet_broker_kill(ev: Evidence) -> str:
     )
 
 
+def _retrain_memory(ev: Evidence) -> str:
+    def series(mode: str) -> str:
+        rounds = ev["rounds"][mode]
+        return f"{rounds[0]['rss_after_mb']:.0f} -> {rounds[-1]['rss_after_mb']:.0f} MB"
+
+    counts = [r["windows"] for r in ev["rounds"]["pages"]]
+    growth = ev["growth_smallest_to_largest"]
+    return (
+        f"rounds over {counts[0]:,} to {counts[-1]:,} confirmed windows in one process: RSS "
+        f"after each **{series('pages')} ({growth['pages']:+.1%})** paged as the service does, "
+        f"{series('whole')} ({growth['whole']:+.1%}) holding them all at once as it did before"
+    )
+
+
 def _soak(ev: Evidence) -> str:
     rss = ev["rss"]
 
@@ -324,6 +338,12 @@ ROWS = (
         ".venv/bin/python bench/fleet.py --devices 1000 --repeat 3 --broker-kill"
         " > docs/evidence/fleet_broker_kill.json",
         _fleet_broker_kill,
+    ),
+    Row(
+        "what a retrain round leaves in the trainer service as the fleet's answers grow",
+        "retrain_memory.json",
+        ".venv/bin/python bench/retrain_memory.py",
+        _retrain_memory,
     ),
     Row(
         "soak: broker, trainer, `har sim` and a light agent for half an hour",
