@@ -4,10 +4,11 @@ Each device logs in as itself (client id and username = device id, so the shippe
 applies to it as to a real device), publishes sensor batches, predictions and its retained
 status, and downloads, verifies and installs signed model versions on its own connection. What
 makes a device lightweight is shared: one model runtime per version for the whole process (the
-windows of every device are predicted together, on a worker thread), and one verified copy of
-each release on disk. The simulated people confirm predictions through one separate "app"
-connection, because with the shipped ACL devices may not confirm (the people's app's login is
-"dashboard").
+windows of every device are predicted together, on the event loop's thread), and one verified
+copy of each release on disk. The simulated people confirm predictions through one separate
+"app" connection, because with the shipped ACL devices may not confirm (the people's app's login
+is "dashboard"); the app keeps each confirmation until its device relays it, and sends it again
+when none came in time (docs/protocol.md, "End-to-end delivery").
 
 Failures follow ``shared.supervision``: a device's job that fails (a tick, a message, a model
 check or load) is logged, counted (``internal_errors``), published on that device's error topic
