@@ -237,7 +237,7 @@ def build_tracker(
     config: TrainConfig, labels: tuple[str, ...], train: WindowSet | None, init_from: Path | None
 ) -> Any:
     """A fresh tracker normalised on ``train``, or a copy of the model in ``init_from``."""
-    from activity_model.tracker import ActivityTracker, TrackerSpec
+    from activity_model.tracker import ActivityTracker, TrackerSpec, tracker_from_saved_model
 
     spec = TrackerSpec(
         arch=config.arch,
@@ -258,14 +258,8 @@ def build_tracker(
             learning_rate=config.learning_rate,
             seed=config.seed,
         )
-    return _tracker_from_saved_model(Path(init_from), spec, config)
-
-
-def _tracker_from_saved_model(path: Path, spec: Any, config: TrainConfig) -> Any:
-    from activity_model.tracker import tracker_from_saved_model
-
     return tracker_from_saved_model(
-        path, spec, learning_rate=config.learning_rate, seed=config.seed
+        Path(init_from), spec, learning_rate=config.learning_rate, seed=config.seed
     )
 
 
