@@ -13,7 +13,8 @@ Reported: RSS of each process over time, and its growth from the end of the warm
 three samples after warm-up); the peak RSS of the retrain processes the trainer starts (each
 round trains in a child, ``trainer_service.retrain_process``); retrain rounds and versions
 published; error events by code; messages made by the fleet and not stored by the
-trainer (lost). Targets: growth at most 5 %, 0 lost, 0 error events.
+trainer (lost). Targets: growth at most 5 % for the trainer, the agent and the broker (``har sim``,
+the load, is reported), 0 lost, 0 error events.
 
 Exits 1 when a process dies, a message the fleet made is not stored, or a target is not met.
 
@@ -41,6 +42,11 @@ from fleet import account, train_versions
 
 LITE_PYTHON = REPO / ".venv-lite" / "bin" / "python"
 GROWTH_TARGET = 0.05
+# What the growth target holds (issue 20): the product's long-running processes. `har sim`, the
+# load, is reported beside them: it keeps a model runtime for each of the newest three versions,
+# so it grows until the third version has arrived (by 64 MB in docs/evidence/soak.json) and then
+# stays.
+HELD_TO_TARGET = ("trainer", "agent", "mosquitto")
 
 
 def growth(samples: list[tuple[float, float]], warmup_s: float) -> dict[str, float | None]:
@@ -221,7 +227,8 @@ def main() -> int:
         failures.append("har sim wrote no report: nothing can be accounted for")
     targets = {
         "rss_growth_at_most_5_percent": all(
-            r["growth"] is not None and r["growth"] <= GROWTH_TARGET for r in rss.values()
+            rss[name]["growth"] is not None and rss[name]["growth"] <= GROWTH_TARGET
+            for name in HELD_TO_TARGET
         ),
         "lost_0": fleet is not None and not any(lost.values()),
         "error_events_0": not errors,
