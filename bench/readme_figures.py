@@ -260,7 +260,8 @@ def _soak(ev: Evidence) -> str:
         f"{ev['minutes']:.0f} minutes, {ev['devices']:,} simulated devices, a retrain every "
         f"{ev['retrain_every_s'] / 60:.0f} minutes ({len(ev['versions_published']) - 1} new "
         f"versions published): RSS after {ev['warmup_minutes']:.0f} minutes' warm-up -> end: "
-        f"{', '.join(one(name) for name in ('trainer', 'agent', 'mosquitto', 'sim'))}"
+        f"{', '.join(one(name) for name in ('trainer', 'agent', 'mosquitto'))} (target <= 5 %), "
+        f"{one('sim')} (the load: a model runtime for each of the newest 3 versions)"
         f"{retrain}; **{lost} lost, {errors} error events**{f' ({by_code})' if by_code else ''}"
     )
 
