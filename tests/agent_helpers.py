@@ -16,13 +16,13 @@ from shared.config import BrokerSettings
 from shared.messages import Prediction
 from shared.mqtt_transport import InboundMessage
 from shared.topics import Topics
-from tests.model_helpers import LABELS
-from tests.mqtt_helpers import connect
-from tests.release_helpers import (
+from simulator.tiny_model import (
     CHUNK_SIZE,
+    LABELS,
     Release,
     Releases,
 )
+from tests.mqtt_helpers import connect
 from trainer_service.distribution import publish_all, release_messages
 
 DEVICE = "wrist-1"

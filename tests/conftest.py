@@ -19,9 +19,9 @@ from device_agent.sensors import open_sensor
 from device_agent.settings import AgentSettings
 from har.local_postgres import PostgresProcess, find_postgres_bindir
 from shared.config import BrokerSettings
+from simulator.tiny_model import Releases, make_releases
 from tests.agent_helpers import AgentFactory
 from tests.mosquitto import BrokerUsers, ComposeBroker, MosquittoProcess, accepts_connections
-from tests.release_helpers import Releases, make_releases
 from trainer_service.store import Store
 from trainer_service.stores import open_store
 

@@ -17,8 +17,6 @@ import numpy.typing as npt
 from activity_model.loading import load_model
 from simulator.tiny_model import LABELS, WINDOW, synthetic_windows
 
-__all__ = ["LABELS", "WINDOW", "synthetic_windows"]  # for the tests that import them from here
-
 
 def probe_windows(window: int = WINDOW) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
     return synthetic_windows(12, seed=99, window=window)

@@ -16,6 +16,13 @@ from shared.config import BrokerSettings
 from shared.messages import Confirmation, DeviceCommand
 from shared.mqtt_transport import MqttConnection, Outbound
 from shared.topics import Topics
+from simulator.tiny_model import (
+    CHUNK_SIZE,
+    LABELS,
+    Release,
+    Releases,
+    export_tiny_version,
+)
 from tests.agent_helpers import (
     DEVICE,
     WAIT,
@@ -24,15 +31,9 @@ from tests.agent_helpers import (
     agent_settings,
     publish_release,
 )
-from tests.model_helpers import LABELS, probe_windows
+from tests.model_helpers import probe_windows
 from tests.mosquitto import MosquittoProcess
 from tests.mqtt_helpers import connect, receive
-from tests.release_helpers import (
-    CHUNK_SIZE,
-    Release,
-    Releases,
-    export_tiny_version,
-)
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

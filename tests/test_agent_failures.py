@@ -28,6 +28,7 @@ from shared.mqtt_transport import InboundMessage, Outbound
 from shared.signing import sign_manifest
 from shared.supervision import EXIT_THREAD_DIED
 from shared.topics import Topics
+from simulator.tiny_model import CHUNK_SIZE, Release, Releases
 from tests.agent_helpers import (
     DEVICE,
     WAIT,
@@ -38,7 +39,6 @@ from tests.agent_helpers import (
 )
 from tests.mosquitto import MosquittoProcess
 from tests.mqtt_helpers import connect
-from tests.release_helpers import CHUNK_SIZE, Release, Releases
 from trainer_service.distribution import publish_all, release_messages
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]

@@ -33,14 +33,7 @@ MAY_IMPORT = {
     "trainer_service": {"shared", "activity_model"},
     "dashboard": {"shared"},
     "simulator": {"shared", "activity_model", "device_agent", "trainer_service"},
-    "har": {
-        "shared",
-        "activity_model",
-        "device_agent",
-        "trainer_service",
-        "simulator",
-        "dashboard",
-    },
+    "har": set(PACKAGES) - {"har", "bench", "tests"},
     "bench": set(PACKAGES) - {"tests", "bench"},
     "tests": set(PACKAGES) - {"tests", "bench"},
 }

@@ -345,7 +345,7 @@ from pathlib import Path
 from har.cli import configure_logging
 configure_logging(sys.argv[1])
 from activity_model.loading import load_model
-from tests.release_helpers import export_tiny_version
+from simulator.tiny_model import export_tiny_version
 folder = export_tiny_version(Path(sys.argv[2]), seed=1, steps=1)
 load_model(folder / "saved_model")
 """

@@ -39,6 +39,7 @@ from shared.messages import (
 )
 from shared.mqtt_transport import Outbound
 from shared.topics import Topics
+from simulator.tiny_model import LABELS, Releases, make_releases
 from tests.agent_helpers import DEVICE, WAIT, Watcher, agent_settings, publish_release
 from tests.homeassistant_helpers import (
     MODEL_LABELS,
@@ -48,10 +49,8 @@ from tests.homeassistant_helpers import (
     sample_messages,
     template_fields,
 )
-from tests.model_helpers import LABELS
 from tests.mosquitto import MosquittoProcess
 from tests.mqtt_helpers import connect, receive
-from tests.release_helpers import Releases, make_releases
 
 ROOT = "har/v1"
 # Home Assistant's discovery.py TOPIC_MATCHER, anchored, after the discovery prefix.

@@ -27,8 +27,7 @@ from device_agent.learning import (
 )
 from device_agent.store import SCHEMA_VERSION, AgentStore
 from shared.counters import Counters, LatencyRecorder
-from tests.model_helpers import LABELS, synthetic_windows
-from tests.release_helpers import export_tiny_version
+from simulator.tiny_model import LABELS, export_tiny_version, synthetic_windows
 
 TURN_X = np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]], np.float32)  # 90 degrees about x
 

@@ -17,7 +17,8 @@ import pytest
 from activity_model import signatures
 from activity_model.loading import load_model
 from shared.errors import ModelError
-from tests.model_helpers import LABELS, probe_windows, synthetic_windows, train_and_export_tiny
+from simulator.tiny_model import LABELS, synthetic_windows
+from tests.model_helpers import probe_windows, train_and_export_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -203,7 +204,7 @@ def test_litert_refuses_a_model_without_its_form_or_with_a_broken_one(tmp_path: 
 
 
 def test_registry_refuses_a_litert_form_of_another_model(tmp_path: Path) -> None:
-    from tests.release_helpers import export_tiny_version
+    from simulator.tiny_model import export_tiny_version
     from trainer_service.registry import ModelRegistry
 
     version = export_tiny_version(tmp_path / "stage" / "v0001", seed=1, steps=5)

@@ -15,13 +15,8 @@ import pytest
 
 from activity_model.loading import load_model
 from shared.errors import ModelError, ModelInputError
-from tests.model_helpers import (
-    LABELS,
-    WINDOW,
-    probe_windows,
-    synthetic_windows,
-    train_and_export_tiny,
-)
+from simulator.tiny_model import LABELS, WINDOW, synthetic_windows
+from tests.model_helpers import probe_windows, train_and_export_tiny
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent

@@ -20,9 +20,9 @@ from shared.messages import Confirmation, DeviceStatus, SensorBatch
 from shared.mqtt_transport import Outbound
 from shared.signing import generate_keypair
 from shared.topics import Topics
+from simulator.tiny_model import CHUNK_SIZE, Releases, make_releases
 from tests.mqtt_helpers import connect, receive
 from tests.process_helpers import REPO, Program, broker_table
-from tests.release_helpers import CHUNK_SIZE, Releases, make_releases
 from trainer_service.distribution import publish_all, release_messages
 from trainer_service.store import SqliteStore
 

@@ -12,8 +12,8 @@ from har.cli import main
 from shared import codec
 from shared.config import BrokerSettings
 from shared.topics import Topics
+from simulator.tiny_model import export_tiny_version
 from tests.mqtt_helpers import connect, receive
-from tests.release_helpers import export_tiny_version
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 

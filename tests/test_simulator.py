@@ -37,8 +37,8 @@ from simulator.link import Entry, Link
 from simulator.people import SimulatedPerson
 from simulator.recordings import Cursor, Recording, cursor_for, synthetic_recordings
 from simulator.settings import SimSettings
+from simulator.tiny_model import CHUNK_SIZE, Release, Releases, make_releases
 from tests.mqtt_helpers import connect, receive
-from tests.release_helpers import CHUNK_SIZE, Release, Releases, make_releases
 from trainer_service.distribution import publish_all, release_messages
 
 LABELS = ("Walking", "Sitting", "Laying")

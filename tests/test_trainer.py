@@ -34,9 +34,9 @@ from shared.mqtt_transport import InboundMessage
 from shared.supervision import EXIT_THREAD_DIED
 from shared.topics import Topics
 from simulator.synthetic_data import write_dataset
+from simulator.tiny_model import CHUNK_SIZE, make_releases
 from tests.mosquitto import MosquittoProcess
 from tests.mqtt_helpers import connect, receive
-from tests.release_helpers import CHUNK_SIZE, make_releases
 from tests.trainer_helpers import WAIT, publish, trainer_settings_for
 from trainer_service.registry import ModelRegistry
 from trainer_service.retrain import confirmed_sets, gate, is_holdout

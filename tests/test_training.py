@@ -14,7 +14,7 @@ from activity_model.loading import load_model
 from activity_model.windowing import make_windows
 from activity_model.wisdm import load_wisdm
 from shared.errors import ModelError
-from tests.model_helpers import synthetic_windows
+from simulator.tiny_model import synthetic_windows
 from trainer_service.train_cli import register as register_train
 from trainer_service.training import TrainConfig, class_weights, split_by_user
 
