@@ -150,6 +150,7 @@ def train_candidate(
         tuning: dict[str, Any] = {
             "epochs": settings.epochs,
             "patience": settings.patience,
+            "min_epochs": 0,  # fine-tuning a model that already knows: any epoch may be best
             "seed": settings.seed,
             "window": tuned.input_spec.window,
         }

@@ -58,6 +58,9 @@ class TrainConfig:
     device_anchor: float = 0.1
     device_memory_per_class: int = 32
     patience: int = 8
+    # Epochs before validation may pick the weights or stop the run (at most half of them): a
+    # noisy validation set of a few people otherwise keeps an epoch-0 model.
+    min_epochs: int = 12
     seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.2
@@ -67,6 +70,12 @@ class TrainConfig:
     width: int = 32
     dropout: float = 0.2
     augment: bool = True
+    # How far augmentation turns a window: "small" (about 9 degrees each way: how phones sit
+    # on different people); "about_gravity" (also any angle about the window's own gravity, a
+    # device worn turned, its posture kept) or "about_x" (about the device's x axis).
+    # bench/placement.py compares them (docs/model.md).
+    rotation: str = "about_gravity"
+    spin_share: float = 0.5  # share of the windows turned about gravity (or x)
     max_gap_ns: int = DEFAULT_MAX_GAP_NS
 
     def __post_init__(self) -> None:
@@ -74,6 +83,12 @@ class TrainConfig:
             raise ModelError(
                 f"class_weighting must be balanced or none, not {self.class_weighting}"
             )
+        if self.rotation not in ("small", "about_gravity", "about_x"):
+            raise ModelError(
+                f"rotation must be small, about_gravity or about_x, not {self.rotation}"
+            )
+        if not 0.0 <= self.spin_share <= 1.0:
+            raise ModelError(f"spin_share must be within 0..1, not {self.spin_share}")
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ModelError("epochs, batch_size and patience must be positive")
 
@@ -212,8 +227,38 @@ def _sample_weights(ws: WindowSet, config: TrainConfig) -> npt.NDArray[np.float3
     return weights
 
 
-def _augment(x: npt.NDArray[np.float32], rng: np.random.Generator) -> npt.NDArray[np.float32]:
-    """Small random rotations and gains: phones sit a little differently on every person."""
+def spin(
+    x: npt.NDArray[np.float32], rng: np.random.Generator, share: float, about: str = "gravity"
+) -> npt.NDArray[np.float32]:
+    """Turn a ``share`` of the windows (n, T, 3) by a random angle about an axis: each window's
+    own mean acceleration (``"gravity"``: what a device worn turned about gravity sees, its
+    posture unchanged), or the device's ``"x"``, ``"y"`` or ``"z"`` axis."""
+    n = x.shape[0]
+    if about == "gravity":
+        axis = x.mean(axis=1).astype(np.float64)
+        axis /= np.maximum(np.linalg.norm(axis, axis=1, keepdims=True), 1e-9)
+    else:
+        axis = np.tile(np.eye(3)["xyz".index(about)], (n, 1))
+    angle = rng.uniform(0.0, 2.0 * np.pi, n) * (rng.random(n) < share)
+    cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+    cross = np.zeros((n, 3, 3))
+    cross[:, 0, 1], cross[:, 0, 2], cross[:, 1, 2] = -axis[:, 2], axis[:, 1], -axis[:, 0]
+    cross -= cross.transpose(0, 2, 1)
+    outer = axis[:, :, None] * axis[:, None, :]
+    rot = cos * np.eye(3) + sin * cross + (1.0 - cos) * outer  # Rodrigues
+    spun: npt.NDArray[np.float32] = np.einsum("ntc,ndc->ntd", x, rot).astype(np.float32)
+    return spun
+
+
+def _augment(
+    x: npt.NDArray[np.float32], rng: np.random.Generator, config: TrainConfig
+) -> npt.NDArray[np.float32]:
+    """Small random rotations and gains: phones sit a little differently on every person;
+    unless ``rotation = "small"``, a share also turned about gravity or x (a device worn
+    turned)."""
+    if config.rotation != "small":
+        about = "gravity" if config.rotation == "about_gravity" else "x"
+        x = spin(x, rng, config.spin_share, about)
     n = x.shape[0]
     angles = rng.normal(0.0, 0.15, size=(n, 3))  # radians, about 9 degrees
     cx, cy, cz = np.cos(angles).T
@@ -298,6 +343,7 @@ def train_model(
     run_epoch = _epoch_stateful if config.arch == "seed-lstm" else _epoch_batched
 
     best_score, best_epoch, best_val = -1.0, -1, {}
+    warm_up = min(config.min_epochs, (config.epochs + 1) // 2)
     best_weights = tracker.get_weights()
     history: list[dict[str, float]] = []
     bar = _progress(config.epochs, progress)
@@ -314,7 +360,9 @@ def train_model(
                 "val_macro_f1": val_metrics["macro_f1"],
             }
         )
-        if val_metrics["macro_f1"] > best_score:
+        if epoch + 1 < warm_up:
+            pass  # validation neither picks nor stops yet
+        elif val_metrics["macro_f1"] > best_score:
             best_score, best_epoch, best_val = val_metrics["macro_f1"], epoch, val_metrics
             best_weights = tracker.get_weights()
         elif (epoch - best_epoch) % max(config.patience // 2, 1) == 0:
@@ -325,7 +373,7 @@ def train_model(
             loss=f"{loss:.3f}", val_f1=f"{val_metrics['macro_f1']:.3f}", best=best_epoch
         )
         logger.debug("epoch %d loss %.4f val %s", epoch, loss, val_metrics["macro_f1"])
-        if epoch - best_epoch >= config.patience:
+        if epoch + 1 >= warm_up and epoch - best_epoch >= config.patience:
             logger.info("early stop at epoch %d (best %d)", epoch, best_epoch)
             break
     bar.close()
@@ -359,7 +407,7 @@ def _epoch_batched(
         index = np.sort(order[start : start + config.batch_size])
         x = train.x[index]
         if config.augment:
-            x = _augment(x, rng)
+            x = _augment(x, rng, config)
         loss = tracker.train_step(x, train.y[index], weights[index])
         losses.append(float(loss))
     return float(np.mean(losses))
