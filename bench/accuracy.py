@@ -3,7 +3,8 @@
 Each split puts different people in train / validation / test (never one person in two sets);
 both models train on the same split and are scored on the same test users. Our model is scored
 as exported, on each runtime a device can run it on: the SavedModel (TensorFlow) and its LiteRT
-form (``agent.runtime = "litert"``). Prints JSON.
+form (``agent.runtime = "litert"``); and turned about each axis by 90 and 180 degrees (a device
+worn turned, no answers; ``bench/placement.py``). Prints JSON.
 
     python bench/accuracy.py [--data FILE] [--seeds 0 1 2] [--seed-lstm-epochs 10]
 """
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from _common import DEFAULT_DATA
+from placement import HEADLINE
+from placement import score as score_turned
 
 from activity_model.loading import load_model
 from activity_model.wisdm import load_wisdm
@@ -49,6 +52,8 @@ def _run(data: Any, config: TrainConfig) -> dict[str, Any]:
         "train_seconds": round(seconds, 1),
     }
     if result.tracker.spec.personalisable:
+        turned = score_turned(result.tracker, split.test)
+        run["turned"] = {k: v for k, v in turned.items() if k != "upright"}
         run["as_exported"] = _exported_runtimes(result.tracker, split.test)
     return run
 
@@ -107,6 +112,12 @@ def main() -> int:
             "median_accuracy": statistics.median(r["accuracy"] for r in runs),
             "median_macro_f1": statistics.median(r["macro_f1"] for r in runs),
             "min_accuracy": min(r["accuracy"] for r in runs),
+            "median_turned_accuracy": {
+                turn: statistics.median(r["turned"][turn]["accuracy"] for r in runs)
+                for turn in HEADLINE[1:]
+            }
+            if all("turned" in r for r in runs)
+            else None,
             "splits": runs,
         }
     report = {

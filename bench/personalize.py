@@ -110,6 +110,12 @@ def candidates() -> dict[str, LearningPolicy]:
         "placement + correction, guard counting right answers": replace(
             chosen, guard_score="right"
         ),
+        "placement + correction, guard without each activity's first answer": replace(
+            chosen, cold_answers=1
+        ),
+        "placement + correction, guard without first answers, counting right answers": replace(
+            chosen, cold_answers=1, guard_score="right"
+        ),
     }
 
 

@@ -59,6 +59,22 @@ def _accuracy(ev: Evidence) -> str:
     )
 
 
+def _placement(ev: Evidence) -> str:
+    by_settings = {json.dumps(c["settings"], sort_keys=True): c["mean"] for c in ev["candidates"]}
+    landed = by_settings.get(json.dumps({"min_epochs": 0, "rotation": "small"}, sort_keys=True))
+    chosen = by_settings[json.dumps({})]  # the defaults
+
+    def figures(mean: dict[str, Any]) -> str:
+        return (
+            f"upright {_pct(mean['test_upright'])}, turned 90° about x "
+            f"{_pct(mean['test_x90'])}, 180° {_pct(mean['test_x180'])}, 90° about y / z "
+            f"{_pct(mean['test_y90'])} / {_pct(mean['test_z90'])}"
+        )
+
+    before = f"; without turning about gravity in training: {figures(landed)}" if landed else ""
+    return f"**{figures(chosen)}**{before}"
+
+
 def _personalize(ev: Evidence) -> str:
     litert = ev["runtimes"]["litert"]
     results = litert["results"]
@@ -283,6 +299,15 @@ ROWS = (
         "accuracy.json",
         ".venv/bin/python bench/accuracy.py > docs/evidence/accuracy.json",
         _accuracy,
+    ),
+    Row(
+        "global model on a device worn turned, no answers: 12 people no model saw (3 splits of "
+        "bench/personalize.py), mean of the splits",
+        "placement.json",
+        ".venv/bin/python bench/placement.py --candidates"
+        """ '{"rotation": "small", "min_epochs": 0}' '{"rotation": "small"}' '{}'"""
+        """ '{"rotation": "about_x"}' --evidence docs/evidence/placement.json""",
+        _placement,
     ),
     Row(
         "on-device learning, people no model saw, answers through the agent's code on both "

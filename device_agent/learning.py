@@ -82,6 +82,9 @@ class LearningPolicy:
     # "quadratic": an answer scores 1 - (1 - p)^2, p the probability given the confirmed
     # activity; "right": 1 when it was the answer, else 0 (bench/personalize.py compares them).
     guard_score: Literal["quadratic", "right"] = "quadratic"
+    # The records of each activity's first answers this many, read by ways that had not yet
+    # learned that activity, are left out once it has been learned (0: every record counts).
+    cold_answers: int = 0
     # False serves the corrected way whatever the records say: only for comparing methods in
     # bench/personalize.py.
     guard: bool = True
@@ -93,8 +96,8 @@ class LearningPolicy:
             raise ValueError("max_per_class and guard_window must be >= 1")
         if not 0 <= self.memory_tolerance <= 1 or not 0 <= self.activity_tolerance <= 1:
             raise ValueError("memory_tolerance and activity_tolerance must be within 0..1")
-        if self.guard_margin < 0:
-            raise ValueError("guard_margin must be >= 0")
+        if self.guard_margin < 0 or self.cold_answers < 0:
+            raise ValueError("guard_margin and cold_answers must be >= 0")
         if not self.ways or any(way not in LEARNED_WAYS for way in self.ways):
             raise ValueError(f"ways must be some of {', '.join(LEARNED_WAYS)}")
         if self.guard_score not in ("quadratic", "right"):
@@ -371,6 +374,23 @@ def gains(evidence: Evidence, way: Way, policy: LearningPolicy) -> float | None:
     return total
 
 
+def warm(evidence: Evidence, cold_answers: int) -> list[tuple[str, Record]]:
+    """The records without those of each activity's first ``cold_answers`` answers (read by
+    ways that had not learned it yet), once later answers of it have been learned."""
+    if cold_answers == 0:
+        return list(evidence)
+    counts: dict[str, int] = {}
+    for activity, _ in evidence:
+        counts[activity] = counts.get(activity, 0) + 1
+    seen: dict[str, int] = {}
+    kept = []
+    for activity, record in evidence:
+        seen[activity] = seen.get(activity, 0) + 1
+        if seen[activity] > cold_answers or counts[activity] <= cold_answers:
+            kept.append((activity, record))
+    return kept
+
+
 def choose(
     evidence: Evidence, policy: LearningPolicy, placement: npt.NDArray[np.floating] | None = None
 ) -> Way:
@@ -379,7 +399,7 @@ def choose(
     placement has since moved away from by more than ``placement_change_deg``."""
     if not policy.guard:
         return "corrected"
-    recent = list(evidence)[-policy.guard_window :]
+    recent = warm(evidence, policy.cold_answers)[-policy.guard_window :]
     if placement is not None:
         recent = [
             (activity, record)

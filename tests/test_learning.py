@@ -24,6 +24,7 @@ from device_agent.learning import (
     placement,
     recent_per_class,
     rotation_degrees,
+    warm,
 )
 from device_agent.store import SCHEMA_VERSION, AgentStore
 from shared.counters import Counters, LatencyRecorder
@@ -140,6 +141,20 @@ def test_the_guard_serves_a_learned_way_only_once_it_earned_it() -> None:
     assert choose(only_last, LearningPolicy(guard_window=1)) == "global"
     assert choose(same, LearningPolicy(guard=False)) == "corrected"
     assert choose(better, LearningPolicy(ways=("aligned",))) == "aligned"
+
+
+def test_cold_records_leave_out_each_activitys_first_answers_once_it_was_learned() -> None:
+    """With ``cold_answers``, the first answer of an activity (read by ways that had not learned
+    it) stops counting once later answers of it were learned; a lone first answer still counts."""
+    cold_loss = ("Sitting", record(0.9, 0.1, 0.1))
+    learned = [("Sitting", record(0.2, 0.9, 0.95))] * 4
+    assert choose([cold_loss, *learned], LearningPolicy()) == "global"
+    assert choose([cold_loss, *learned], LearningPolicy(cold_answers=1)) == "corrected"
+    assert warm([cold_loss, *learned], 1) == learned
+    lone = [*learned, *learned[:2], ("Standing", record(0.9, 0.9, 0.1))]
+    assert warm(lone, 1) == lone[1:]  # Sitting's first goes; Standing's only answer stays
+    assert choose(lone, LearningPolicy(cold_answers=1)) == "aligned"
+    assert warm(lone, 0) == lone
 
 
 def test_a_record_read_with_a_tilt_the_placement_left_behind_is_no_evidence() -> None:
