@@ -51,6 +51,9 @@ def _accuracy(ev: Evidence) -> str:
     return (
         f"ours (cnn) **{_pct(ours['median_accuracy'])} / {_pct(ours['median_macro_f1'])}** "
         f"(worst split {_pct(ours['min_accuracy'])}); "
+        f"the device turned 90° / 180° about x, no answers: "
+        f"{_pct(ours['median_turned_accuracy']['x90'])} / "
+        f"{_pct(ours['median_turned_accuracy']['x180'])}; "
         f"{'the same' if same else 'NOT the same'} on LiteRT ({differ} test windows classed "
         f"differently, probabilities within "
         f"{max(e['max_probability_gap'] for e in exported):.0e}); "
