@@ -106,7 +106,12 @@ def candidates() -> dict[str, LearningPolicy]:
             chosen, min_rotation_deg=180.0
         ),
         "placement only, per-activity guard": replace(chosen, ways=("aligned",)),
-        "placement + correction, guard without a margin": replace(chosen, guard_margin=0.0),
+        "placement + correction, guard without a margin": replace(
+            chosen, guard_margin=0.0, turned_margin=0.0
+        ),
+        "placement + correction, guard with the full margin on a turned device too": replace(
+            chosen, turned_margin=chosen.guard_margin
+        ),
         "placement + correction, guard counting right answers": replace(
             chosen, guard_score="right"
         ),

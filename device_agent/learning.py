@@ -24,7 +24,9 @@ Three ways of answering, each a function of the global model and the answers (do
 last ``guard_window`` records, a learned way may answer only if, for every activity the wearer
 confirmed, it was not wrong on more of its answers than the global model and did not lose more
 than ``activity_tolerance`` of score there, and if its total gain over the global model is at
-least ``guard_margin`` answers' worth (score ``1 - (1 - p)^2``). Of the ways that may, the one
+least ``guard_margin`` answers' worth (score ``1 - (1 - p)^2``; ``turned_margin`` once the
+answered postures show the device worn turned, a placement the global model was not made
+for). Of the ways that may, the one
 that gained most answers; otherwise the global model does, unchanged. A record read with a tilt
 found from one activity, which the placement has since left by more than
 ``placement_change_deg``, is left out: it judged a placement the device no longer has.
@@ -74,6 +76,9 @@ class LearningPolicy:
     memory_tolerance: float = 0.05  # recall a memory class may lose before a fit is refused
     guard_window: int = 50  # the latest answers the guard weighs
     guard_margin: float = 2.0  # answers' worth a learned way must gain over the global model
+    # The margin once the answered postures show the device worn turned (a placement of at
+    # least ``min_rotation_deg``): the global model was not made for it.
+    turned_margin: float = 1.25
     # A record read with a one-activity tilt this far from the current placement says nothing
     # about it.
     placement_change_deg: float = 20.0
@@ -96,8 +101,8 @@ class LearningPolicy:
             raise ValueError("max_per_class and guard_window must be >= 1")
         if not 0 <= self.memory_tolerance <= 1 or not 0 <= self.activity_tolerance <= 1:
             raise ValueError("memory_tolerance and activity_tolerance must be within 0..1")
-        if self.guard_margin < 0 or self.cold_answers < 0:
-            raise ValueError("guard_margin and cold_answers must be >= 0")
+        if min(self.guard_margin, self.turned_margin, self.cold_answers) < 0:
+            raise ValueError("guard_margin, turned_margin and cold_answers must be >= 0")
         if not self.ways or any(way not in LEARNED_WAYS for way in self.ways):
             raise ValueError(f"ways must be some of {', '.join(LEARNED_WAYS)}")
         if self.guard_score not in ("quadratic", "right"):
@@ -406,11 +411,14 @@ def choose(
             for activity, record in recent
             if not record.read_with_a_tilt_since_moved(placement, policy.placement_change_deg)
         ]
+    margin = policy.guard_margin
+    if placement is not None and rotation_degrees(placement) >= max(policy.min_rotation_deg, 1.0):
+        margin = policy.turned_margin
     best: Way = "global"
     best_gain = 0.0
     for way in policy.ways:
         gain = gains(recent, way, policy)
-        if gain is not None and gain >= policy.guard_margin and gain > best_gain:
+        if gain is not None and gain >= margin and gain > best_gain:
             best, best_gain = way, gain
     return best
 

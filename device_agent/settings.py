@@ -39,6 +39,7 @@ class AgentTuning:
     memory_tolerance: float = _LEARNING.memory_tolerance
     guard_window: int = _LEARNING.guard_window
     guard_margin: float = _LEARNING.guard_margin
+    turned_margin: float = _LEARNING.turned_margin
     accept_margin: float = 0.05  # refuse an update worse than this on held-out confirmations
     min_replay_for_gate: int = 10  # fewer held-out confirmations: the local gate is skipped
     status_interval_s: float = 30.0
@@ -116,6 +117,7 @@ class AgentTuning:
             memory_tolerance=self.memory_tolerance,
             guard_window=self.guard_window,
             guard_margin=self.guard_margin,
+            turned_margin=self.turned_margin,
         )
 
 

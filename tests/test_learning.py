@@ -143,6 +143,19 @@ def test_the_guard_serves_a_learned_way_only_once_it_earned_it() -> None:
     assert choose(better, LearningPolicy(ways=("aligned",))) == "aligned"
 
 
+def test_a_device_shown_turned_needs_only_the_turned_margin() -> None:
+    """Once the answered postures show the device worn turned, the global model was not made
+    for it: a learned way answers on ``turned_margin`` answers' worth of gain."""
+    better = [("Sitting", record(0.2, 0.9, 0.95))] * 2  # about 1.3 answers' worth
+    policy = LearningPolicy(turned_margin=1.0)
+    turned = rotation((np.radians(90.0), 0.0, 0.0)).astype(np.float32)
+    slightly = rotation((np.radians(10.0), 0.0, 0.0)).astype(np.float32)
+    assert choose(better, policy, turned) == "corrected"
+    assert choose(better, policy, np.eye(3)) == "global"  # upright: the full margin
+    assert choose(better, policy, slightly) == "global"  # under min_rotation_deg: upright
+    assert choose(better, LearningPolicy(turned_margin=2.0), turned) == "global"
+
+
 def test_cold_records_leave_out_each_activitys_first_answers_once_it_was_learned() -> None:
     """With ``cold_answers``, the first answer of an activity (read by ways that had not learned
     it) stops counting once later answers of it were learned; a lone first answer still counts."""
