@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import DEFAULT_DATA
-from placement import HEADLINE
+from placement import HEADLINE, TURNS
 from placement import score as score_turned
 
 from activity_model.loading import load_model
@@ -28,6 +28,7 @@ from activity_model.wisdm import load_wisdm
 from trainer_service.evaluation import evaluate
 from trainer_service.training import TrainConfig, split_by_user, train_model
 
+TURNED = tuple(name for name in TURNS if name != "upright")  # upright is scored above
 # Kwapisz et al. 2010, WISDM v1.1, 10-fold cross-validation over random 10 s windows (so the
 # same people are in training and test data): not comparable with held-out users.
 WISDM_PAPER = {
@@ -52,8 +53,7 @@ def _run(data: Any, config: TrainConfig) -> dict[str, Any]:
         "train_seconds": round(seconds, 1),
     }
     if result.tracker.spec.personalisable:
-        turned = score_turned(result.tracker, split.test)
-        run["turned"] = {k: v for k, v in turned.items() if k != "upright"}
+        run["turned"] = score_turned(result.tracker, split.test, TURNED)
         run["as_exported"] = _exported_runtimes(result.tracker, split.test)
     return run
 

@@ -18,16 +18,17 @@ import dataclasses
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 from _common import DEFAULT_DATA, REPO
 from personalize import split_users
 
 from activity_model.windowing import make_windows
 from activity_model.wisdm import load_wisdm
+from simulator.synthetic_data import rotation_about
 from trainer_service.evaluation import evaluate
 from trainer_service.training import TrainConfig, split_by_user, train_model
 
@@ -44,20 +45,12 @@ TURNS: dict[str, tuple[int, float] | None] = {
 HEADLINE = ("upright", "x90", "x180")
 
 
-def turn(axis: int, degrees: float) -> npt.NDArray[np.float64]:
-    """The rotation of a device turned ``degrees`` about its axis ``axis`` (0, 1, 2: x, y, z)."""
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    j, k = (a for a in range(3) if a != axis)
-    rotation = np.eye(3)
-    rotation[j, j], rotation[j, k], rotation[k, j], rotation[k, k] = c, -s, s, c
-    return rotation
-
-
-def score(tracker: Any, windows: Any) -> dict[str, Any]:
-    """Accuracy, macro-F1 and recall per activity, upright and turned each way."""
+def score(tracker: Any, windows: Any, turns: Sequence[str] = tuple(TURNS)) -> dict[str, Any]:
+    """Accuracy, macro-F1 and recall per activity, upright and turned each way of ``turns``."""
     out = {}
-    for name, how in TURNS.items():
-        x = windows.x if how is None else np.einsum("ntc,dc->ntd", windows.x, turn(*how))
+    for name in turns:
+        how = TURNS[name]
+        x = windows.x if how is None else np.einsum("ntc,dc->ntd", windows.x, rotation_about(*how))
         scores = evaluate(tracker, dataclasses.replace(windows, x=x.astype(np.float32)))
         out[name] = {
             "accuracy": round(scores["accuracy"], 4),

@@ -26,8 +26,8 @@ confirmed, it was not wrong on more of its answers than the global model and did
 than ``activity_tolerance`` of score there, and if its total gain over the global model is at
 least ``guard_margin`` answers' worth (score ``1 - (1 - p)^2``; ``turned_margin`` once the
 answered postures show the device worn turned, a placement the global model was not made
-for). Of the ways that may, the one
-that gained most answers; otherwise the global model does, unchanged. A record read with a tilt
+for). Of the ways that may, the one that gained most answers; otherwise the global model does,
+unchanged. A record read with a tilt
 found from one activity, which the placement has since left by more than
 ``placement_change_deg``, is left out: it judged a placement the device no longer has.
 

@@ -21,11 +21,20 @@ SAMPLE_RATE_HZ = 20.0
 _SEGMENT_GAP_NS = 10_000_000_000  # 10 s between activities: a new contiguous segment
 
 
-def rotation_about_x(degrees: float) -> npt.NDArray[np.float64]:
-    """The rotation matrix of a device turned ``degrees`` about its x axis."""
+def rotation_about(axis: int, degrees: float) -> npt.NDArray[np.float64]:
+    """The rotation matrix of a device turned ``degrees`` about its axis ``axis`` (0, 1, 2:
+    x, y, z), turning the next axis towards the one after it (y towards z about x)."""
     angle = math.radians(degrees)
     c, s = math.cos(angle), math.sin(angle)
-    return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    j, k = (a for a in range(3) if a != axis)
+    rotation = np.eye(3)
+    rotation[j, j], rotation[j, k], rotation[k, j], rotation[k, k] = c, -s, s, c
+    return rotation
+
+
+def rotation_about_x(degrees: float) -> npt.NDArray[np.float64]:
+    """The rotation matrix of a device turned ``degrees`` about its x axis."""
+    return rotation_about(0, degrees)
 
 
 def user_recording(

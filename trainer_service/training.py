@@ -257,8 +257,7 @@ def _augment(
     unless ``rotation = "small"``, a share also turned about gravity or x (a device worn
     turned)."""
     if config.rotation != "small":
-        about = "gravity" if config.rotation == "about_gravity" else "x"
-        x = spin(x, rng, config.spin_share, about)
+        x = spin(x, rng, config.spin_share, config.rotation.removeprefix("about_"))
     n = x.shape[0]
     angles = rng.normal(0.0, 0.15, size=(n, 3))  # radians, about 9 degrees
     cx, cy, cz = np.cos(angles).T
